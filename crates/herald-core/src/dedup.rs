@@ -1,0 +1,132 @@
+//! Idempotent publishing: a publish that repeats a `message_id` on the same
+//! channel within the window is delivered once.
+//!
+//! Bounded twice: entries older than the window are forgotten, and at most
+//! `capacity` entries are kept (the oldest go first), so a flood of unique
+//! ids cannot grow memory without limit. Past either bound a repeat is
+//! delivered again; that is the documented limit of the guarantee.
+
+use std::collections::{HashMap, VecDeque};
+use std::time::{Duration, Instant};
+
+use crate::channel::ChannelName;
+
+type Key = (ChannelName, String);
+
+/// What a publish with a given id should do.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Claim<T> {
+    /// First time seen: publish, then [`Dedup::complete`] or [`Dedup::release`].
+    New,
+    /// Seen within the window; carries the first publish's receipt once known.
+    Duplicate(Option<T>),
+}
+
+pub struct Dedup<T> {
+    window: Duration,
+    capacity: usize,
+    entries: HashMap<Key, Option<T>>,
+    /// Keys in the order they were claimed, with the claim time.
+    order: VecDeque<(Instant, Key)>,
+}
+
+impl<T: Clone> Dedup<T> {
+    pub fn new(window: Duration, capacity: usize) -> Self {
+        Dedup {
+            window,
+            capacity: capacity.max(1),
+            entries: HashMap::new(),
+            order: VecDeque::new(),
+        }
+    }
+
+    pub fn claim(&mut self, now: Instant, channel: &ChannelName, message_id: &str) -> Claim<T> {
+        self.expire(now);
+        let key = (channel.clone(), message_id.to_owned());
+        if let Some(receipt) = self.entries.get(&key) {
+            return Claim::Duplicate(receipt.clone());
+        }
+        while self.entries.len() >= self.capacity {
+            let Some((_, oldest)) = self.order.pop_front() else {
+                break;
+            };
+            self.entries.remove(&oldest);
+        }
+        self.entries.insert(key.clone(), None);
+        self.order.push_back((now, key));
+        Claim::New
+    }
+
+    /// Records the receipt of a claimed publish, for later duplicates.
+    pub fn complete(&mut self, channel: &ChannelName, message_id: &str, receipt: T) {
+        if let Some(slot) = self.entries.get_mut(&(channel.clone(), message_id.to_owned())) {
+            *slot = Some(receipt);
+        }
+    }
+
+    /// Forgets a claim whose publish failed, so that a retry goes through.
+    pub fn release(&mut self, channel: &ChannelName, message_id: &str) {
+        self.entries.remove(&(channel.clone(), message_id.to_owned()));
+    }
+
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    fn expire(&mut self, now: Instant) {
+        while let Some((claimed_at, _)) = self.order.front() {
+            if now.duration_since(*claimed_at) < self.window {
+                break;
+            }
+            let (_, key) = self.order.pop_front().expect("front exists");
+            self.entries.remove(&key);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn repeats_within_window_are_duplicates() {
+        let start = Instant::now();
+        let news = ChannelName::parse("news").unwrap();
+        let other = ChannelName::parse("other").unwrap();
+        let mut dedup = Dedup::new(Duration::from_secs(10), 100);
+        assert_eq!(dedup.claim(start, &news, "a"), Claim::New);
+        assert_eq!(dedup.claim(start, &news, "a"), Claim::Duplicate(None));
+        dedup.complete(&news, "a", 7u64);
+        assert_eq!(dedup.claim(start, &news, "a"), Claim::Duplicate(Some(7)));
+        assert_eq!(dedup.claim(start, &other, "a"), Claim::New, "ids are per channel");
+        let later = start + Duration::from_secs(10);
+        assert_eq!(dedup.claim(later, &news, "a"), Claim::New, "window passed");
+    }
+
+    #[test]
+    fn released_claims_can_be_retried() {
+        let now = Instant::now();
+        let news = ChannelName::parse("news").unwrap();
+        let mut dedup = Dedup::<u64>::new(Duration::from_secs(10), 100);
+        assert_eq!(dedup.claim(now, &news, "a"), Claim::New);
+        dedup.release(&news, "a");
+        assert_eq!(dedup.claim(now, &news, "a"), Claim::New);
+    }
+
+    #[test]
+    fn capacity_bounds_memory() {
+        let now = Instant::now();
+        let news = ChannelName::parse("news").unwrap();
+        let mut dedup = Dedup::<u64>::new(Duration::from_secs(10), 3);
+        for id in 0..10 {
+            assert_eq!(dedup.claim(now, &news, &id.to_string()), Claim::New);
+        }
+        assert_eq!(dedup.len(), 3);
+        assert_eq!(dedup.claim(now, &news, "9"), Claim::Duplicate(None));
+        assert_eq!(dedup.claim(now, &news, "0"), Claim::New, "the oldest were evicted");
+    }
+}

@@ -1,0 +1,224 @@
+//! Namespace policies: who may subscribe to a channel and who may publish
+//! into it from a client connection. The server API is never restricted.
+
+use std::collections::HashMap;
+
+use serde::Deserialize;
+
+use crate::channel::{ChannelName, pattern_matches};
+
+/// Who may subscribe to the channels of a namespace.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SubscribePolicy {
+    /// Only the user whose id is the channel name (`user:{id}`).
+    Owner,
+    /// Only users whose token's `channels` claim lists the channel or a
+    /// pattern that matches it.
+    Claim,
+    /// Any authenticated user.
+    Authenticated,
+    /// Nobody from a client; only the server API may add subscriptions.
+    Server,
+}
+
+/// The policy of one namespace (or of bare channel names).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NamespacePolicy {
+    pub subscribe: SubscribePolicy,
+    /// Whether a client may publish into the namespace. A client must also be
+    /// allowed to subscribe: nobody writes into a channel they cannot read.
+    pub client_publish: bool,
+    /// Whether `presence` may be asked of the namespace's channels.
+    pub presence: bool,
+}
+
+/// Why an action on a channel is refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PolicyError {
+    #[error("unknown namespace `{0}`")]
+    UnknownNamespace(String),
+    #[error("not allowed to subscribe to `{0}`")]
+    SubscribeForbidden(String),
+    #[error("clients may not publish into `{0}`")]
+    PublishForbidden(String),
+    #[error("presence is not enabled for `{0}`")]
+    PresenceDisabled(String),
+}
+
+/// The subscriber as policies see it: the user and the token's grants.
+pub struct Subject<'a> {
+    pub user_id: &'a str,
+    /// The token's `channels` claim: exact channel names or `prefix*` patterns.
+    pub granted: &'a [String],
+}
+
+impl Subject<'_> {
+    fn is_granted(&self, channel: &ChannelName) -> bool {
+        self.granted
+            .iter()
+            .any(|pattern| pattern_matches(pattern, channel.as_str()))
+    }
+}
+
+/// All namespace policies, validated at start-up.
+#[derive(Debug, Clone)]
+pub struct Policies {
+    namespaces: HashMap<String, NamespacePolicy>,
+    /// The policy of bare channel names (no namespace).
+    bare: NamespacePolicy,
+}
+
+impl Default for Policies {
+    fn default() -> Self {
+        Policies::new(
+            HashMap::new(),
+            NamespacePolicy {
+                subscribe: SubscribePolicy::Claim,
+                client_publish: false,
+                presence: true,
+            },
+        )
+    }
+}
+
+impl Policies {
+    /// Builds the policy set; `user` and `group` get their defaults unless the
+    /// configuration overrides them. `user` is always owner-only: nobody else
+    /// may subscribe to a personal channel, whatever the configuration says.
+    pub fn new(mut namespaces: HashMap<String, NamespacePolicy>, bare: NamespacePolicy) -> Self {
+        namespaces.entry("group".to_owned()).or_insert(NamespacePolicy {
+            subscribe: SubscribePolicy::Authenticated,
+            client_publish: true,
+            presence: true,
+        });
+        let user = namespaces.entry("user".to_owned()).or_insert(NamespacePolicy {
+            subscribe: SubscribePolicy::Owner,
+            client_publish: false,
+            presence: false,
+        });
+        user.subscribe = SubscribePolicy::Owner;
+        Policies { namespaces, bare }
+    }
+
+    /// The policy that governs `channel`.
+    pub fn policy(&self, channel: &ChannelName) -> Result<&NamespacePolicy, PolicyError> {
+        match channel.namespace() {
+            None => Ok(&self.bare),
+            Some(namespace) => self
+                .namespaces
+                .get(namespace)
+                .ok_or_else(|| PolicyError::UnknownNamespace(namespace.to_owned())),
+        }
+    }
+
+    /// Whether `subject` may subscribe to `channel` from a client connection.
+    pub fn check_subscribe(&self, subject: &Subject<'_>, channel: &ChannelName) -> Result<(), PolicyError> {
+        let policy = self.policy(channel)?;
+        let allowed = match policy.subscribe {
+            SubscribePolicy::Owner => channel.name() == subject.user_id,
+            SubscribePolicy::Claim => subject.is_granted(channel),
+            SubscribePolicy::Authenticated => true,
+            SubscribePolicy::Server => false,
+        };
+        if allowed {
+            Ok(())
+        } else {
+            Err(PolicyError::SubscribeForbidden(channel.to_string()))
+        }
+    }
+
+    /// Whether `subject` may publish into `channel` from a client connection.
+    pub fn check_client_publish(&self, subject: &Subject<'_>, channel: &ChannelName) -> Result<(), PolicyError> {
+        let policy = self.policy(channel)?;
+        if !policy.client_publish {
+            return Err(PolicyError::PublishForbidden(channel.to_string()));
+        }
+        self.check_subscribe(subject, channel)
+    }
+
+    /// Whether `subject` may see who is in `channel`.
+    pub fn check_presence(&self, subject: &Subject<'_>, channel: &ChannelName) -> Result<(), PolicyError> {
+        if !self.policy(channel)?.presence {
+            return Err(PolicyError::PresenceDisabled(channel.to_string()));
+        }
+        self.check_subscribe(subject, channel)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn channel(text: &str) -> ChannelName {
+        ChannelName::parse(text).unwrap()
+    }
+
+    fn policies() -> Policies {
+        let mut namespaces = HashMap::new();
+        namespaces.insert(
+            "team".to_owned(),
+            NamespacePolicy {
+                subscribe: SubscribePolicy::Claim,
+                client_publish: true,
+                presence: true,
+            },
+        );
+        namespaces.insert(
+            "alerts".to_owned(),
+            NamespacePolicy {
+                subscribe: SubscribePolicy::Server,
+                client_publish: false,
+                presence: false,
+            },
+        );
+        // Trying to open personal channels to everyone must not work.
+        namespaces.insert(
+            "user".to_owned(),
+            NamespacePolicy {
+                subscribe: SubscribePolicy::Authenticated,
+                client_publish: false,
+                presence: false,
+            },
+        );
+        Policies::new(namespaces, Policies::default().bare)
+    }
+
+    #[test]
+    fn subscribe_decisions() {
+        let policies = policies();
+        let granted = vec!["team:red".to_owned(), "team:blue*".to_owned()];
+        let alice = Subject {
+            user_id: "alice",
+            granted: &granted,
+        };
+        let cases: &[(&str, Result<(), PolicyError>)] = &[
+            ("user:alice", Ok(())),
+            ("user:bob", Err(PolicyError::SubscribeForbidden("user:bob".into()))),
+            ("group:1", Ok(())),
+            ("team:red", Ok(())),
+            ("team:blue-2", Ok(())),
+            ("team:green", Err(PolicyError::SubscribeForbidden("team:green".into()))),
+            ("alerts:x", Err(PolicyError::SubscribeForbidden("alerts:x".into()))),
+            ("nope:x", Err(PolicyError::UnknownNamespace("nope".into()))),
+            ("bare", Err(PolicyError::SubscribeForbidden("bare".into()))),
+        ];
+        for (name, expected) in cases {
+            assert_eq!(&policies.check_subscribe(&alice, &channel(name)), expected, "{name}");
+        }
+    }
+
+    #[test]
+    fn publish_needs_both_flags() {
+        let policies = policies();
+        let granted = vec!["team:red".to_owned()];
+        let alice = Subject {
+            user_id: "alice",
+            granted: &granted,
+        };
+        assert_eq!(policies.check_client_publish(&alice, &channel("team:red")), Ok(()));
+        assert!(policies.check_client_publish(&alice, &channel("team:green")).is_err());
+        assert!(policies.check_client_publish(&alice, &channel("user:alice")).is_err());
+        assert_eq!(policies.check_client_publish(&alice, &channel("group:9")), Ok(()));
+    }
+}
