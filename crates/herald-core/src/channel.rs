@@ -80,6 +80,12 @@ impl fmt::Debug for ChannelName {
     }
 }
 
+impl serde::Serialize for ChannelName {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(&self.0)
+    }
+}
+
 impl AsRef<str> for ChannelName {
     fn as_ref(&self) -> &str {
         &self.0

@@ -117,6 +117,8 @@ pub enum ErrorCode {
     RateLimited,
     TooLarge,
     NotSubscribed,
+    /// A per-connection limit (e.g. subscriptions) is reached.
+    LimitExceeded,
     /// The feature is not enabled for this channel (e.g. history).
     NotAvailable,
     /// The broker cannot take the message right now; retry later.
@@ -140,6 +142,7 @@ impl ErrorCode {
             ErrorCode::RateLimited => "rate_limited",
             ErrorCode::TooLarge => "too_large",
             ErrorCode::NotSubscribed => "not_subscribed",
+            ErrorCode::LimitExceeded => "limit_exceeded",
             ErrorCode::NotAvailable => "not_available",
             ErrorCode::Unavailable => "unavailable",
             ErrorCode::Internal => "internal",

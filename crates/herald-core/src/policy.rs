@@ -23,11 +23,12 @@ pub enum SubscribePolicy {
 }
 
 /// The policy of one namespace (or of bare channel names).
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct NamespacePolicy {
     pub subscribe: SubscribePolicy,
     /// Whether a client may publish into the namespace. A client must also be
-    /// allowed to subscribe: nobody writes into a channel they cannot read.
+    /// allowed to subscribe (nobody writes into a channel they cannot read),
+    /// except in `user`, where publishing is a direct message to the owner.
     pub client_publish: bool,
     /// Whether `presence` may be asked of the namespace's channels.
     pub presence: bool,
@@ -94,7 +95,7 @@ impl Policies {
         });
         let user = namespaces.entry("user".to_owned()).or_insert(NamespacePolicy {
             subscribe: SubscribePolicy::Owner,
-            client_publish: false,
+            client_publish: true,
             presence: false,
         });
         user.subscribe = SubscribePolicy::Owner;
@@ -133,6 +134,9 @@ impl Policies {
         let policy = self.policy(channel)?;
         if !policy.client_publish {
             return Err(PolicyError::PublishForbidden(channel.to_string()));
+        }
+        if policy.subscribe == SubscribePolicy::Owner {
+            return Ok(());
         }
         self.check_subscribe(subject, channel)
     }
@@ -177,7 +181,7 @@ mod tests {
             "user".to_owned(),
             NamespacePolicy {
                 subscribe: SubscribePolicy::Authenticated,
-                client_publish: false,
+                client_publish: true,
                 presence: false,
             },
         );
@@ -218,7 +222,12 @@ mod tests {
         };
         assert_eq!(policies.check_client_publish(&alice, &channel("team:red")), Ok(()));
         assert!(policies.check_client_publish(&alice, &channel("team:green")).is_err());
-        assert!(policies.check_client_publish(&alice, &channel("user:alice")).is_err());
+        assert!(policies.check_client_publish(&alice, &channel("alerts:x")).is_err());
         assert_eq!(policies.check_client_publish(&alice, &channel("group:9")), Ok(()));
+        assert_eq!(
+            policies.check_client_publish(&alice, &channel("user:bob")),
+            Ok(()),
+            "a direct message"
+        );
     }
 }

@@ -49,6 +49,9 @@ pub struct Publication {
     /// Identifies one unbroken history of the channel; changes when history was lost.
     pub epoch: Option<String>,
     pub payload: Payload,
+    /// The user who published from a client connection or with a user token;
+    /// set by the server, never by the client, so receivers can trust it.
+    pub from: Option<String>,
     /// Connections of this user do not receive the message (a chat sender
     /// gets an `ack`, not an echo).
     pub exclude_user: Option<String>,
@@ -91,6 +94,8 @@ struct DeliveryHeader<'a> {
     epoch: Option<&'a str>,
     timestamp: u64,
     #[serde(skip_serializing_if = "Option::is_none")]
+    from: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     data: Option<&'a RawValue>,
 }
 
@@ -105,6 +110,7 @@ impl Publication {
             offset: self.offset,
             epoch: self.epoch.as_deref(),
             timestamp: self.timestamp_ms,
+            from: self.from.as_deref(),
             data: None,
         };
         match &self.payload {
@@ -138,6 +144,7 @@ pub struct BinaryHeader {
     pub offset: Option<u64>,
     pub epoch: Option<String>,
     pub timestamp: u64,
+    pub from: Option<String>,
 }
 
 /// Splits a binary delivery into its header and payload.
@@ -160,6 +167,7 @@ mod tests {
             offset: Some(3),
             epoch: None,
             payload,
+            from: None,
             exclude_user: Some("bob".into()),
             exclude_connection: Some(9),
         }

@@ -70,6 +70,25 @@ impl<S: Subscriber> Registry<S> {
         }
     }
 
+    /// Subscribes unless `channel` already has `max` local subscribers
+    /// (checked and updated under one lock); `None` when it is full.
+    pub fn subscribe_bounded(&self, channel: &ChannelName, subscriber: S, max: usize) -> Option<Change> {
+        let mut shard = self.shard(channel);
+        let subscribers = shard.entry(channel.clone()).or_default();
+        if subscribers.len() >= max && !subscribers.contains_key(&subscriber.connection_id()) {
+            if subscribers.is_empty() {
+                shard.remove(channel);
+            }
+            return None;
+        }
+        let was_empty = subscribers.is_empty();
+        Some(match subscribers.insert(subscriber.connection_id(), subscriber) {
+            Some(_) => Change::NoOp,
+            None if was_empty => Change::ChannelEdge,
+            None => Change::Unchanged,
+        })
+    }
+
     pub fn unsubscribe(&self, channel: &ChannelName, connection_id: u64) -> Change {
         let mut shard = self.shard(channel);
         let Some(subscribers) = shard.get_mut(channel) else {
@@ -189,5 +208,12 @@ mod tests {
         );
         assert!(registry.is_subscribed(&room, 3));
         assert!(!registry.is_subscribed(&room, 4));
+        assert_eq!(registry.subscribe_bounded(&room, Conn(4, "carol"), 3), None, "full");
+        assert_eq!(registry.subscribe_bounded(&room, Conn(3, "bob"), 3), Some(Change::NoOp));
+        assert_eq!(
+            registry.subscribe_bounded(&room, Conn(4, "carol"), 4),
+            Some(Change::Unchanged)
+        );
+        assert!(registry.is_subscribed(&room, 4));
     }
 }

@@ -1,1 +1,5 @@
-fn main() {}
+//! The `herald` binary.
+
+fn main() -> std::process::ExitCode {
+    herald_server::cli::main()
+}

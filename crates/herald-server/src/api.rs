@@ -1,0 +1,365 @@
+//! The HTTP API: publishing (API key), user-token messaging, and the
+//! operational endpoints (`/health`, `/ready`, `/stats`, `/metrics`).
+//!
+//! Every error is a JSON body `{"error": {"code", "message"}}` with a fitting
+//! status; request bodies are read with a size limit and parsed strictly
+//! (unknown fields are refused, so typos are not silently ignored).
+
+use axum::Json;
+use axum::body::Body;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use base64::Engine;
+use herald_core::frame::validate_message_type;
+use herald_core::{ChannelName, Payload};
+use serde::Deserialize;
+use serde::de::DeserializeOwned;
+use serde_json::json;
+use serde_json::value::RawValue;
+
+use crate::auth::Identity;
+use crate::hub::{Hub, PublishError, PublishRequest, Source};
+use crate::transport::ws::chat_message;
+
+/// The most channels one broadcast may name.
+pub const MAX_BROADCAST_CHANNELS: usize = 1_000;
+/// Request bytes allowed beyond `max_message_size` for the envelope
+/// (channel list, ids, base64 overhead).
+const ENVELOPE_ALLOWANCE: usize = 64 * 1024;
+
+/// A JSON error response.
+pub fn json_error(status: StatusCode, code: &str, message: &str) -> Response {
+    (status, Json(json!({"error": {"code": code, "message": message}}))).into_response()
+}
+
+type ApiResult = Result<Response, Response>;
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PublishBody {
+    channel: Option<String>,
+    channels: Option<Vec<String>>,
+    data: Option<Box<RawValue>>,
+    /// A binary payload, base64-encoded; delivered in a binary frame.
+    data_base64: Option<String>,
+    #[serde(rename = "type")]
+    message_type: Option<String>,
+    message_id: Option<String>,
+}
+
+/// `POST /api/v1/publish`: one channel (`channel`) or a broadcast (`channels`).
+pub async fn publish(State(hub): State<Hub>, headers: HeaderMap, body: Body) -> ApiResult {
+    require_api_key(&hub, &headers)?;
+    let request: PublishBody = read_json(&hub, body).await?;
+    let payload = match (request.data, request.data_base64) {
+        (Some(data), None) => Payload::Json(data),
+        (None, Some(encoded)) => {
+            let bytes = base64::engine::general_purpose::STANDARD
+                .decode(encoded.as_bytes())
+                .map_err(|_| bad_request("`data_base64` is not valid base64"))?;
+            Payload::Binary(bytes.into())
+        }
+        _ => return Err(bad_request("give exactly one of `data` and `data_base64`")),
+    };
+    if let Some(message_type) = &request.message_type {
+        validate_message_type(message_type).map_err(|m| bad_request(&m))?;
+    }
+    if let Some(id) = &request.message_id
+        && (id.is_empty() || id.len() > 128)
+    {
+        return Err(bad_request("`message_id` must be 1-128 bytes"));
+    }
+    let too_large = hub.limits().max_message_size;
+    if payload.len() > too_large {
+        return Err(publish_failure(PublishError::TooLarge(too_large)));
+    }
+    let broadcast = request.channels.is_some();
+    let names = match (request.channel, request.channels) {
+        (Some(channel), None) => vec![channel],
+        (None, Some(channels)) if !channels.is_empty() && channels.len() <= MAX_BROADCAST_CHANNELS => channels,
+        (None, Some(_)) => {
+            return Err(bad_request(&format!(
+                "`channels` must list 1-{MAX_BROADCAST_CHANNELS} channels"
+            )));
+        }
+        _ => return Err(bad_request("give exactly one of `channel` and `channels`")),
+    };
+    let channels = names
+        .iter()
+        .map(|name| ChannelName::parse(name).map_err(|e| bad_request(&format!("channel `{name}`: {e}"))))
+        .collect::<Result<Vec<_>, _>>()?;
+    for channel in &channels {
+        hub.policies()
+            .policy(channel)
+            .map_err(|e| bad_request(&e.to_string()))?;
+    }
+    let mut results = Vec::with_capacity(channels.len());
+    for channel in channels {
+        let publish = PublishRequest {
+            channel: channel.clone(),
+            message_type: request.message_type.clone(),
+            message_id: request.message_id.clone(),
+            payload: payload.clone(),
+            from: None,
+            exclude_user: None,
+            exclude_connection: None,
+        };
+        let receipt = hub.publish(publish, Source::Http).await.map_err(publish_failure)?;
+        results.push((channel, receipt));
+    }
+    if broadcast {
+        let results: Vec<_> = results
+            .into_iter()
+            .map(|(channel, receipt)| {
+                let mut value = serde_json::to_value(receipt).expect("receipts serialize");
+                value["channel"] = json!(channel);
+                value
+            })
+            .collect();
+        Ok(Json(json!({"results": results})).into_response())
+    } else {
+        let (_, receipt) = results.pop().expect("one channel was published");
+        Ok(Json(receipt).into_response())
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DirectMessageBody {
+    #[serde(deserialize_with = "string_or_number")]
+    to_user_id: String,
+    content: Box<RawValue>,
+    #[serde(default = "default_msg_type")]
+    msg_type: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct GroupMessageBody {
+    content: Box<RawValue>,
+    #[serde(default = "default_msg_type")]
+    msg_type: String,
+}
+
+fn default_msg_type() -> String {
+    "text".to_owned()
+}
+
+fn string_or_number<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<String, D::Error> {
+    match serde_json::Value::deserialize(deserializer)? {
+        serde_json::Value::String(s) => Ok(s),
+        serde_json::Value::Number(n) => Ok(n.to_string()),
+        _ => Err(serde::de::Error::custom("expected a string or a number")),
+    }
+}
+
+/// `POST /api/v1/messages` (user token): a direct message to another user,
+/// delivered on their personal channel as `new_message`.
+pub async fn direct_message(State(hub): State<Hub>, headers: HeaderMap, body: Body) -> ApiResult {
+    let sender = require_user(&hub, &headers)?;
+    let request: DirectMessageBody = read_json(&hub, body).await?;
+    validate_message_type(&request.msg_type).map_err(|m| bad_request(&m))?;
+    let channel = ChannelName::user(&request.to_user_id).map_err(|e| bad_request(&format!("`to_user_id`: {e}")))?;
+    check_publish(&hub, &sender, &channel)?;
+    #[derive(serde::Serialize)]
+    struct DirectMessage<'a> {
+        from_user_id: &'a str,
+        to_user_id: &'a str,
+        msg_type: &'a str,
+        content: &'a RawValue,
+    }
+    let data = serde_json::to_string(&DirectMessage {
+        from_user_id: &sender.user_id,
+        to_user_id: &request.to_user_id,
+        msg_type: &request.msg_type,
+        content: &request.content,
+    })
+    .expect("a direct message serializes");
+    let payload = Payload::Json(RawValue::from_string(data).expect("serde_json output is valid JSON"));
+    let publish = PublishRequest {
+        channel,
+        message_type: Some("new_message".into()),
+        message_id: None,
+        payload,
+        from: Some(sender.user_id.clone()),
+        exclude_user: None,
+        exclude_connection: None,
+    };
+    let receipt = hub.publish(publish, Source::Http).await.map_err(publish_failure)?;
+    Ok(Json(receipt).into_response())
+}
+
+/// `POST /api/v1/groups/{id}/messages` (user token): a chat message to a
+/// group, delivered to the other members as `new_message`.
+pub async fn group_message(
+    State(hub): State<Hub>,
+    Path(group_id): Path<String>,
+    headers: HeaderMap,
+    body: Body,
+) -> ApiResult {
+    let sender = require_user(&hub, &headers)?;
+    let request: GroupMessageBody = read_json(&hub, body).await?;
+    validate_message_type(&request.msg_type).map_err(|m| bad_request(&m))?;
+    let channel = ChannelName::group(&group_id).map_err(|e| bad_request(&format!("group id: {e}")))?;
+    check_publish(&hub, &sender, &channel)?;
+    let data = chat_message(&group_id, &sender.user_id, &request.msg_type, &request.content);
+    let publish = PublishRequest {
+        channel,
+        message_type: Some("new_message".into()),
+        message_id: None,
+        payload: Payload::Json(data),
+        from: Some(sender.user_id.clone()),
+        exclude_user: Some(sender.user_id.clone()),
+        exclude_connection: None,
+    };
+    let receipt = hub.publish(publish, Source::Http).await.map_err(publish_failure)?;
+    Ok(Json(receipt).into_response())
+}
+
+pub async fn health() -> Response {
+    Json(json!({"status": "ok"})).into_response()
+}
+
+pub async fn ready(State(hub): State<Hub>) -> Response {
+    if hub.shutdown.is_draining() {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({"ready": false, "reason": "draining"})),
+        )
+            .into_response();
+    }
+    if !hub.broker.is_ready() {
+        let body = json!({"ready": false, "reason": "broker unavailable"});
+        return (StatusCode::SERVICE_UNAVAILABLE, Json(body)).into_response();
+    }
+    Json(json!({"ready": true})).into_response()
+}
+
+pub async fn stats(State(hub): State<Hub>) -> Response {
+    use std::sync::atomic::Ordering::Relaxed;
+    let metrics = &hub.metrics;
+    Json(json!({
+        "node_id": hub.node_id,
+        "uptime_seconds": hub.started.elapsed().as_secs(),
+        "connections": metrics.connections_current.load(Relaxed),
+        "users_online": hub.users_online(),
+        "channels": hub.fanout.registry.channel_count(),
+        "messages_published": metrics.messages_published.get("http") + metrics.messages_published.get("client"),
+        "messages_delivered": metrics.messages_delivered.load(Relaxed),
+        "messages_dropped": metrics.messages_dropped.get("slow_client"),
+        "draining": hub.shutdown.is_draining(),
+    }))
+    .into_response()
+}
+
+pub async fn metrics(State(hub): State<Hub>) -> Response {
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        hub.metrics.render(),
+    )
+        .into_response()
+}
+
+pub async fn not_found() -> Response {
+    json_error(StatusCode::NOT_FOUND, "not_found", "no such endpoint")
+}
+
+pub async fn method_not_allowed() -> Response {
+    json_error(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        "this endpoint does not take that method",
+    )
+}
+
+// ---------------------------------------------------------------- helpers
+
+fn bad_request(message: &str) -> Response {
+    json_error(StatusCode::BAD_REQUEST, "bad_request", message)
+}
+
+fn unauthorized(message: &str) -> Response {
+    let mut response = json_error(StatusCode::UNAUTHORIZED, "unauthorized", message);
+    response
+        .headers_mut()
+        .insert(header::WWW_AUTHENTICATE, header::HeaderValue::from_static("Bearer"));
+    response
+}
+
+fn publish_failure(error: PublishError) -> Response {
+    match error {
+        PublishError::TooLarge(_) => json_error(StatusCode::PAYLOAD_TOO_LARGE, "too_large", &error.to_string()),
+        PublishError::Broker(_) => json_error(StatusCode::SERVICE_UNAVAILABLE, "unavailable", &error.to_string()),
+    }
+}
+
+fn bearer(headers: &HeaderMap) -> Option<&str> {
+    let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, token) = value.split_once(' ')?;
+    scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
+}
+
+fn require_api_key(hub: &Hub, headers: &HeaderMap) -> Result<(), Response> {
+    let expected = hub.config.api_key.as_deref().expect("api.key is set before serving");
+    match bearer(headers) {
+        None => Err(unauthorized("missing `Authorization: Bearer <api key>`")),
+        Some(given) if constant_time_eq(given.as_bytes(), expected.as_bytes()) => Ok(()),
+        Some(_) => Err(unauthorized("invalid API key")),
+    }
+}
+
+fn require_user(hub: &Hub, headers: &HeaderMap) -> Result<Identity, Response> {
+    let token = bearer(headers).ok_or_else(|| unauthorized("missing `Authorization: Bearer <user token>`"))?;
+    hub.verifier.verify(token).map_err(|e| {
+        hub.metrics.auth_failures.add(e.reason(), 1);
+        unauthorized(&e.to_string())
+    })
+}
+
+fn check_publish(hub: &Hub, sender: &Identity, channel: &ChannelName) -> Result<(), Response> {
+    use herald_core::policy::{PolicyError, Subject};
+    let subject = Subject {
+        user_id: &sender.user_id,
+        granted: &sender.channels,
+    };
+    hub.policies()
+        .check_client_publish(&subject, channel)
+        .map_err(|e| match e {
+            PolicyError::UnknownNamespace(_) => bad_request(&e.to_string()),
+            _ => json_error(StatusCode::FORBIDDEN, "forbidden", &e.to_string()),
+        })
+}
+
+/// Compares without an early exit, so the time taken does not reveal how
+/// much of a guessed key was right. (The length is not secret.)
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+async fn read_json<T: DeserializeOwned>(hub: &Hub, body: Body) -> Result<T, Response> {
+    let limit = hub.limits().max_message_size + ENVELOPE_ALLOWANCE;
+    let bytes = axum::body::to_bytes(body, limit).await.map_err(|_| {
+        json_error(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "too_large",
+            &format!("request body is larger than {limit} bytes"),
+        )
+    })?;
+    serde_json::from_slice(&bytes).map_err(|e| bad_request(&format!("invalid JSON body: {e}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::constant_time_eq;
+
+    #[test]
+    fn constant_time_comparison() {
+        assert!(constant_time_eq(b"abc", b"abc"));
+        assert!(!constant_time_eq(b"abc", b"abd"));
+        assert!(!constant_time_eq(b"abc", b"abcd"));
+    }
+}

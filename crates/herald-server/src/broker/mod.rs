@@ -1,0 +1,45 @@
+//! The broker carries publications between publishers and every node's
+//! fan-out. Embedded mode uses [`memory::MemoryBroker`] (this process only);
+//! the Redis broker (multi-node) implements the same trait.
+//!
+//! The broker also learns which channels have local subscribers
+//! ([`Broker::channel_added`] / [`Broker::channel_removed`]), so that a
+//! networked broker subscribes upstream only to what this node needs.
+
+pub mod memory;
+
+use std::future::Future;
+use std::pin::Pin;
+
+use herald_core::{ChannelName, Publication};
+
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// Where a publication landed in its channel's history, when it has one.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Placement {
+    pub offset: Option<u64>,
+    pub epoch: Option<String>,
+}
+
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum BrokerError {
+    /// Retryable: the broker cannot be reached right now.
+    #[error("broker unavailable: {0}")]
+    Unavailable(String),
+}
+
+pub trait Broker: Send + Sync + 'static {
+    /// Publishes to every node (this one included). Resolves once the broker
+    /// has accepted the message.
+    fn publish(&self, publication: Publication) -> BoxFuture<'_, Result<Placement, BrokerError>>;
+
+    /// The first local subscriber of `channel` arrived.
+    fn channel_added(&self, channel: &ChannelName);
+
+    /// The last local subscriber of `channel` left.
+    fn channel_removed(&self, channel: &ChannelName);
+
+    /// Whether publishes can succeed now (`/ready`).
+    fn is_ready(&self) -> bool;
+}

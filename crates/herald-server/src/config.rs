@@ -1,0 +1,679 @@
+//! Configuration: a TOML file, overridden by `HERALD_*` environment variables,
+//! overridden by command-line flags, validated once into a typed [`Config`].
+//!
+//! `RawConfig` mirrors the file; every field is optional so that the layers can
+//! be merged. [`Config::from_raw`] turns it into settings that the rest of the
+//! server uses without re-checking; an invalid value is reported with the
+//! name of its key.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use herald_core::duration::parse_duration;
+use herald_core::policy::{NamespacePolicy, Policies, SubscribePolicy};
+use jsonwebtoken::Algorithm;
+use serde::Deserialize;
+
+/// The address the embedded default listens on.
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:8081";
+
+/// A configuration problem, naming the key at fault.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read { path: String, source: std::io::Error },
+    #[error("invalid config file {path}: {message}")]
+    Parse { path: String, message: String },
+    #[error("invalid `{key}`: {problem}")]
+    Invalid { key: String, problem: String },
+}
+
+fn invalid(key: &str, problem: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        key: key.to_owned(),
+        problem: problem.into(),
+    }
+}
+
+// ---------------------------------------------------------------- raw layer
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawConfig {
+    pub listen: Option<String>,
+    #[serde(default)]
+    pub jwt: RawJwt,
+    #[serde(default)]
+    pub api: RawApi,
+    #[serde(default)]
+    pub redis: RawRedis,
+    #[serde(default)]
+    pub limits: RawLimits,
+    #[serde(default)]
+    pub keepalive: RawKeepalive,
+    #[serde(default)]
+    pub shutdown: RawShutdown,
+    #[serde(default)]
+    pub origins: RawOrigins,
+    #[serde(default)]
+    pub log: RawLog,
+    #[serde(default)]
+    pub idempotency: RawIdempotency,
+    #[serde(default)]
+    pub namespaces: HashMap<String, RawNamespace>,
+    /// The policy of bare channel names (no namespace).
+    pub default_namespace: Option<RawNamespace>,
+    pub demo_page: Option<bool>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawJwt {
+    pub secret: Option<String>,
+    pub algorithms: Option<Vec<String>>,
+    pub user_claim: Option<String>,
+    pub channels_claim: Option<String>,
+    pub issuer: Option<String>,
+    pub audience: Option<String>,
+    pub leeway: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawApi {
+    pub key: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRedis {
+    pub url: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawLimits {
+    pub max_connections: Option<usize>,
+    pub max_connections_per_user: Option<usize>,
+    pub max_connections_per_ip: Option<usize>,
+    pub max_message_size: Option<usize>,
+    pub handshake_timeout: Option<String>,
+    pub auth_timeout: Option<String>,
+    pub commands_per_second: Option<u32>,
+    pub command_burst: Option<u32>,
+    pub queue_messages: Option<usize>,
+    pub queue_bytes: Option<usize>,
+    pub max_subscriptions: Option<usize>,
+    pub write_timeout: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawKeepalive {
+    pub ping_interval: Option<String>,
+    pub pong_timeout: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawShutdown {
+    pub drain_window: Option<String>,
+    pub timeout: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawOrigins {
+    pub allowed: Option<Vec<String>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawLog {
+    pub format: Option<String>,
+    pub level: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawIdempotency {
+    pub window: Option<String>,
+    pub capacity: Option<usize>,
+}
+
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawNamespace {
+    pub subscribe: Option<SubscribePolicy>,
+    pub client_publish: Option<bool>,
+    pub presence: Option<bool>,
+}
+
+impl RawConfig {
+    /// Reads a TOML file.
+    pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
+        let shown = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: shown.clone(),
+            source,
+        })?;
+        Self::from_toml(&text).map_err(|message| ConfigError::Parse { path: shown, message })
+    }
+
+    pub fn from_toml(text: &str) -> Result<Self, String> {
+        toml::from_str(text).map_err(|e| e.to_string().trim_end().to_owned())
+    }
+
+    /// Applies `HERALD_*` variables from `lookup` (the process environment in
+    /// production, a map in tests). The table is the documented list.
+    pub fn apply_env(&mut self, lookup: impl Fn(&str) -> Option<String>) -> Result<(), ConfigError> {
+        let text = |name: &str| lookup(name).filter(|v| !v.is_empty());
+        let number = |name: &str| -> Result<Option<usize>, ConfigError> {
+            text(name)
+                .map(|v| {
+                    v.parse()
+                        .map_err(|_| invalid(name, format!("`{v}` is not a whole number")))
+                })
+                .transpose()
+        };
+        let set = |slot: &mut Option<String>, name: &str| {
+            if let Some(value) = text(name) {
+                *slot = Some(value);
+            }
+        };
+        set(&mut self.listen, "HERALD_LISTEN");
+        set(&mut self.jwt.secret, "HERALD_JWT_SECRET");
+        set(&mut self.jwt.issuer, "HERALD_JWT_ISSUER");
+        set(&mut self.jwt.audience, "HERALD_JWT_AUDIENCE");
+        set(&mut self.api.key, "HERALD_API_KEY");
+        set(&mut self.redis.url, "HERALD_REDIS_URL");
+        set(&mut self.log.format, "HERALD_LOG_FORMAT");
+        set(&mut self.log.level, "HERALD_LOG_LEVEL");
+        set(&mut self.shutdown.timeout, "HERALD_SHUTDOWN_TIMEOUT");
+        set(&mut self.shutdown.drain_window, "HERALD_SHUTDOWN_DRAIN_WINDOW");
+        if let Some(list) = text("HERALD_JWT_ALGORITHMS") {
+            self.jwt.algorithms = Some(list.split(',').map(|s| s.trim().to_owned()).collect());
+        }
+        if let Some(list) = text("HERALD_ORIGINS_ALLOWED") {
+            self.origins.allowed = Some(list.split(',').map(|s| s.trim().to_owned()).collect());
+        }
+        if let Some(n) = number("HERALD_MAX_CONNECTIONS")? {
+            self.limits.max_connections = Some(n);
+        }
+        if let Some(n) = number("HERALD_MAX_CONNECTIONS_PER_USER")? {
+            self.limits.max_connections_per_user = Some(n);
+        }
+        if let Some(n) = number("HERALD_MAX_CONNECTIONS_PER_IP")? {
+            self.limits.max_connections_per_ip = Some(n);
+        }
+        if let Some(n) = number("HERALD_MAX_MESSAGE_SIZE")? {
+            self.limits.max_message_size = Some(n);
+        }
+        Ok(())
+    }
+}
+
+/// The environment variables [`RawConfig::apply_env`] reads, for the docs and `--help`.
+pub const ENV_VARS: &[(&str, &str)] = &[
+    ("HERALD_LISTEN", "listen"),
+    ("HERALD_JWT_SECRET", "jwt.secret"),
+    ("HERALD_JWT_ALGORITHMS", "jwt.algorithms (comma-separated)"),
+    ("HERALD_JWT_ISSUER", "jwt.issuer"),
+    ("HERALD_JWT_AUDIENCE", "jwt.audience"),
+    ("HERALD_API_KEY", "api.key"),
+    ("HERALD_REDIS_URL", "redis.url"),
+    ("HERALD_ORIGINS_ALLOWED", "origins.allowed (comma-separated)"),
+    ("HERALD_MAX_CONNECTIONS", "limits.max_connections"),
+    ("HERALD_MAX_CONNECTIONS_PER_USER", "limits.max_connections_per_user"),
+    ("HERALD_MAX_CONNECTIONS_PER_IP", "limits.max_connections_per_ip"),
+    ("HERALD_MAX_MESSAGE_SIZE", "limits.max_message_size"),
+    ("HERALD_SHUTDOWN_TIMEOUT", "shutdown.timeout"),
+    ("HERALD_SHUTDOWN_DRAIN_WINDOW", "shutdown.drain_window"),
+    ("HERALD_LOG_FORMAT", "log.format"),
+    ("HERALD_LOG_LEVEL", "log.level"),
+];
+
+// ---------------------------------------------------------- validated layer
+
+/// Validated settings. Built once at start-up and handed out by parts.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub listen: SocketAddr,
+    pub jwt: JwtConfig,
+    /// `None` until [`Config::fill_ephemeral_secrets`] in the embedded default.
+    pub api_key: Option<String>,
+    pub redis_url: Option<String>,
+    pub limits: Limits,
+    pub keepalive: Keepalive,
+    pub shutdown: ShutdownConfig,
+    pub origins: OriginPolicy,
+    pub log: LogConfig,
+    pub idempotency: Idempotency,
+    pub policies: Policies,
+    pub demo_page: bool,
+    /// True when the secret and API key were generated for this run.
+    pub ephemeral_secrets: bool,
+}
+
+#[derive(Debug, Clone)]
+pub struct JwtConfig {
+    pub secret: Option<String>,
+    /// The only algorithms a token may use; the token's header never chooses.
+    pub algorithms: Vec<Algorithm>,
+    /// The claim that holds the user id (`sub` by default).
+    pub user_claim: String,
+    /// The claim that lists extra channels and patterns (`channels` by default).
+    pub channels_claim: String,
+    pub issuer: Option<String>,
+    pub audience: Option<String>,
+    pub leeway: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct Limits {
+    pub max_connections: usize,
+    pub max_connections_per_user: usize,
+    pub max_connections_per_ip: usize,
+    /// The largest WebSocket frame or message, and the largest published `data`.
+    pub max_message_size: usize,
+    /// From TCP accept to the end of the HTTP request head.
+    pub handshake_timeout: Duration,
+    /// From the WebSocket upgrade to a successful `auth` frame.
+    pub auth_timeout: Duration,
+    pub commands_per_second: u32,
+    pub command_burst: u32,
+    /// Each connection's outgoing queue, in messages and in bytes; a client
+    /// that lets either fill up is disconnected (close code 4008).
+    pub queue_messages: usize,
+    pub queue_bytes: usize,
+    /// Channels one connection may be subscribed to (its personal channel included).
+    pub max_subscriptions: usize,
+    /// How long one write to a socket may take before the client counts as slow.
+    pub write_timeout: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct Keepalive {
+    pub ping_interval: Duration,
+    pub pong_timeout: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct ShutdownConfig {
+    /// Connections are closed at random moments spread over this window.
+    pub drain_window: Duration,
+    /// The process exits at the latest this long after the signal.
+    pub timeout: Duration,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum OriginPolicy {
+    /// The `Origin` must name the host the request was sent to.
+    SameOrigin,
+    /// Exactly these origins (`scheme://host[:port]`).
+    AllowList(Vec<String>),
+    Any,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone)]
+pub struct LogConfig {
+    pub format: LogFormat,
+    /// A `RUST_LOG`-style filter; `RUST_LOG` itself wins when set.
+    pub level: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct Idempotency {
+    pub window: Duration,
+    pub capacity: usize,
+}
+
+impl Config {
+    /// Validates a merged raw configuration.
+    pub fn from_raw(raw: RawConfig) -> Result<Config, ConfigError> {
+        let listen_text = raw.listen.as_deref().unwrap_or(DEFAULT_LISTEN);
+        let listen: SocketAddr = listen_text.parse().map_err(|_| {
+            invalid(
+                "listen",
+                format!("`{listen_text}` is not an address:port like 127.0.0.1:8081"),
+            )
+        })?;
+
+        let algorithms = raw
+            .jwt
+            .algorithms
+            .unwrap_or_else(|| vec!["HS256".into()])
+            .iter()
+            .map(|name| match name.as_str() {
+                "HS256" => Ok(Algorithm::HS256),
+                "HS384" => Ok(Algorithm::HS384),
+                "HS512" => Ok(Algorithm::HS512),
+                other => Err(invalid(
+                    "jwt.algorithms",
+                    format!("`{other}` is not supported (HS256, HS384, HS512 with jwt.secret)"),
+                )),
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        if algorithms.is_empty() {
+            return Err(invalid("jwt.algorithms", "must list at least one algorithm"));
+        }
+        if let Some(secret) = &raw.jwt.secret
+            && secret.len() < 16
+        {
+            return Err(invalid("jwt.secret", "must be at least 16 bytes"));
+        }
+        if let Some(key) = &raw.api.key
+            && key.len() < 16
+        {
+            return Err(invalid("api.key", "must be at least 16 bytes"));
+        }
+        let jwt = JwtConfig {
+            secret: raw.jwt.secret,
+            algorithms,
+            user_claim: non_empty("jwt.user_claim", raw.jwt.user_claim, "sub")?,
+            channels_claim: non_empty("jwt.channels_claim", raw.jwt.channels_claim, "channels")?,
+            issuer: raw.jwt.issuer,
+            audience: raw.jwt.audience,
+            leeway: duration("jwt.leeway", raw.jwt.leeway, "5s")?,
+        };
+
+        let l = raw.limits;
+        let limits = Limits {
+            max_connections: positive("limits.max_connections", l.max_connections, 100_000)?,
+            max_connections_per_user: positive("limits.max_connections_per_user", l.max_connections_per_user, 100)?,
+            max_connections_per_ip: positive("limits.max_connections_per_ip", l.max_connections_per_ip, 100_000)?,
+            max_message_size: positive("limits.max_message_size", l.max_message_size, 64 * 1024)?,
+            handshake_timeout: duration("limits.handshake_timeout", l.handshake_timeout, "10s")?,
+            auth_timeout: duration("limits.auth_timeout", l.auth_timeout, "10s")?,
+            commands_per_second: positive(
+                "limits.commands_per_second",
+                l.commands_per_second.map(|n| n as usize),
+                50,
+            )? as u32,
+            command_burst: positive("limits.command_burst", l.command_burst.map(|n| n as usize), 100)? as u32,
+            queue_messages: positive("limits.queue_messages", l.queue_messages, 1024)?,
+            queue_bytes: positive("limits.queue_bytes", l.queue_bytes, 4 * 1024 * 1024)?,
+            max_subscriptions: positive("limits.max_subscriptions", l.max_subscriptions, 256)?,
+            write_timeout: duration("limits.write_timeout", l.write_timeout, "10s")?,
+        };
+        if limits.queue_bytes < limits.max_message_size {
+            return Err(invalid(
+                "limits.queue_bytes",
+                "must be at least limits.max_message_size",
+            ));
+        }
+
+        let keepalive = Keepalive {
+            ping_interval: duration("keepalive.ping_interval", raw.keepalive.ping_interval, "25s")?,
+            pong_timeout: duration("keepalive.pong_timeout", raw.keepalive.pong_timeout, "10s")?,
+        };
+        let shutdown = ShutdownConfig {
+            drain_window: duration("shutdown.drain_window", raw.shutdown.drain_window, "5s")?,
+            timeout: duration("shutdown.timeout", raw.shutdown.timeout, "15s")?,
+        };
+        if shutdown.drain_window >= shutdown.timeout {
+            return Err(invalid(
+                "shutdown.drain_window",
+                "must be shorter than shutdown.timeout",
+            ));
+        }
+
+        let origins = match raw.origins.allowed {
+            None => OriginPolicy::SameOrigin,
+            Some(list) if list.iter().any(|o| o == "*") => OriginPolicy::Any,
+            Some(list) => {
+                for origin in &list {
+                    if !(origin.starts_with("http://") || origin.starts_with("https://")) || origin.ends_with('/') {
+                        return Err(invalid(
+                            "origins.allowed",
+                            format!("`{origin}` must look like https://host[:port] (no path), or be \"*\""),
+                        ));
+                    }
+                }
+                OriginPolicy::AllowList(list)
+            }
+        };
+
+        let log = LogConfig {
+            format: match raw.log.format.as_deref().unwrap_or("text") {
+                "text" => LogFormat::Text,
+                "json" => LogFormat::Json,
+                other => return Err(invalid("log.format", format!("`{other}` is not `text` or `json`"))),
+            },
+            level: raw.log.level.unwrap_or_else(|| "info".into()),
+        };
+
+        let idempotency = Idempotency {
+            window: duration("idempotency.window", raw.idempotency.window, "2m")?,
+            capacity: positive("idempotency.capacity", raw.idempotency.capacity, 100_000)?,
+        };
+
+        let bare_default = NamespacePolicy {
+            subscribe: SubscribePolicy::Claim,
+            client_publish: false,
+            presence: true,
+        };
+        let bare = merge_namespace(raw.default_namespace.as_ref(), bare_default);
+        let mut namespaces = HashMap::new();
+        for (name, policy) in &raw.namespaces {
+            let valid = !name.is_empty()
+                && name.len() <= herald_core::channel::MAX_NAMESPACE_LENGTH
+                && name
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-');
+            if !valid {
+                return Err(invalid(
+                    &format!("namespaces.{name}"),
+                    "a namespace name is 1-32 of a-z 0-9 _ -",
+                ));
+            }
+            let defaults = match name.as_str() {
+                "user" => NamespacePolicy {
+                    subscribe: SubscribePolicy::Owner,
+                    client_publish: true,
+                    presence: false,
+                },
+                "group" => NamespacePolicy {
+                    subscribe: SubscribePolicy::Authenticated,
+                    client_publish: true,
+                    presence: true,
+                },
+                _ => bare_default,
+            };
+            if name == "user" && policy.subscribe.is_some_and(|s| s != SubscribePolicy::Owner) {
+                return Err(invalid(
+                    "namespaces.user.subscribe",
+                    "personal channels are always `owner`",
+                ));
+            }
+            if name != "user" && policy.subscribe == Some(SubscribePolicy::Owner) {
+                return Err(invalid(
+                    &format!("namespaces.{name}.subscribe"),
+                    "`owner` applies only to `user`",
+                ));
+            }
+            namespaces.insert(name.clone(), merge_namespace(Some(policy), defaults));
+        }
+        let policies = Policies::new(namespaces, bare);
+
+        Ok(Config {
+            listen,
+            jwt,
+            api_key: raw.api.key,
+            redis_url: raw.redis.url,
+            limits,
+            keepalive,
+            shutdown,
+            origins,
+            log,
+            idempotency,
+            policies,
+            demo_page: raw.demo_page.unwrap_or(true),
+            ephemeral_secrets: false,
+        })
+    }
+
+    /// The embedded default: with no configured secret, a loopback server
+    /// generates a JWT secret and an API key for this run. Anything reachable
+    /// from other machines must be given a secret explicitly.
+    pub fn fill_ephemeral_secrets(&mut self) -> Result<(), ConfigError> {
+        if self.jwt.secret.is_some() && self.api_key.is_some() {
+            return Ok(());
+        }
+        if !self.listen.ip().is_loopback() {
+            let missing = if self.jwt.secret.is_none() {
+                "jwt.secret"
+            } else {
+                "api.key"
+            };
+            return Err(invalid(
+                missing,
+                format!(
+                    "refusing to listen on non-loopback {} without an explicit {missing} (set it in the config file or HERALD_{})",
+                    self.listen,
+                    missing.replace('.', "_").to_uppercase()
+                ),
+            ));
+        }
+        if self.jwt.secret.is_none() {
+            self.jwt.secret = Some(random_token(32));
+            self.ephemeral_secrets = true;
+        }
+        if self.api_key.is_none() {
+            self.api_key = Some(random_token(24));
+            self.ephemeral_secrets = true;
+        }
+        Ok(())
+    }
+}
+
+/// A random URL-safe string from `bytes` bytes of OS randomness.
+pub fn random_token(bytes: usize) -> String {
+    use base64::Engine;
+    let mut buffer = vec![0u8; bytes];
+    getrandom::fill(&mut buffer).expect("the OS random number generator is available");
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(buffer)
+}
+
+fn merge_namespace(raw: Option<&RawNamespace>, defaults: NamespacePolicy) -> NamespacePolicy {
+    let Some(raw) = raw else { return defaults };
+    NamespacePolicy {
+        subscribe: raw.subscribe.unwrap_or(defaults.subscribe),
+        client_publish: raw.client_publish.unwrap_or(defaults.client_publish),
+        presence: raw.presence.unwrap_or(defaults.presence),
+    }
+}
+
+fn duration(key: &str, value: Option<String>, default: &str) -> Result<Duration, ConfigError> {
+    parse_duration(value.as_deref().unwrap_or(default)).map_err(|problem| invalid(key, problem))
+}
+
+fn positive(key: &str, value: Option<usize>, default: usize) -> Result<usize, ConfigError> {
+    match value.unwrap_or(default) {
+        0 => Err(invalid(key, "must be greater than 0")),
+        n => Ok(n),
+    }
+}
+
+fn non_empty(key: &str, value: Option<String>, default: &str) -> Result<String, ConfigError> {
+    match value {
+        Some(v) if v.is_empty() => Err(invalid(key, "must not be empty")),
+        Some(v) => Ok(v),
+        None => Ok(default.to_owned()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load(toml: &str, env: &[(&str, &str)]) -> Result<Config, String> {
+        let mut raw = RawConfig::from_toml(toml)?;
+        let env: HashMap<String, String> = env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        raw.apply_env(|name| env.get(name).cloned())
+            .map_err(|e| e.to_string())?;
+        Config::from_raw(raw).map_err(|e| e.to_string())
+    }
+
+    fn check_error(toml: &str, fragment: &str) {
+        let error = load(toml, &[]).expect_err(toml);
+        assert!(error.contains(fragment), "{toml:?}: {error}");
+    }
+
+    #[test]
+    fn empty_config_is_the_embedded_default() {
+        let config = load("", &[]).unwrap();
+        assert_eq!(config.listen.to_string(), DEFAULT_LISTEN);
+        assert_eq!(config.limits.max_message_size, 65_536);
+        assert_eq!(config.origins, OriginPolicy::SameOrigin);
+        assert!(config.jwt.secret.is_none());
+    }
+
+    #[test]
+    fn env_overrides_file() {
+        let config = load(
+            "listen = \"127.0.0.1:1\"\n[jwt]\nsecret = \"from-the-file-0123456789\"",
+            &[
+                ("HERALD_LISTEN", "127.0.0.1:2"),
+                ("HERALD_API_KEY", "from-the-environment"),
+            ],
+        )
+        .unwrap();
+        assert_eq!(config.listen.port(), 2);
+        assert_eq!(config.jwt.secret.as_deref(), Some("from-the-file-0123456789"));
+        assert_eq!(config.api_key.as_deref(), Some("from-the-environment"));
+    }
+
+    #[test]
+    fn errors_name_the_key() {
+        check_error("listen = \"nowhere\"", "`listen`");
+        check_error(
+            "[limits]\nauth_timeout = \"10\"",
+            "`limits.auth_timeout`: `10` has no unit",
+        );
+        check_error(
+            "[limits]\nmax_connections = 0",
+            "`limits.max_connections`: must be greater than 0",
+        );
+        check_error(
+            "[jwt]\nalgorithms = [\"none\"]",
+            "`jwt.algorithms`: `none` is not supported",
+        );
+        check_error("[jwt]\nsecret = \"short\"", "`jwt.secret`: must be at least 16 bytes");
+        check_error("[origins]\nallowed = [\"example.com\"]", "`origins.allowed`");
+        check_error("[limitz]\nx = 1", "unknown field `limitz`");
+        check_error(
+            "[namespaces.user]\nsubscribe = \"authenticated\"",
+            "`namespaces.user.subscribe`",
+        );
+        check_error("[namespaces.Bad]\npresence = true", "`namespaces.Bad`");
+        check_error(
+            "[namespaces.team]\nsubscribe = \"everyone\"",
+            "unknown variant `everyone`",
+        );
+        check_error(
+            "[shutdown]\ndrain_window = \"20s\"\ntimeout = \"10s\"",
+            "`shutdown.drain_window`",
+        );
+        let env_error = load("", &[("HERALD_MAX_CONNECTIONS", "many")]).unwrap_err();
+        assert!(env_error.contains("HERALD_MAX_CONNECTIONS"), "{env_error}");
+    }
+
+    #[test]
+    fn non_loopback_needs_a_secret() {
+        let mut config = load("listen = \"0.0.0.0:8081\"", &[]).unwrap();
+        let error = config.fill_ephemeral_secrets().unwrap_err().to_string();
+        assert!(error.contains("refusing to listen on non-loopback"), "{error}");
+        let mut config = load("", &[]).unwrap();
+        config.fill_ephemeral_secrets().unwrap();
+        assert!(config.ephemeral_secrets && config.jwt.secret.is_some() && config.api_key.is_some());
+    }
+}

@@ -1,0 +1,312 @@
+//! The hub: the node's shared state behind one cheap handle, and the
+//! operations every transport uses — admit a connection, subscribe,
+//! publish. Transports (WebSocket, HTTP API) translate their input into these
+//! calls; nothing here knows about sockets.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use herald_core::dedup::{Claim, Dedup};
+use herald_core::policy::Policies;
+use herald_core::publication::DEFAULT_MESSAGE_TYPE;
+use herald_core::registry::Change;
+use herald_core::{ChannelName, Payload, Publication};
+use serde::Serialize;
+
+use crate::auth::TokenVerifier;
+use crate::broker::{Broker, BrokerError};
+use crate::config::{Config, Limits};
+use crate::fanout::{ConnectionHandle, Fanout};
+use crate::metrics::Metrics;
+use crate::shutdown::Shutdown;
+
+/// A cheap, cloneable handle to the node's shared state.
+#[derive(Clone)]
+pub struct Hub(Arc<HubInner>);
+
+pub struct HubInner {
+    pub config: Arc<Config>,
+    pub fanout: Arc<Fanout>,
+    pub broker: Arc<dyn Broker>,
+    pub verifier: Arc<dyn TokenVerifier>,
+    pub metrics: Arc<Metrics>,
+    pub shutdown: Shutdown,
+    /// Random per process; prefixes generated message ids.
+    pub node_id: String,
+    pub started: Instant,
+    dedup: Mutex<Dedup<Receipt>>,
+    next_connection_id: AtomicU64,
+    next_message_id: AtomicU64,
+    connections: AtomicUsize,
+    connections_per_ip: Mutex<HashMap<IpAddr, usize>>,
+    /// Users with at least one connection on this node (maintained from the
+    /// registry's edges on `user:` channels).
+    users_online: AtomicUsize,
+}
+
+impl std::ops::Deref for Hub {
+    type Target = HubInner;
+    fn deref(&self) -> &HubInner {
+        &self.0
+    }
+}
+
+/// What a publisher asks for.
+#[derive(Debug)]
+pub struct PublishRequest {
+    pub channel: ChannelName,
+    pub message_type: Option<String>,
+    /// The publisher's id, for idempotency; generated when absent.
+    pub message_id: Option<String>,
+    pub payload: Payload,
+    /// The publishing user, for client-originated messages.
+    pub from: Option<String>,
+    pub exclude_user: Option<String>,
+    pub exclude_connection: Option<u64>,
+}
+
+/// The answer to a publish.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct Receipt {
+    pub message_id: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub offset: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub epoch: Option<String>,
+    /// True when this `message_id` was published before within the window
+    /// and this publish was not delivered again.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub duplicate: bool,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum PublishError {
+    #[error("message is larger than {0} bytes")]
+    TooLarge(usize),
+    #[error(transparent)]
+    Broker(#[from] BrokerError),
+}
+
+/// Where a publish came from, for metrics.
+#[derive(Debug, Clone, Copy)]
+pub enum Source {
+    Http,
+    Client,
+}
+
+/// Why a new connection is refused before it is upgraded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Rejection {
+    MaxConnections,
+    MaxPerIp,
+    Draining,
+}
+
+/// Holds a connection's place in the total and per-IP counts until dropped.
+pub struct Admission {
+    hub: Hub,
+    ip: IpAddr,
+}
+
+impl Drop for Admission {
+    fn drop(&mut self) {
+        self.hub.connections.fetch_sub(1, Ordering::Relaxed);
+        let mut per_ip = lock(&self.hub.connections_per_ip);
+        if let Some(count) = per_ip.get_mut(&self.ip) {
+            *count -= 1;
+            if *count == 0 {
+                per_ip.remove(&self.ip);
+            }
+        }
+    }
+}
+
+impl Hub {
+    pub fn new(
+        config: Arc<Config>,
+        fanout: Arc<Fanout>,
+        broker: Arc<dyn Broker>,
+        verifier: Arc<dyn TokenVerifier>,
+        metrics: Arc<Metrics>,
+        shutdown: Shutdown,
+    ) -> Self {
+        let dedup = Dedup::new(config.idempotency.window, config.idempotency.capacity);
+        Hub(Arc::new(HubInner {
+            config,
+            fanout,
+            broker,
+            verifier,
+            metrics,
+            shutdown,
+            node_id: crate::config::random_token(6),
+            started: Instant::now(),
+            dedup: Mutex::new(dedup),
+            next_connection_id: AtomicU64::new(1),
+            next_message_id: AtomicU64::new(1),
+            connections: AtomicUsize::new(0),
+            connections_per_ip: Mutex::new(HashMap::new()),
+            users_online: AtomicUsize::new(0),
+        }))
+    }
+
+    pub fn limits(&self) -> &Limits {
+        &self.config.limits
+    }
+
+    pub fn policies(&self) -> &Policies {
+        &self.config.policies
+    }
+
+    /// Takes a place for a new connection from `ip`, or says which limit is hit.
+    pub fn admit(&self, ip: IpAddr) -> Result<Admission, Rejection> {
+        if self.shutdown.is_draining() {
+            return Err(Rejection::Draining);
+        }
+        let limits = self.limits();
+        let previous = self.connections.fetch_add(1, Ordering::Relaxed);
+        let admission = Admission { hub: self.clone(), ip };
+        // From here on, dropping `admission` undoes the count.
+        let mut per_ip = lock(&self.connections_per_ip);
+        let count = per_ip.entry(ip).or_default();
+        *count += 1;
+        let over_ip = *count > limits.max_connections_per_ip;
+        drop(per_ip);
+        if previous >= limits.max_connections {
+            return Err(Rejection::MaxConnections);
+        }
+        if over_ip {
+            return Err(Rejection::MaxPerIp);
+        }
+        Ok(admission)
+    }
+
+    pub fn next_connection_id(&self) -> u64 {
+        self.next_connection_id.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Adds a local subscription and tells the broker about a new channel.
+    pub fn subscribe(&self, channel: &ChannelName, connection: ConnectionHandle) -> Change {
+        let change = self.fanout.registry.subscribe(channel, connection);
+        if change == Change::ChannelEdge {
+            if channel.namespace() == Some("user") {
+                self.users_online.fetch_add(1, Ordering::Relaxed);
+            }
+            self.broker.channel_added(channel);
+        }
+        change
+    }
+
+    /// Subscribes a new connection to its personal channel, unless the user
+    /// already has `limits.max_connections_per_user` connections here.
+    pub fn subscribe_user(&self, user_channel: &ChannelName, connection: ConnectionHandle) -> Option<Change> {
+        let max = self.limits().max_connections_per_user;
+        let change = self.fanout.registry.subscribe_bounded(user_channel, connection, max)?;
+        if change == Change::ChannelEdge {
+            self.users_online.fetch_add(1, Ordering::Relaxed);
+            self.broker.channel_added(user_channel);
+        }
+        Some(change)
+    }
+
+    pub fn unsubscribe(&self, channel: &ChannelName, connection_id: u64) -> Change {
+        let change = self.fanout.registry.unsubscribe(channel, connection_id);
+        if change == Change::ChannelEdge {
+            if channel.namespace() == Some("user") {
+                self.users_online.fetch_sub(1, Ordering::Relaxed);
+            }
+            self.broker.channel_removed(channel);
+        }
+        change
+    }
+
+    pub fn connection_count(&self) -> usize {
+        self.connections.load(Ordering::Relaxed)
+    }
+
+    pub fn users_online(&self) -> usize {
+        self.users_online.load(Ordering::Relaxed)
+    }
+
+    /// Publishes through the broker, once per `(channel, message_id)` within
+    /// the idempotency window.
+    pub async fn publish(&self, request: PublishRequest, source: Source) -> Result<Receipt, PublishError> {
+        let max = self.limits().max_message_size;
+        if request.payload.len() > max {
+            return Err(PublishError::TooLarge(max));
+        }
+        let given_id = request.message_id.is_some();
+        let message_id = request.message_id.unwrap_or_else(|| self.generate_message_id());
+        if given_id {
+            let claim = lock(&self.dedup).claim(Instant::now(), &request.channel, &message_id);
+            if let Claim::Duplicate(receipt) = claim {
+                self.metrics.duplicates_suppressed.fetch_add(1, Ordering::Relaxed);
+                let mut receipt = receipt.unwrap_or(Receipt {
+                    message_id,
+                    offset: None,
+                    epoch: None,
+                    duplicate: false,
+                });
+                receipt.duplicate = true;
+                return Ok(receipt);
+            }
+        }
+        let channel = request.channel.clone();
+        let publication = Publication {
+            channel: request.channel,
+            message_type: request.message_type.unwrap_or_else(|| DEFAULT_MESSAGE_TYPE.to_owned()),
+            message_id: message_id.clone(),
+            timestamp_ms: unix_millis(),
+            offset: None,
+            epoch: None,
+            payload: request.payload,
+            from: request.from,
+            exclude_user: request.exclude_user,
+            exclude_connection: request.exclude_connection,
+        };
+        match self.broker.publish(publication).await {
+            Ok(placement) => {
+                let receipt = Receipt {
+                    message_id,
+                    offset: placement.offset,
+                    epoch: placement.epoch,
+                    duplicate: false,
+                };
+                if given_id {
+                    lock(&self.dedup).complete(&channel, &receipt.message_id, receipt.clone());
+                }
+                let source = match source {
+                    Source::Http => "http",
+                    Source::Client => "client",
+                };
+                self.metrics.messages_published.add(source, 1);
+                Ok(receipt)
+            }
+            Err(error) => {
+                if given_id {
+                    lock(&self.dedup).release(&channel, &message_id);
+                }
+                Err(error.into())
+            }
+        }
+    }
+
+    fn generate_message_id(&self) -> String {
+        let sequence = self.next_message_id.fetch_add(1, Ordering::Relaxed);
+        format!("{}-{sequence}", self.node_id)
+    }
+}
+
+pub fn unix_millis() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// Locks a mutex whose sections cannot leave data half-updated.
+pub fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}

@@ -1,0 +1,244 @@
+//! Process metrics, rendered in the Prometheus text format at `/metrics`.
+//!
+//! Plain atomics: no registry crate, no allocation when counting. Labels are
+//! small fixed sets (reasons, sources) and never a user id or channel name.
+//! Hot loops count locally and add once (see `fanout`).
+
+use std::fmt::Write;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed};
+use std::time::Duration;
+
+/// A counter per value of one fixed label.
+pub struct Family<const N: usize> {
+    label: &'static str,
+    values: [&'static str; N],
+    counts: [AtomicU64; N],
+}
+
+impl<const N: usize> Family<N> {
+    const fn new(label: &'static str, values: [&'static str; N]) -> Self {
+        Family {
+            label,
+            values,
+            counts: [const { AtomicU64::new(0) }; N],
+        }
+    }
+
+    /// Adds `n` to the counter of `value`; an unknown value is a bug, counted
+    /// under the last label value rather than lost.
+    pub fn add(&self, value: &str, n: u64) {
+        let index = self.values.iter().position(|v| *v == value).unwrap_or(N - 1);
+        self.counts[index].fetch_add(n, Relaxed);
+    }
+
+    pub fn get(&self, value: &str) -> u64 {
+        self.values
+            .iter()
+            .position(|v| *v == value)
+            .map_or(0, |i| self.counts[i].load(Relaxed))
+    }
+
+    fn render(&self, out: &mut String, name: &str, help: &str) {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
+        for (value, count) in self.values.iter().zip(&self.counts) {
+            let _ = writeln!(out, "{name}{{{}=\"{value}\"}} {}", self.label, count.load(Relaxed));
+        }
+    }
+}
+
+/// A histogram of durations with fixed bucket bounds, in seconds.
+pub struct Histogram {
+    bounds: &'static [f64],
+    buckets: Box<[AtomicU64]>,
+    count: AtomicU64,
+    sum_micros: AtomicU64,
+}
+
+const LATENCY_BOUNDS: &[f64] = &[
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0,
+];
+
+impl Histogram {
+    fn new(bounds: &'static [f64]) -> Self {
+        Histogram {
+            bounds,
+            buckets: bounds.iter().map(|_| AtomicU64::new(0)).collect(),
+            count: AtomicU64::new(0),
+            sum_micros: AtomicU64::new(0),
+        }
+    }
+
+    pub fn observe(&self, duration: Duration) {
+        let seconds = duration.as_secs_f64();
+        if let Some(index) = self.bounds.iter().position(|bound| seconds <= *bound) {
+            self.buckets[index].fetch_add(1, Relaxed);
+        }
+        self.count.fetch_add(1, Relaxed);
+        self.sum_micros.fetch_add(duration.as_micros() as u64, Relaxed);
+    }
+
+    fn render(&self, out: &mut String, name: &str, help: &str) {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
+        let mut cumulative = 0;
+        for (bound, bucket) in self.bounds.iter().zip(self.buckets.iter()) {
+            cumulative += bucket.load(Relaxed);
+            let _ = writeln!(out, "{name}_bucket{{le=\"{bound}\"}} {cumulative}");
+        }
+        let count = self.count.load(Relaxed);
+        let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {count}");
+        let _ = writeln!(out, "{name}_sum {}", self.sum_micros.load(Relaxed) as f64 / 1e6);
+        let _ = writeln!(out, "{name}_count {count}");
+    }
+}
+
+pub struct Metrics {
+    pub connections_current: AtomicI64,
+    pub connections_accepted: AtomicU64,
+    /// Upgrades or authentications refused by a limit or a check.
+    pub connections_rejected: Family<5>,
+    pub auth_failures: Family<10>,
+    /// Why connections ended.
+    pub disconnects: Family<10>,
+    pub messages_published: Family<3>,
+    /// Frames queued to subscribers (one per subscriber per message).
+    pub messages_delivered: AtomicU64,
+    /// Messages a subscriber did not get, by reason; the subscriber is told
+    /// (it is disconnected with a close code).
+    pub messages_dropped: Family<2>,
+    pub duplicates_suppressed: AtomicU64,
+    pub commands: AtomicU64,
+    pub command_errors: AtomicU64,
+    /// Time from accepting a publish to having queued it for every local subscriber.
+    pub fanout_latency: Histogram,
+    pub broker_up: AtomicI64,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics {
+            connections_current: AtomicI64::new(0),
+            connections_accepted: AtomicU64::new(0),
+            connections_rejected: Family::new(
+                "reason",
+                ["max_connections", "max_per_ip", "max_per_user", "origin", "other"],
+            ),
+            auth_failures: Family::new(
+                "reason",
+                [
+                    "malformed",
+                    "algorithm",
+                    "signature",
+                    "expired",
+                    "not_yet_valid",
+                    "issuer",
+                    "audience",
+                    "claims",
+                    "no_token",
+                    "timeout",
+                ],
+            ),
+            disconnects: Family::new(
+                "reason",
+                [
+                    "client",
+                    "auth_failed",
+                    "auth_timeout",
+                    "token_expired",
+                    "slow_client",
+                    "pong_timeout",
+                    "rate_limited",
+                    "too_large",
+                    "shutdown",
+                    "error",
+                ],
+            ),
+            messages_published: Family::new("source", ["http", "client", "other"]),
+            messages_delivered: AtomicU64::new(0),
+            messages_dropped: Family::new("reason", ["slow_client", "other"]),
+            duplicates_suppressed: AtomicU64::new(0),
+            commands: AtomicU64::new(0),
+            command_errors: AtomicU64::new(0),
+            fanout_latency: Histogram::new(LATENCY_BOUNDS),
+            broker_up: AtomicI64::new(1),
+        }
+    }
+}
+
+impl Metrics {
+    pub fn render(&self) -> String {
+        let mut out = String::with_capacity(4096);
+        let gauge = |out: &mut String, name: &str, help: &str, value: i64| {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {value}");
+        };
+        let counter = |out: &mut String, name: &str, help: &str, value: u64| {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {value}");
+        };
+        gauge(
+            &mut out,
+            "herald_connections",
+            "Open WebSocket connections.",
+            self.connections_current.load(Relaxed),
+        );
+        counter(
+            &mut out,
+            "herald_connections_accepted_total",
+            "WebSocket connections upgraded.",
+            self.connections_accepted.load(Relaxed),
+        );
+        self.connections_rejected.render(
+            &mut out,
+            "herald_connections_rejected_total",
+            "Connections refused by a limit or check.",
+        );
+        self.auth_failures
+            .render(&mut out, "herald_auth_failures_total", "Failed authentications.");
+        self.disconnects
+            .render(&mut out, "herald_disconnects_total", "Closed connections by reason.");
+        self.messages_published.render(
+            &mut out,
+            "herald_messages_published_total",
+            "Messages accepted for publishing.",
+        );
+        counter(
+            &mut out,
+            "herald_messages_delivered_total",
+            "Frames queued to subscribers.",
+            self.messages_delivered.load(Relaxed),
+        );
+        self.messages_dropped.render(
+            &mut out,
+            "herald_messages_dropped_total",
+            "Messages not delivered to a subscriber.",
+        );
+        counter(
+            &mut out,
+            "herald_duplicates_suppressed_total",
+            "Publishes recognised as repeats of a message_id.",
+            self.duplicates_suppressed.load(Relaxed),
+        );
+        counter(
+            &mut out,
+            "herald_commands_total",
+            "Client commands received.",
+            self.commands.load(Relaxed),
+        );
+        counter(
+            &mut out,
+            "herald_command_errors_total",
+            "Client commands answered with an error.",
+            self.command_errors.load(Relaxed),
+        );
+        self.fanout_latency.render(
+            &mut out,
+            "herald_fanout_seconds",
+            "Time from accepting a publish to queueing it for every local subscriber.",
+        );
+        gauge(
+            &mut out,
+            "herald_broker_up",
+            "1 when the broker is reachable.",
+            self.broker_up.load(Relaxed),
+        );
+        out
+    }
+}

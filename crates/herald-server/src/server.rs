@@ -1,0 +1,138 @@
+//! Assembles a node (config → hub → router) and runs its accept loop.
+//!
+//! The accept loop is our own rather than `axum::serve`, for three reasons:
+//! the handshake timeout (`header_read_timeout`), `TCP_NODELAY`, and tracking
+//! every connection task on the shutdown tracker.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::ConnectInfo;
+use axum::routing::{get, post};
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::net::TcpListener;
+use tower::ServiceExt;
+
+use crate::api;
+use crate::auth::JwtVerifier;
+use crate::broker::memory::MemoryBroker;
+use crate::config::Config;
+use crate::demo;
+use crate::fanout::Fanout;
+use crate::hub::Hub;
+use crate::metrics::Metrics;
+use crate::shutdown::Shutdown;
+use crate::transport::ws;
+
+/// A started node.
+pub struct RunningServer {
+    pub local_addr: SocketAddr,
+    pub hub: Hub,
+    accept_loop: tokio::task::JoinHandle<()>,
+}
+
+/// Binds `config.listen` and starts serving. `config` must be complete
+/// (secrets filled in; see [`Config::fill_ephemeral_secrets`]).
+pub async fn start(config: Config) -> std::io::Result<RunningServer> {
+    let listener = TcpListener::bind(config.listen).await?;
+    let local_addr = listener.local_addr()?;
+    if config.redis_url.is_some() {
+        tracing::warn!("redis.url is set, but this build runs the in-process broker only");
+    }
+    let config = Arc::new(config);
+    let metrics = Arc::new(Metrics::default());
+    let fanout = Arc::new(Fanout::new(metrics.clone()));
+    let broker = Arc::new(MemoryBroker::new(fanout.clone()));
+    let verifier = Arc::new(JwtVerifier::new(&config.jwt));
+    let hub = Hub::new(config.clone(), fanout, broker, verifier, metrics, Shutdown::default());
+    let router = router(hub.clone());
+    let accept_loop = tokio::spawn(accept_loop(listener, router, hub.clone()));
+    Ok(RunningServer {
+        local_addr,
+        hub,
+        accept_loop,
+    })
+}
+
+impl RunningServer {
+    /// Drains and stops: stop accepting, mark not-ready, close connections
+    /// spread over the drain window, wait for every task up to
+    /// `shutdown.timeout`. Returns false if the deadline cut tasks off.
+    pub async fn stop(self) -> bool {
+        let shutdown = self.hub.shutdown.clone();
+        let deadline = self.hub.config.shutdown.timeout;
+        shutdown.begin();
+        let _ = self.accept_loop.await;
+        shutdown.tracker.close();
+        tokio::time::timeout(deadline, shutdown.tracker.wait()).await.is_ok()
+    }
+}
+
+pub fn router(hub: Hub) -> Router {
+    let mut router = Router::new()
+        .route("/ws", get(ws::handler))
+        .route("/api/v1/publish", post(api::publish))
+        .route("/api/v1/messages", post(api::direct_message))
+        .route("/api/v1/groups/{group_id}/messages", post(api::group_message))
+        .route("/health", get(api::health))
+        .route("/ready", get(api::ready))
+        .route("/stats", get(api::stats))
+        .route("/metrics", get(api::metrics));
+    if hub.config.demo_page {
+        router = router.route("/", get(demo::page));
+    }
+    if hub.config.ephemeral_secrets {
+        router = router.route("/demo/token", get(demo::token));
+    }
+    router
+        .fallback(api::not_found)
+        .method_not_allowed_fallback(api::method_not_allowed)
+        .with_state(hub)
+}
+
+async fn accept_loop(listener: TcpListener, router: Router, hub: Hub) {
+    let shutdown = hub.shutdown.clone();
+    let handshake_timeout = hub.limits().handshake_timeout;
+    loop {
+        let (stream, peer) = tokio::select! {
+            _ = shutdown.draining.cancelled() => break,
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(error) => {
+                    // Usually EMFILE: back off briefly instead of spinning.
+                    tracing::warn!(%error, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let _ = stream.set_nodelay(true);
+        let router = router.clone();
+        let draining = shutdown.draining.clone();
+        shutdown.tracker.spawn(async move {
+            let service = hyper::service::service_fn(move |request: hyper::Request<Incoming>| {
+                let mut request = request.map(axum::body::Body::new);
+                request.extensions_mut().insert(ConnectInfo(peer));
+                let router = router.clone();
+                async move { Ok::<_, Infallible>(router.oneshot(request).await.unwrap_or_else(|never| match never {})) }
+            });
+            let connection = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(handshake_timeout)
+                .serve_connection(TokioIo::new(stream), service)
+                .with_upgrades();
+            tokio::pin!(connection);
+            tokio::select! {
+                _ = connection.as_mut() => {}
+                _ = draining.cancelled() => {
+                    connection.as_mut().graceful_shutdown();
+                    let _ = connection.await;
+                }
+            }
+        });
+    }
+}

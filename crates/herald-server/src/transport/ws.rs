@@ -1,0 +1,679 @@
+//! `GET /ws`: the WebSocket transport.
+//!
+//! One task per connection, spawned on the shutdown tracker. The task owns
+//! the socket and loops over five sources: the outgoing queue (fan-out), the
+//! socket (client commands), the keepalive ping and its pong deadline, the
+//! token's expiry, and the drain signal. Everything the task writes in one
+//! turn is fed to the socket and flushed once, so a burst of queued messages
+//! costs few syscalls. Writes are bounded by `limits.write_timeout` and by
+//! the slow-client signal, so a stalled peer never pins the task.
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use axum::extract::ws::rejection::WebSocketUpgradeRejection;
+use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
+use axum::extract::{ConnectInfo, Query, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::Response;
+use futures_util::SinkExt;
+use herald_core::frame::{self, Command, ErrorCode, FrameError, ack_frame, error_frame, server_frame};
+use herald_core::policy::Subject;
+use herald_core::rate_limit::TokenBucket;
+use herald_core::registry::Change;
+use herald_core::{ChannelName, Payload};
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use serde_json::value::RawValue;
+use tokio::time::{Instant, sleep_until};
+
+use super::close::Ending;
+use super::origin;
+use crate::api::json_error;
+use crate::auth::{AuthError, Identity, unix_now};
+use crate::fanout::{ConnectionHandle, ConnectionQueue, Outbound, connection_queue};
+use crate::hub::{Admission, Hub, PublishError, PublishRequest, Rejection, Source};
+
+/// Read buffer per connection; grows only while a large frame is read.
+const READ_BUFFER_SIZE: usize = 4 * 1024;
+/// Frames are written as soon as this much is buffered (or on flush).
+const WRITE_BUFFER_SIZE: usize = 8 * 1024;
+/// The most frames taken from the queue in one turn before flushing.
+const MAX_BATCH: usize = 64;
+/// How long a close frame may take to send before the socket is dropped.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
+
+#[derive(Deserialize)]
+pub struct WsParams {
+    token: Option<String>,
+}
+
+pub async fn handler(
+    State(hub): State<Hub>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    params: Result<Query<WsParams>, axum::extract::rejection::QueryRejection>,
+    upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
+) -> Response {
+    let upgrade = match upgrade {
+        Ok(upgrade) => upgrade,
+        Err(rejection) => {
+            return json_error(rejection.status(), "not_websocket", &rejection.body_text());
+        }
+    };
+    let Ok(Query(params)) = params else {
+        return json_error(
+            StatusCode::BAD_REQUEST,
+            "invalid_query",
+            "the query string is malformed",
+        );
+    };
+    if !origin::is_allowed(&hub.config.origins, &headers) {
+        hub.metrics.connections_rejected.add("origin", 1);
+        return json_error(
+            StatusCode::FORBIDDEN,
+            "origin_not_allowed",
+            "this Origin may not connect",
+        );
+    }
+    let admission = match hub.admit(peer.ip()) {
+        Ok(admission) => admission,
+        Err(rejection) => {
+            let (status, code, label, message) = match rejection {
+                Rejection::MaxConnections => (
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "max_connections",
+                    "max_connections",
+                    "the server is at its connection limit",
+                ),
+                Rejection::MaxPerIp => (
+                    StatusCode::TOO_MANY_REQUESTS,
+                    "max_connections_per_ip",
+                    "max_per_ip",
+                    "too many connections from this address",
+                ),
+                Rejection::Draining => (
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "draining",
+                    "other",
+                    "the server is shutting down; connect to another node",
+                ),
+            };
+            hub.metrics.connections_rejected.add(label, 1);
+            return json_error(status, code, message);
+        }
+    };
+    let limits = hub.limits();
+    let max = limits.max_message_size;
+    let tracker_token = hub.shutdown.tracker.token();
+    upgrade
+        .read_buffer_size(READ_BUFFER_SIZE)
+        .write_buffer_size(WRITE_BUFFER_SIZE)
+        // Our own queue bounds what waits for a slow client; this bound only
+        // stops one oversized burst from growing the write buffer further.
+        .max_write_buffer_size(limits.queue_bytes + max + WRITE_BUFFER_SIZE)
+        .max_message_size(max)
+        .max_frame_size(max)
+        .on_upgrade(move |socket| async move {
+            run(socket, hub, admission, params.token).await;
+            drop(tracker_token);
+        })
+}
+
+/// Runs one connection from upgrade to close.
+async fn run(mut socket: WebSocket, hub: Hub, admission: Admission, query_token: Option<String>) {
+    use std::sync::atomic::Ordering::Relaxed;
+    hub.metrics.connections_accepted.fetch_add(1, Relaxed);
+    hub.metrics.connections_current.fetch_add(1, Relaxed);
+    let mut bucket = TokenBucket::new(
+        hub.limits().commands_per_second,
+        hub.limits().command_burst,
+        Instant::now().into(),
+    );
+    let ending = match authenticate(&mut socket, &hub, query_token, &mut bucket).await {
+        Ok(identity) => Session::start(&mut socket, &hub, identity, bucket).await,
+        Err(ending) => ending,
+    };
+    hub.metrics.disconnects.add(ending.metric_label(), 1);
+    if let Some((code, reason)) = ending.close_frame() {
+        let close = Message::Close(Some(CloseFrame {
+            code,
+            reason: reason.into(),
+        }));
+        let _ = tokio::time::timeout(CLOSE_TIMEOUT, socket.send(close)).await;
+    }
+    hub.metrics.connections_current.fetch_sub(1, Relaxed);
+    drop(admission);
+}
+
+/// Waits for a valid token: from the query string, or from the first `auth`
+/// frame within the auth timeout. Other commands are answered with
+/// `not_authenticated` and not served.
+async fn authenticate(
+    socket: &mut WebSocket,
+    hub: &Hub,
+    query_token: Option<String>,
+    bucket: &mut TokenBucket,
+) -> Result<Identity, Ending> {
+    if let Some(token) = query_token {
+        return verify(socket, hub, &token).await;
+    }
+    let deadline = Instant::now() + hub.limits().auth_timeout;
+    let mut strikes = 0;
+    loop {
+        let incoming = tokio::select! {
+            _ = sleep_until(deadline) => {
+                hub.metrics.auth_failures.add("timeout", 1);
+                let frame = server_frame("auth_failed", None, json!({"message": "authentication timed out"}));
+                let _ = send_now(socket, hub, frame).await;
+                return Err(Ending::AuthTimeout);
+            }
+            _ = hub.shutdown.draining.cancelled() => return Err(Ending::Shutdown),
+            incoming = socket.recv() => incoming,
+        };
+        let text = match incoming {
+            None | Some(Ok(Message::Close(_))) => return Err(Ending::ClientGone),
+            Some(Err(error)) => return Err(read_error_ending(error)),
+            Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
+            Some(Ok(Message::Binary(_))) => {
+                send_now(
+                    socket,
+                    hub,
+                    error_frame(None, ErrorCode::InvalidFrame, "send `auth` as a text frame"),
+                )
+                .await?;
+                continue;
+            }
+            Some(Ok(Message::Text(text))) => text,
+        };
+        if !bucket.try_take(Instant::now().into()) {
+            strikes += 1;
+            if strikes >= hub.limits().command_burst {
+                return Err(Ending::RateLimited);
+            }
+            continue;
+        }
+        match frame::parse_client_frame(&text) {
+            Ok(parsed) => match parsed.command {
+                Command::Auth { token } => return verify(socket, hub, &token).await,
+                other => {
+                    let message = format!("`{}` before authentication; send `auth` first", other.name());
+                    let frame = error_frame(parsed.message_id.as_ref(), ErrorCode::NotAuthenticated, &message);
+                    send_now(socket, hub, frame).await?;
+                }
+            },
+            Err(error) => send_now(socket, hub, error.to_frame()).await?,
+        }
+    }
+}
+
+async fn verify(socket: &mut WebSocket, hub: &Hub, token: &str) -> Result<Identity, Ending> {
+    match hub.verifier.verify(token) {
+        Ok(identity) => Ok(identity),
+        Err(error) => {
+            hub.metrics.auth_failures.add(error.reason(), 1);
+            tracing::debug!(reason = error.reason(), "authentication failed");
+            let frame = server_frame("auth_failed", None, json!({"message": error.to_string()}));
+            let _ = send_now(socket, hub, frame).await;
+            Err(Ending::AuthFailed)
+        }
+    }
+}
+
+/// Sends one frame immediately, within the write timeout.
+async fn send_now(socket: &mut WebSocket, hub: &Hub, frame: String) -> Result<(), Ending> {
+    match tokio::time::timeout(hub.limits().write_timeout, socket.send(Message::Text(frame.into()))).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(_)) => Err(Ending::ClientGone),
+        Err(_) => Err(Ending::SlowClient),
+    }
+}
+
+fn read_error_ending(error: axum::Error) -> Ending {
+    use tokio_tungstenite::tungstenite::Error as WsError;
+    match error.into_inner().downcast::<WsError>() {
+        Ok(error) if matches!(*error, WsError::Capacity(_)) => Ending::TooLarge,
+        _ => Ending::ClientGone,
+    }
+}
+
+/// An authenticated connection.
+struct Session<'a> {
+    hub: &'a Hub,
+    identity: Identity,
+    user_channel: ChannelName,
+    handle: ConnectionHandle,
+    /// Channels this connection is subscribed to (the user channel included).
+    subscriptions: HashSet<ChannelName>,
+    bucket: TokenBucket,
+    /// Commands refused in a row by the rate limit; at `command_burst` the
+    /// client is disconnected.
+    strikes: u32,
+    /// Frames to write this turn; fed to the socket and flushed once.
+    outbox: Vec<Message>,
+    /// Set when the token was replaced by `refresh`.
+    expiry_changed: bool,
+}
+
+#[derive(Serialize)]
+struct AuthSuccess<'a> {
+    user_id: &'a str,
+    connection_id: u64,
+    expires_at: u64,
+    channel: &'a str,
+    node_id: &'a str,
+}
+
+impl<'a> Session<'a> {
+    async fn start(socket: &mut WebSocket, hub: &'a Hub, identity: Identity, bucket: TokenBucket) -> Ending {
+        let user_channel = ChannelName::user(&identity.user_id).expect("the verifier checks the user id");
+        let limits = hub.limits();
+        let id = hub.next_connection_id();
+        let (handle, queue) = connection_queue(id, &identity.user_id, limits.queue_messages, limits.queue_bytes);
+        match hub.subscribe_user(&user_channel, handle.clone()) {
+            Some(_) => {}
+            None => {
+                hub.metrics.connections_rejected.add("max_per_user", 1);
+                let frame = error_frame(None, ErrorCode::LimitExceeded, "too many connections for this user");
+                let _ = send_now(socket, hub, frame).await;
+                return Ending::TooManyConnections;
+            }
+        }
+        let success = AuthSuccess {
+            user_id: &identity.user_id,
+            connection_id: id,
+            expires_at: identity.expires_at,
+            channel: user_channel.as_str(),
+            node_id: &hub.node_id,
+        };
+        let success = server_frame("auth_success", None, success);
+        let mut session = Session {
+            hub,
+            user_channel: user_channel.clone(),
+            handle,
+            subscriptions: HashSet::from([user_channel]),
+            identity,
+            bucket,
+            strikes: 0,
+            outbox: vec![Message::Text(success.into())],
+            expiry_changed: false,
+        };
+        tracing::debug!(user_id = %session.identity.user_id, connection_id = id, "connection authenticated");
+        let ending = session.serve(socket, queue).await;
+        for channel in &session.subscriptions {
+            hub.unsubscribe(channel, id);
+        }
+        ending
+    }
+
+    async fn serve(&mut self, socket: &mut WebSocket, mut queue: ConnectionQueue) -> Ending {
+        let hub = self.hub;
+        let keepalive = &hub.config.keepalive;
+        let far_future = Instant::now() + Duration::from_secs(86_400 * 365);
+        let mut next_ping = Instant::now() + keepalive.ping_interval;
+        let mut pong_deadline = far_future;
+        let expiry = tokio::time::sleep_until(self.expiry_instant());
+        tokio::pin!(expiry);
+        let drain = tokio::time::sleep_until(far_future);
+        tokio::pin!(drain);
+        let mut draining = false;
+        let slow = queue.slow_signal();
+
+        loop {
+            if !self.outbox.is_empty() {
+                let write = async {
+                    for message in self.outbox.drain(..) {
+                        socket.feed(message).await?;
+                    }
+                    socket.flush().await
+                };
+                let outcome = tokio::select! {
+                    outcome = tokio::time::timeout(hub.limits().write_timeout, write) => outcome,
+                    _ = slow.cancelled() => return Ending::SlowClient,
+                };
+                match outcome {
+                    Ok(Ok(())) => {}
+                    Ok(Err(_)) => return Ending::ClientGone,
+                    Err(_) => return Ending::SlowClient,
+                }
+                if self.outbox.capacity() > MAX_BATCH {
+                    self.outbox = Vec::new();
+                }
+            }
+            if self.expiry_changed {
+                self.expiry_changed = false;
+                expiry.as_mut().reset(self.expiry_instant());
+            }
+            tokio::select! {
+                biased;
+                _ = slow.cancelled() => return Ending::SlowClient,
+                _ = hub.shutdown.draining.cancelled(), if !draining => {
+                    draining = true;
+                    drain.as_mut().reset(Instant::now() + drain_delay(hub.config.shutdown.drain_window));
+                }
+                _ = &mut drain, if draining => {
+                    let data = json!({"reason": "shutdown", "reconnect": true});
+                    self.outbox.push(Message::Text(server_frame("disconnect", None, data).into()));
+                    let _ = tokio::time::timeout(CLOSE_TIMEOUT, async {
+                        for message in self.outbox.drain(..) {
+                            socket.feed(message).await?;
+                        }
+                        socket.flush().await
+                    }).await;
+                    return Ending::Shutdown;
+                }
+                _ = &mut expiry => return Ending::TokenExpired,
+                _ = sleep_until(pong_deadline) => return Ending::PongTimeout,
+                _ = sleep_until(next_ping) => {
+                    self.outbox.push(Message::Ping(bytes::Bytes::new()));
+                    next_ping = Instant::now() + keepalive.ping_interval;
+                    if pong_deadline == far_future {
+                        pong_deadline = Instant::now() + keepalive.pong_timeout;
+                    }
+                }
+                frame = queue.recv() => {
+                    let Some(frame) = frame else { return Ending::Error };
+                    self.push_outbound(frame);
+                    while self.outbox.len() < MAX_BATCH {
+                        let Some(frame) = queue.try_recv() else { break };
+                        self.push_outbound(frame);
+                    }
+                }
+                incoming = socket.recv() => match incoming {
+                    None | Some(Ok(Message::Close(_))) => return Ending::ClientGone,
+                    Some(Err(error)) => return read_error_ending(error),
+                    Some(Ok(Message::Pong(_))) => pong_deadline = far_future,
+                    Some(Ok(Message::Ping(_))) => {}
+                    Some(Ok(Message::Binary(_))) => {
+                        let frame = error_frame(None, ErrorCode::InvalidFrame, "clients send commands as text frames");
+                        self.reply(frame);
+                    }
+                    Some(Ok(Message::Text(text))) => {
+                        // Any frame proves the peer is alive.
+                        pong_deadline = far_future;
+                        if let Some(ending) = self.command(&text).await {
+                            return ending;
+                        }
+                    }
+                },
+            }
+        }
+    }
+
+    fn push_outbound(&mut self, frame: Outbound) {
+        self.outbox.push(match frame {
+            Outbound::Text(text) => Message::Text(text),
+            Outbound::Binary(bytes) => Message::Binary(bytes),
+        });
+    }
+
+    fn reply(&mut self, frame: String) {
+        self.outbox.push(Message::Text(frame.into()));
+    }
+
+    fn expiry_instant(&self) -> Instant {
+        let remaining = self.identity.expires_at.saturating_sub(unix_now());
+        Instant::now() + Duration::from_secs(remaining) + self.hub.config.jwt.leeway
+    }
+
+    /// Handles one client text frame; `Some` ends the connection.
+    async fn command(&mut self, text: &str) -> Option<Ending> {
+        use std::sync::atomic::Ordering::Relaxed;
+        let metrics = &self.hub.metrics;
+        metrics.commands.fetch_add(1, Relaxed);
+        let parsed = match frame::parse_client_frame(text) {
+            Ok(parsed) => parsed,
+            Err(error) => {
+                metrics.command_errors.fetch_add(1, Relaxed);
+                self.reply(error.to_frame());
+                return None;
+            }
+        };
+        let message_id = parsed.message_id;
+        if !self.bucket.try_take(Instant::now().into()) {
+            metrics.command_errors.fetch_add(1, Relaxed);
+            self.strikes += 1;
+            if self.strikes >= self.hub.limits().command_burst {
+                return Some(Ending::RateLimited);
+            }
+            self.reply(error_frame(
+                message_id.as_ref(),
+                ErrorCode::RateLimited,
+                "command rate limit exceeded",
+            ));
+            return None;
+        }
+        self.strikes = 0;
+        let outcome = match parsed.command {
+            Command::Ping => Ok(server_frame("pong", message_id.as_ref(), json!({}))),
+            Command::Auth { .. } => Err(err(
+                ErrorCode::AlreadyAuthenticated,
+                "this connection is already authenticated",
+            )),
+            Command::Subscribe { channel, recover } => self
+                .subscribe(&channel)
+                .map(|_| ack(&message_id, subscribe_ack(&channel, recover.is_some()))),
+            Command::Unsubscribe { channel } => self
+                .unsubscribe(&channel)
+                .map(|()| ack(&message_id, json!({"channel": channel}))),
+            Command::JoinGroup { group_id } => {
+                let channel = ChannelName::group(&group_id).expect("the parser validated the group id");
+                self.subscribe(&channel)
+                    .map(|_| ack(&message_id, json!({"group_id": group_id, "channel": channel})))
+            }
+            Command::LeaveGroup { group_id } => {
+                let channel = ChannelName::group(&group_id).expect("the parser validated the group id");
+                self.unsubscribe(&channel)
+                    .map(|()| ack(&message_id, json!({"group_id": group_id, "channel": channel})))
+            }
+            Command::Publish {
+                channel,
+                message_type,
+                data,
+            } => self
+                .publish(channel, message_type, data, None)
+                .await
+                .map(|receipt| ack(&message_id, receipt)),
+            Command::SendMessage {
+                group_id,
+                msg_type,
+                content,
+            } => {
+                let channel = ChannelName::group(&group_id).expect("the parser validated the group id");
+                let data = chat_message(&group_id, &self.identity.user_id, &msg_type, &content);
+                let exclude = Some(self.identity.user_id.clone());
+                self.publish(channel, Some("new_message".into()), data, exclude)
+                    .await
+                    .map(|receipt| ack(&message_id, receipt))
+            }
+            Command::MarkRead {
+                channel,
+                read_message_id,
+            } => {
+                let event = json!({"channel": channel, "message_id": read_message_id});
+                let data = RawValue::from_string(event.to_string()).expect("json! output is valid JSON");
+                let request = PublishRequest {
+                    channel: self.user_channel.clone(),
+                    message_type: Some("read".into()),
+                    message_id: None,
+                    payload: Payload::Json(data),
+                    from: Some(self.identity.user_id.clone()),
+                    exclude_user: None,
+                    exclude_connection: Some(self.handle.id()),
+                };
+                match self.hub.publish(request, Source::Client).await {
+                    Ok(_) => Ok(ack(&message_id, event)),
+                    Err(error) => Err(publish_error(error)),
+                }
+            }
+            Command::Presence { channel } => self.presence(&channel).map(|data| ack(&message_id, data)),
+            Command::History { channel, .. } => Err(err(
+                ErrorCode::NotAvailable,
+                &format!("history is not enabled for `{channel}`"),
+            )),
+            Command::Refresh { token } => self
+                .refresh(&token)
+                .map(|expires_at| ack(&message_id, json!({"expires_at": expires_at}))),
+        };
+        match outcome {
+            Ok(frame) => self.reply(frame),
+            Err((code, message)) => {
+                metrics.command_errors.fetch_add(1, Relaxed);
+                self.reply(FrameError::new(message_id, code, message).to_frame());
+            }
+        }
+        None
+    }
+
+    fn subject(&self) -> Subject<'_> {
+        Subject {
+            user_id: &self.identity.user_id,
+            granted: &self.identity.channels,
+        }
+    }
+
+    fn subscribe(&mut self, channel: &ChannelName) -> Result<Change, (ErrorCode, String)> {
+        self.hub
+            .policies()
+            .check_subscribe(&self.subject(), channel)
+            .map_err(policy_error)?;
+        if !self.subscriptions.contains(channel) && self.subscriptions.len() >= self.hub.limits().max_subscriptions {
+            let limit = self.hub.limits().max_subscriptions;
+            return Err(err(
+                ErrorCode::LimitExceeded,
+                &format!("a connection may hold at most {limit} subscriptions"),
+            ));
+        }
+        self.subscriptions.insert(channel.clone());
+        Ok(self.hub.subscribe(channel, self.handle.clone()))
+    }
+
+    fn unsubscribe(&mut self, channel: &ChannelName) -> Result<(), (ErrorCode, String)> {
+        if *channel == self.user_channel {
+            return Err(err(ErrorCode::Forbidden, "the personal channel cannot be left"));
+        }
+        if !self.subscriptions.remove(channel) {
+            return Err(err(ErrorCode::NotSubscribed, &format!("not subscribed to `{channel}`")));
+        }
+        self.hub.unsubscribe(channel, self.handle.id());
+        Ok(())
+    }
+
+    async fn publish(
+        &self,
+        channel: ChannelName,
+        message_type: Option<String>,
+        data: Box<RawValue>,
+        exclude_user: Option<String>,
+    ) -> Result<crate::hub::Receipt, (ErrorCode, String)> {
+        self.hub
+            .policies()
+            .check_client_publish(&self.subject(), &channel)
+            .map_err(policy_error)?;
+        let request = PublishRequest {
+            channel,
+            message_type,
+            message_id: None,
+            payload: Payload::Json(data),
+            from: Some(self.identity.user_id.clone()),
+            exclude_user,
+            exclude_connection: None,
+        };
+        self.hub.publish(request, Source::Client).await.map_err(publish_error)
+    }
+
+    fn presence(&self, channel: &ChannelName) -> Result<serde_json::Value, (ErrorCode, String)> {
+        self.hub
+            .policies()
+            .check_presence(&self.subject(), channel)
+            .map_err(policy_error)?;
+        let presence = self.hub.fanout.registry.presence(channel);
+        let users: Vec<_> = presence
+            .users
+            .iter()
+            .map(|(user, connections)| json!({"user_id": user, "connections": connections}))
+            .collect();
+        Ok(json!({"channel": channel, "users": users, "connections": presence.connections}))
+    }
+
+    fn refresh(&mut self, token: &str) -> Result<u64, (ErrorCode, String)> {
+        let identity = self
+            .hub
+            .verifier
+            .verify(token)
+            .map_err(|e: AuthError| err(ErrorCode::InvalidToken, &e.to_string()))?;
+        if identity.user_id != self.identity.user_id {
+            return Err(err(ErrorCode::InvalidToken, "the new token belongs to another user"));
+        }
+        let expires_at = identity.expires_at;
+        self.identity = identity;
+        self.expiry_changed = true;
+        Ok(expires_at)
+    }
+}
+
+fn err(code: ErrorCode, message: &str) -> (ErrorCode, String) {
+    (code, message.to_owned())
+}
+
+fn ack(message_id: &Option<serde_json::Value>, data: impl Serialize) -> String {
+    ack_frame(message_id.as_ref(), data)
+}
+
+fn subscribe_ack(channel: &ChannelName, recover_requested: bool) -> serde_json::Value {
+    if recover_requested {
+        // No history is kept for this channel, so nothing can be replayed.
+        json!({"channel": channel, "recovered": false})
+    } else {
+        json!({"channel": channel})
+    }
+}
+
+/// The `data` of a chat message, the seed protocol's `new_message` shape.
+pub fn chat_message(group_id: &str, from_user_id: &str, msg_type: &str, content: &RawValue) -> Box<RawValue> {
+    #[derive(Serialize)]
+    struct ChatMessage<'a> {
+        group_id: &'a str,
+        from_user_id: &'a str,
+        msg_type: &'a str,
+        content: &'a RawValue,
+    }
+    let json = serde_json::to_string(&ChatMessage {
+        group_id,
+        from_user_id,
+        msg_type,
+        content,
+    })
+    .expect("a chat message always serializes");
+    RawValue::from_string(json).expect("serde_json output is valid JSON")
+}
+
+fn policy_error(error: herald_core::policy::PolicyError) -> (ErrorCode, String) {
+    use herald_core::policy::PolicyError;
+    let code = match error {
+        PolicyError::UnknownNamespace(_) => ErrorCode::UnknownNamespace,
+        PolicyError::PresenceDisabled(_) => ErrorCode::NotAvailable,
+        PolicyError::SubscribeForbidden(_) | PolicyError::PublishForbidden(_) => ErrorCode::Forbidden,
+    };
+    (code, error.to_string())
+}
+
+fn publish_error(error: PublishError) -> (ErrorCode, String) {
+    let code = match error {
+        PublishError::TooLarge(_) => ErrorCode::TooLarge,
+        PublishError::Broker(_) => ErrorCode::Unavailable,
+    };
+    (code, error.to_string())
+}
+
+/// A random moment within the drain window, so that a node's clients do not
+/// all reconnect to the other nodes at once.
+fn drain_delay(window: Duration) -> Duration {
+    let mut bytes = [0u8; 8];
+    if getrandom::fill(&mut bytes).is_err() {
+        return Duration::ZERO;
+    }
+    let millis = window.as_millis().max(1) as u64;
+    Duration::from_millis(u64::from_le_bytes(bytes) % millis)
+}
