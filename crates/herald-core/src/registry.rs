@@ -38,8 +38,11 @@ pub struct Presence {
     pub connections: usize,
 }
 
+/// One lock's worth of channels, each with its subscribers by connection id.
+type Shard<S> = HashMap<ChannelName, HashMap<u64, S>>;
+
 pub struct Registry<S> {
-    shards: Box<[Mutex<HashMap<ChannelName, HashMap<u64, S>>>]>,
+    shards: Box<[Mutex<Shard<S>>]>,
     hasher: RandomState,
 }
 
@@ -147,7 +150,7 @@ impl<S: Subscriber> Registry<S> {
         }
     }
 
-    fn shard(&self, channel: &ChannelName) -> MutexGuard<'_, HashMap<ChannelName, HashMap<u64, S>>> {
+    fn shard(&self, channel: &ChannelName) -> MutexGuard<'_, Shard<S>> {
         let index = self.hasher.hash_one(channel) as usize % self.shards.len();
         lock(&self.shards[index])
     }

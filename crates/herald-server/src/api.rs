@@ -28,12 +28,53 @@ pub const MAX_BROADCAST_CHANNELS: usize = 1_000;
 /// (channel list, ids, base64 overhead).
 const ENVELOPE_ALLOWANCE: usize = 64 * 1024;
 
-/// A JSON error response.
-pub fn json_error(status: StatusCode, code: &str, message: &str) -> Response {
-    (status, Json(json!({"error": {"code": code, "message": message}}))).into_response()
+/// An API failure: the one place where errors become HTTP statuses and the
+/// JSON body `{"error": {"code", "message"}}`.
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    code: &'static str,
+    message: String,
 }
 
-type ApiResult = Result<Response, Response>;
+impl ApiError {
+    pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+        ApiError {
+            status,
+            code,
+            message: message.into(),
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = Json(json!({"error": {"code": self.code, "message": self.message}}));
+        let mut response = (self.status, body).into_response();
+        if self.status == StatusCode::UNAUTHORIZED {
+            response
+                .headers_mut()
+                .insert(header::WWW_AUTHENTICATE, header::HeaderValue::from_static("Bearer"));
+        }
+        response
+    }
+}
+
+impl From<PublishError> for ApiError {
+    fn from(error: PublishError) -> Self {
+        match error {
+            PublishError::TooLarge(_) => ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "too_large", error.to_string()),
+            PublishError::Broker(_) => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", error.to_string()),
+        }
+    }
+}
+
+/// A JSON error response.
+pub fn json_error(status: StatusCode, code: &'static str, message: &str) -> Response {
+    ApiError::new(status, code, message).into_response()
+}
+
+type ApiResult = Result<Response, ApiError>;
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -72,7 +113,7 @@ pub async fn publish(State(hub): State<Hub>, headers: HeaderMap, body: Body) -> 
     }
     let too_large = hub.limits().max_message_size;
     if payload.len() > too_large {
-        return Err(publish_failure(PublishError::TooLarge(too_large)));
+        return Err(PublishError::TooLarge(too_large).into());
     }
     let broadcast = request.channels.is_some();
     let names = match (request.channel, request.channels) {
@@ -105,7 +146,7 @@ pub async fn publish(State(hub): State<Hub>, headers: HeaderMap, body: Body) -> 
             exclude_user: None,
             exclude_connection: None,
         };
-        let receipt = hub.publish(publish, Source::Http).await.map_err(publish_failure)?;
+        let receipt = hub.publish(publish, Source::Http).await?;
         results.push((channel, receipt));
     }
     if broadcast {
@@ -186,7 +227,7 @@ pub async fn direct_message(State(hub): State<Hub>, headers: HeaderMap, body: Bo
         exclude_user: None,
         exclude_connection: None,
     };
-    let receipt = hub.publish(publish, Source::Http).await.map_err(publish_failure)?;
+    let receipt = hub.publish(publish, Source::Http).await?;
     Ok(Json(receipt).into_response())
 }
 
@@ -213,7 +254,7 @@ pub async fn group_message(
         exclude_user: Some(sender.user_id.clone()),
         exclude_connection: None,
     };
-    let receipt = hub.publish(publish, Source::Http).await.map_err(publish_failure)?;
+    let receipt = hub.publish(publish, Source::Http).await?;
     Ok(Json(receipt).into_response())
 }
 
@@ -275,23 +316,12 @@ pub async fn method_not_allowed() -> Response {
 
 // ---------------------------------------------------------------- helpers
 
-fn bad_request(message: &str) -> Response {
-    json_error(StatusCode::BAD_REQUEST, "bad_request", message)
+fn bad_request(message: &str) -> ApiError {
+    ApiError::new(StatusCode::BAD_REQUEST, "bad_request", message)
 }
 
-fn unauthorized(message: &str) -> Response {
-    let mut response = json_error(StatusCode::UNAUTHORIZED, "unauthorized", message);
-    response
-        .headers_mut()
-        .insert(header::WWW_AUTHENTICATE, header::HeaderValue::from_static("Bearer"));
-    response
-}
-
-fn publish_failure(error: PublishError) -> Response {
-    match error {
-        PublishError::TooLarge(_) => json_error(StatusCode::PAYLOAD_TOO_LARGE, "too_large", &error.to_string()),
-        PublishError::Broker(_) => json_error(StatusCode::SERVICE_UNAVAILABLE, "unavailable", &error.to_string()),
-    }
+fn unauthorized(message: &str) -> ApiError {
+    ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", message)
 }
 
 fn bearer(headers: &HeaderMap) -> Option<&str> {
@@ -300,7 +330,7 @@ fn bearer(headers: &HeaderMap) -> Option<&str> {
     scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
 }
 
-fn require_api_key(hub: &Hub, headers: &HeaderMap) -> Result<(), Response> {
+fn require_api_key(hub: &Hub, headers: &HeaderMap) -> Result<(), ApiError> {
     let expected = hub.config.api_key.as_deref().expect("api.key is set before serving");
     match bearer(headers) {
         None => Err(unauthorized("missing `Authorization: Bearer <api key>`")),
@@ -309,7 +339,7 @@ fn require_api_key(hub: &Hub, headers: &HeaderMap) -> Result<(), Response> {
     }
 }
 
-fn require_user(hub: &Hub, headers: &HeaderMap) -> Result<Identity, Response> {
+fn require_user(hub: &Hub, headers: &HeaderMap) -> Result<Identity, ApiError> {
     let token = bearer(headers).ok_or_else(|| unauthorized("missing `Authorization: Bearer <user token>`"))?;
     hub.verifier.verify(token).map_err(|e| {
         hub.metrics.auth_failures.add(e.reason(), 1);
@@ -317,7 +347,7 @@ fn require_user(hub: &Hub, headers: &HeaderMap) -> Result<Identity, Response> {
     })
 }
 
-fn check_publish(hub: &Hub, sender: &Identity, channel: &ChannelName) -> Result<(), Response> {
+fn check_publish(hub: &Hub, sender: &Identity, channel: &ChannelName) -> Result<(), ApiError> {
     use herald_core::policy::{PolicyError, Subject};
     let subject = Subject {
         user_id: &sender.user_id,
@@ -327,7 +357,7 @@ fn check_publish(hub: &Hub, sender: &Identity, channel: &ChannelName) -> Result<
         .check_client_publish(&subject, channel)
         .map_err(|e| match e {
             PolicyError::UnknownNamespace(_) => bad_request(&e.to_string()),
-            _ => json_error(StatusCode::FORBIDDEN, "forbidden", &e.to_string()),
+            _ => ApiError::new(StatusCode::FORBIDDEN, "forbidden", e.to_string()),
         })
 }
 
@@ -340,13 +370,13 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
-async fn read_json<T: DeserializeOwned>(hub: &Hub, body: Body) -> Result<T, Response> {
+async fn read_json<T: DeserializeOwned>(hub: &Hub, body: Body) -> Result<T, ApiError> {
     let limit = hub.limits().max_message_size + ENVELOPE_ALLOWANCE;
     let bytes = axum::body::to_bytes(body, limit).await.map_err(|_| {
-        json_error(
+        ApiError::new(
             StatusCode::PAYLOAD_TOO_LARGE,
             "too_large",
-            &format!("request body is larger than {limit} bytes"),
+            format!("request body is larger than {limit} bytes"),
         )
     })?;
     serde_json::from_slice(&bytes).map_err(|e| bad_request(&format!("invalid JSON body: {e}")))

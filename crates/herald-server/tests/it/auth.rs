@@ -1,0 +1,220 @@
+//! Authentication: both paths, every refusal, expiry and refresh, Origin.
+
+use base64::Engine;
+use jsonwebtoken::{Algorithm, EncodingKey, Header};
+use serde_json::{Value, json};
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+
+use crate::harness::{SECRET, TestServer};
+
+fn now() -> u64 {
+    herald_server::auth::unix_now()
+}
+
+fn sign(claims: Value, alg: Algorithm, secret: &str) -> String {
+    let _ = jsonwebtoken::crypto::rust_crypto::DEFAULT_PROVIDER.install_default();
+    jsonwebtoken::encode(&Header::new(alg), &claims, &EncodingKey::from_secret(secret.as_bytes())).unwrap()
+}
+
+fn unsigned(claims: Value) -> String {
+    let engine = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    format!(
+        "{}.{}.",
+        engine.encode(br#"{"alg":"none","typ":"JWT"}"#),
+        engine.encode(claims.to_string())
+    )
+}
+
+#[tokio::test]
+async fn query_token_authenticates_before_any_other_frame() {
+    let server = TestServer::start().await;
+    let mut client = server
+        .connect_raw(&format!("?token={}", server.token("alice")))
+        .await
+        .unwrap();
+    let success = client.next_frame().await;
+    assert_eq!(success["type"], "auth_success");
+    assert_eq!(success["data"]["user_id"], "alice");
+    assert_eq!(success["data"]["channel"], "user:alice");
+    assert!(success["data"]["expires_at"].as_u64().unwrap() > now());
+}
+
+#[tokio::test]
+async fn first_frame_auth_authenticates() {
+    let server = TestServer::start().await;
+    let mut client = server.connect_raw("").await.unwrap();
+    client
+        .send(json!({"type": "auth", "data": {"token": server.token("bob")}}))
+        .await;
+    let success = client.expect_type("auth_success").await;
+    assert_eq!(success["data"]["user_id"], "bob");
+    client.round_trip().await;
+}
+
+/// Each bad token gets `auth_failed` with a message that names the problem,
+/// then close code 4001, on both auth paths.
+#[tokio::test]
+async fn every_bad_token_is_refused_with_4001() {
+    let server = TestServer::start().await;
+    let exp = now() + 600;
+    let cases = [
+        (
+            sign(
+                json!({"sub": "a", "exp": exp}),
+                Algorithm::HS256,
+                "not-the-right-secret-0123",
+            ),
+            "signature",
+        ),
+        (unsigned(json!({"sub": "a", "exp": exp})), "algorithm `none`"),
+        (
+            sign(json!({"sub": "a", "exp": exp}), Algorithm::HS512, SECRET),
+            "algorithm `HS512`",
+        ),
+        (
+            sign(json!({"sub": "a", "exp": now() - 3_600}), Algorithm::HS256, SECRET),
+            "expired",
+        ),
+        (sign(json!({"exp": exp}), Algorithm::HS256, SECRET), "no `sub` claim"),
+        (sign(json!({"sub": "a"}), Algorithm::HS256, SECRET), "no `exp` claim"),
+        ("not-a-jwt".to_owned(), "malformed"),
+    ];
+    for (token, fragment) in cases {
+        for via_frame in [false, true] {
+            let mut client = if via_frame {
+                let mut client = server.connect_raw("").await.unwrap();
+                client.send(json!({"type": "auth", "data": {"token": token}})).await;
+                client
+            } else {
+                server.connect_raw(&format!("?token={token}")).await.unwrap()
+            };
+            let failed = client.expect_type("auth_failed").await;
+            let message = failed["data"]["message"].as_str().unwrap();
+            assert!(message.contains(fragment), "{fragment}: {failed}");
+            assert_eq!(client.expect_close().await.0, 4001, "{fragment}");
+        }
+    }
+    assert!(server.metric("herald_auth_failures_total{reason=\"signature\"}").await >= 2.0);
+}
+
+#[tokio::test]
+async fn auth_timeout_closes_with_4002() {
+    let server = TestServer::start_with("[limits]\nauth_timeout = \"300ms\"").await;
+    let mut client = server.connect_raw("").await.unwrap();
+    let failed = client.expect_type("auth_failed").await;
+    assert!(failed["data"]["message"].as_str().unwrap().contains("timed out"));
+    assert_eq!(client.expect_close().await.0, 4002);
+}
+
+#[tokio::test]
+async fn commands_before_auth_are_not_served() {
+    let server = TestServer::start().await;
+    let mut client = server.connect_raw("").await.unwrap();
+    client
+        .send(json!({"type": "subscribe", "message_id": "s1", "data": {"channel": "group:1"}}))
+        .await;
+    let error = client.expect_type("error").await;
+    assert_eq!(error["message_id"], "s1");
+    assert_eq!(error["data"]["code"], "not_authenticated");
+    client.send(json!({"type": "ping", "message_id": "p1"})).await;
+    assert_eq!(client.expect_type("error").await["data"]["code"], "not_authenticated");
+    // The connection is still usable: authenticate now.
+    client
+        .send(json!({"type": "auth", "data": {"token": server.token("alice")}}))
+        .await;
+    client.expect_type("auth_success").await;
+}
+
+#[tokio::test]
+async fn expiry_closes_with_4003() {
+    let server = TestServer::start_with("[jwt]\nleeway = \"0s\"").await;
+    let mut client = server.connect_token(&server.token_with("alice", &[], 1)).await;
+    assert_eq!(client.expect_close().await, (4003, "token expired".into()));
+}
+
+#[tokio::test]
+async fn refresh_keeps_the_connection_past_the_old_expiry() {
+    // Round trips pace the wait below, so the rate limit must not interfere.
+    let limits = "[limits]\ncommands_per_second = 1000000\ncommand_burst = 1000000";
+    let server = TestServer::start_with(&format!("[jwt]\nleeway = \"0s\"\n{limits}")).await;
+    let short = server.token_with("alice", &[], 1);
+    let old_expiry = now() + 1;
+    let mut client = server.connect_token(&short).await;
+    let ack = client
+        .command("refresh", "r1", json!({"token": server.token_with("alice", &[], 600)}))
+        .await;
+    assert_eq!(ack["type"], "ack", "{ack}");
+    assert!(ack["data"]["expires_at"].as_u64().unwrap() > old_expiry);
+    // Keep talking until the old token is well past its expiry; every round
+    // trip proves the connection is still open.
+    let deadline = std::time::Instant::now() + crate::harness::DEADLINE;
+    while now() <= old_expiry + 1 {
+        assert!(std::time::Instant::now() < deadline, "clock did not advance");
+        client.round_trip().await;
+    }
+    client.round_trip().await;
+}
+
+#[tokio::test]
+async fn refresh_with_another_users_token_is_refused() {
+    let server = TestServer::start().await;
+    let mut client = server.connect("alice").await;
+    let reply = client
+        .command("refresh", "r1", json!({"token": server.token("mallory")}))
+        .await;
+    assert_eq!(reply["type"], "error");
+    assert_eq!(reply["data"]["code"], "invalid_token");
+    assert!(reply["data"]["message"].as_str().unwrap().contains("another user"));
+    let reply = client.command("refresh", "r2", json!({"token": "garbage"})).await;
+    assert_eq!(reply["data"]["code"], "invalid_token");
+    client.round_trip().await;
+}
+
+#[tokio::test]
+async fn origin_is_checked() {
+    let server = TestServer::start().await;
+    let token = server.token("alice");
+    let with_origin = |origin: &str| {
+        let mut request = format!("{}?token={token}", server.ws_url())
+            .into_client_request()
+            .unwrap();
+        request.headers_mut().insert("origin", origin.parse().unwrap());
+        request
+    };
+    let refused = server.connect_request(with_origin("http://evil.example")).await;
+    match refused {
+        Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
+            assert_eq!(response.status(), 403);
+            let body = String::from_utf8(response.body().clone().unwrap_or_default()).unwrap();
+            assert!(body.contains("origin_not_allowed"), "{body}");
+        }
+        other => panic!("expected HTTP 403, got {:?}", other.map(|_| ())),
+    }
+    let same_origin = format!("http://{}", server.addr);
+    let mut client = server
+        .connect_request(with_origin(&same_origin))
+        .await
+        .expect("same origin is allowed");
+    client.expect_type("auth_success").await;
+
+    let listed = TestServer::start_with("[origins]\nallowed = [\"https://app.example.com\"]").await;
+    let token = listed.token("alice");
+    let mut request = format!("{}?token={token}", listed.ws_url())
+        .into_client_request()
+        .unwrap();
+    request
+        .headers_mut()
+        .insert("origin", "https://app.example.com".parse().unwrap());
+    listed
+        .connect_request(request)
+        .await
+        .expect("a listed origin is allowed");
+    let mut request = format!("{}?token={token}", listed.ws_url())
+        .into_client_request()
+        .unwrap();
+    request.headers_mut().insert("origin", same_origin.parse().unwrap());
+    assert!(
+        listed.connect_request(request).await.is_err(),
+        "an unlisted origin is refused"
+    );
+}

@@ -1,0 +1,268 @@
+//! Test harness: a real node on port 0, real WebSocket clients, a real HTTP
+//! client. Every wait has a deadline; nothing synchronises with a sleep.
+
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use herald_server::config::{Config, RawConfig};
+use herald_server::server::RunningServer;
+use serde_json::{Value, json};
+use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::{self, Message};
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+
+pub const SECRET: &str = "integration-test-secret-0123456789";
+pub const API_KEY: &str = "integration-test-api-key-0123456789";
+/// How long any single expected event may take before the test fails.
+pub const DEADLINE: Duration = Duration::from_secs(10);
+
+pub struct TestServer {
+    /// Keeps an in-process node alive for the test; `None` for a view of a
+    /// node running in a child process.
+    #[allow(dead_code)]
+    pub running: Option<RunningServer>,
+    pub addr: std::net::SocketAddr,
+    pub config: Config,
+}
+
+impl TestServer {
+    pub async fn start() -> Self {
+        Self::start_with("").await
+    }
+
+    /// Starts a node with the test secret and key plus `extra` TOML.
+    pub async fn start_with(extra: &str) -> Self {
+        let toml = format!(
+            "listen = \"127.0.0.1:0\"\n{}\n[jwt]\nsecret = \"{SECRET}\"\n[api]\nkey = \"{API_KEY}\"\n",
+            extra.trim()
+        );
+        let toml = merge_sections(&toml);
+        let raw = RawConfig::from_toml(&toml).unwrap_or_else(|e| panic!("test config: {e}\n{toml}"));
+        let config = Config::from_raw(raw).expect("test config is valid");
+        let running = herald_server::server::start(config.clone())
+            .await
+            .expect("server starts");
+        let addr = running.local_addr;
+        TestServer {
+            running: Some(running),
+            addr,
+            config,
+        }
+    }
+
+    pub fn token(&self, user: &str) -> String {
+        self.token_with(user, &[], 3_600)
+    }
+
+    pub fn token_with(&self, user: &str, channels: &[&str], ttl_seconds: u64) -> String {
+        let channels: Vec<String> = channels.iter().map(|c| c.to_string()).collect();
+        herald_server::auth::mint(&self.config.jwt, user, &channels, ttl_seconds)
+    }
+
+    pub fn ws_url(&self) -> String {
+        format!("ws://{}/ws", self.addr)
+    }
+
+    /// Connects with a query token and waits for `auth_success`.
+    pub async fn connect(&self, user: &str) -> Client {
+        self.connect_token(&self.token(user)).await
+    }
+
+    pub async fn connect_token(&self, token: &str) -> Client {
+        let mut client = self
+            .connect_raw(&format!("?token={token}"))
+            .await
+            .expect("upgrade succeeds");
+        let success = client.expect_type("auth_success").await;
+        assert!(success["data"]["user_id"].is_string(), "{success}");
+        client
+    }
+
+    /// Opens `/ws{query}` without waiting for anything.
+    pub async fn connect_raw(&self, query: &str) -> Result<Client, tungstenite::Error> {
+        let request = format!("{}{query}", self.ws_url()).into_client_request()?;
+        self.connect_request(request).await
+    }
+
+    pub async fn connect_request(
+        &self,
+        request: tungstenite::handshake::client::Request,
+    ) -> Result<Client, tungstenite::Error> {
+        let (ws, _) = tokio::time::timeout(DEADLINE, tokio_tungstenite::connect_async(request))
+            .await
+            .expect("connect within the deadline")?;
+        Ok(Client { ws })
+    }
+
+    pub async fn http(&self, method: &str, path: &str, bearer: Option<&str>, body: Option<String>) -> (u16, String) {
+        let url = format!("http://{}{path}", self.addr);
+        tokio::time::timeout(
+            DEADLINE,
+            herald_server::http_client::request(method, &url, bearer, body),
+        )
+        .await
+        .expect("HTTP answer within the deadline")
+        .expect("HTTP request succeeds")
+    }
+
+    /// `POST /api/v1/publish` with the API key; returns status and JSON body.
+    pub async fn publish(&self, body: Value) -> (u16, Value) {
+        let (status, text) = self
+            .http("POST", "/api/v1/publish", Some(API_KEY), Some(body.to_string()))
+            .await;
+        (
+            status,
+            serde_json::from_str(&text).unwrap_or_else(|_| panic!("JSON body expected, got {text}")),
+        )
+    }
+
+    /// Publishes and asserts success.
+    pub async fn publish_ok(&self, channel: &str, data: Value) -> Value {
+        let (status, body) = self.publish(json!({"channel": channel, "data": data})).await;
+        assert_eq!(status, 200, "{body}");
+        body
+    }
+
+    pub async fn metrics(&self) -> String {
+        self.http("GET", "/metrics", None, None).await.1
+    }
+
+    /// The value of one metric line (`name{labels}`), 0 when absent.
+    pub async fn metric(&self, series: &str) -> f64 {
+        metric_value(&self.metrics().await, series)
+    }
+}
+
+pub fn metric_value(text: &str, series: &str) -> f64 {
+    text.lines()
+        .find_map(|line| line.strip_prefix(series).and_then(|rest| rest.strip_prefix(' ')))
+        .map_or(0.0, |value| value.trim().parse().unwrap_or(0.0))
+}
+
+/// TOML forbids repeating a table header; tests pass fragments like
+/// `[limits]\nx = 1` that may collide with the harness's own tables, so
+/// fragments are merged by header.
+fn merge_sections(toml: &str) -> String {
+    let mut order: Vec<String> = Vec::new();
+    let mut sections: std::collections::HashMap<String, Vec<String>> = Default::default();
+    let mut current = String::new();
+    for line in toml.lines() {
+        let trimmed = line.trim();
+        let is_header = trimmed.starts_with('[') && trimmed.ends_with(']');
+        if is_header {
+            current = trimmed.to_owned();
+        }
+        if !order.contains(&current) {
+            order.push(current.clone());
+        }
+        if !is_header && !trimmed.is_empty() {
+            sections.entry(current.clone()).or_default().push(line.to_owned());
+        }
+    }
+    let mut out = String::new();
+    for header in order {
+        if !header.is_empty() {
+            out.push_str(&header);
+            out.push('\n');
+        }
+        for line in sections.get(&header).into_iter().flatten() {
+            out.push_str(line);
+            out.push('\n');
+        }
+    }
+    out
+}
+
+pub struct Client {
+    pub ws: WebSocketStream<MaybeTlsStream<TcpStream>>,
+}
+
+/// What the next event on a connection was.
+#[derive(Debug)]
+pub enum Event {
+    Frame(Value),
+    Binary(Vec<u8>),
+    Closed(Option<(u16, String)>),
+}
+
+impl Client {
+    pub async fn send(&mut self, frame: Value) {
+        self.send_text(&frame.to_string()).await;
+    }
+
+    pub async fn send_text(&mut self, text: &str) {
+        self.ws.send(Message::Text(text.into())).await.expect("send succeeds");
+    }
+
+    /// The next frame or close, skipping pings and pongs.
+    pub async fn next_event(&mut self) -> Event {
+        loop {
+            let message = tokio::time::timeout(DEADLINE, self.ws.next())
+                .await
+                .expect("an event within the deadline");
+            match message {
+                None => return Event::Closed(None),
+                Some(Err(_)) => return Event::Closed(None),
+                Some(Ok(Message::Text(text))) => {
+                    return Event::Frame(serde_json::from_str(&text).expect("server frames are JSON"));
+                }
+                Some(Ok(Message::Binary(bytes))) => return Event::Binary(bytes.to_vec()),
+                Some(Ok(Message::Close(frame))) => {
+                    return Event::Closed(frame.map(|f| (u16::from(f.code), f.reason.to_string())));
+                }
+                Some(Ok(_)) => continue,
+            }
+        }
+    }
+
+    pub async fn next_frame(&mut self) -> Value {
+        match self.next_event().await {
+            Event::Frame(frame) => frame,
+            other => panic!("expected a frame, got {other:?}"),
+        }
+    }
+
+    /// The next frame, asserting its `type`.
+    pub async fn expect_type(&mut self, kind: &str) -> Value {
+        let frame = self.next_frame().await;
+        assert_eq!(frame["type"], kind, "unexpected frame {frame}");
+        frame
+    }
+
+    /// Reads until the server closes; returns the close code and reason.
+    pub async fn expect_close(&mut self) -> (u16, String) {
+        loop {
+            match self.next_event().await {
+                Event::Closed(Some(close)) => return close,
+                Event::Closed(None) => panic!("connection ended without a close frame"),
+                Event::Frame(_) | Event::Binary(_) => continue,
+            }
+        }
+    }
+
+    /// Sends a command and returns its reply (`ack`, `error` or `pong`),
+    /// skipping unrelated frames such as deliveries.
+    pub async fn command(&mut self, kind: &str, id: &str, data: Value) -> Value {
+        self.send(json!({"type": kind, "message_id": id, "data": data})).await;
+        loop {
+            let frame = self.next_frame().await;
+            if frame["message_id"] == id && ["ack", "error", "pong"].contains(&frame["type"].as_str().unwrap_or("")) {
+                return frame;
+            }
+        }
+    }
+
+    pub async fn subscribe(&mut self, channel: &str) {
+        let reply = self
+            .command("subscribe", &format!("sub-{channel}"), json!({"channel": channel}))
+            .await;
+        assert_eq!(reply["type"], "ack", "{reply}");
+    }
+
+    /// Proves the connection is alive and everything before was read.
+    pub async fn round_trip(&mut self) {
+        let reply = self.command("ping", "round-trip", json!({})).await;
+        assert_eq!(reply["type"], "pong");
+    }
+}

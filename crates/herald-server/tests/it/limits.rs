@@ -1,0 +1,187 @@
+//! Every limit, hit on purpose, with its documented answer.
+
+use std::time::Duration;
+
+use futures_util::SinkExt;
+use serde_json::json;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+
+use crate::harness::{Client, DEADLINE, Event, TestServer};
+
+#[tokio::test]
+async fn an_oversized_frame_closes_with_1009() {
+    let server = TestServer::start().await;
+    let mut client = server.connect("alice").await;
+    let data = "x".repeat(70_000);
+    client
+        .send(json!({"type": "publish", "data": {"channel": "group:1", "data": data}}))
+        .await;
+    assert_eq!(client.expect_close().await.0, 1009);
+    assert_eq!(
+        server.metric("herald_disconnects_total{reason=\"too_large\"}").await,
+        1.0
+    );
+}
+
+#[tokio::test]
+async fn too_many_connections_for_one_user_closes_with_4009() {
+    let server = TestServer::start_with("[limits]\nmax_connections_per_user = 2").await;
+    let _first = server.connect("alice").await;
+    let _second = server.connect("alice").await;
+    let mut third = server
+        .connect_raw(&format!("?token={}", server.token("alice")))
+        .await
+        .unwrap();
+    let error = third.expect_type("error").await;
+    assert_eq!(error["data"]["code"], "limit_exceeded");
+    assert_eq!(third.expect_close().await.0, 4009);
+    // Another user is unaffected.
+    server.connect("bob").await;
+}
+
+#[tokio::test]
+async fn total_and_per_ip_limits_refuse_the_upgrade() {
+    for (limit, status, code) in [
+        ("max_connections", 503, "max_connections"),
+        ("max_connections_per_ip", 429, "max_connections_per_ip"),
+    ] {
+        let server = TestServer::start_with(&format!("[limits]\n{limit} = 1")).await;
+        let _first = server.connect("alice").await;
+        match server.connect_raw(&format!("?token={}", server.token("bob"))).await {
+            Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
+                assert_eq!(response.status(), status, "{limit}");
+                let body = String::from_utf8(response.body().clone().unwrap_or_default()).unwrap();
+                assert!(body.contains(code), "{body}");
+            }
+            other => panic!("{limit}: expected HTTP {status}, got {:?}", other.map(|_| ())),
+        }
+    }
+}
+
+#[tokio::test]
+async fn the_command_rate_limit_answers_then_disconnects() {
+    let server = TestServer::start_with("[limits]\ncommands_per_second = 1\ncommand_burst = 3").await;
+    let mut client = server.connect("alice").await;
+    for i in 0..3 {
+        client.send(json!({"type": "ping", "message_id": i})).await;
+    }
+    for _ in 0..3 {
+        client.expect_type("pong").await;
+    }
+    client.send(json!({"type": "ping", "message_id": "over"})).await;
+    let error = client.expect_type("error").await;
+    assert_eq!(
+        (error["message_id"].clone(), error["data"]["code"].clone()),
+        (json!("over"), json!("rate_limited"))
+    );
+    // Keep hammering: the client is disconnected with 4029.
+    for i in 0..10 {
+        if client
+            .ws
+            .send(Message::Text(
+                json!({"type": "ping", "message_id": i}).to_string().into(),
+            ))
+            .await
+            .is_err()
+        {
+            break;
+        }
+    }
+    assert_eq!(client.expect_close().await.0, 4029);
+}
+
+#[tokio::test]
+async fn subscriptions_per_connection_are_limited() {
+    let server = TestServer::start_with("[limits]\nmax_subscriptions = 3").await;
+    let mut client = server.connect("alice").await;
+    client.subscribe("group:1").await;
+    client.subscribe("group:2").await;
+    let error = client.command("subscribe", "s3", json!({"channel": "group:3"})).await;
+    assert_eq!(error["data"]["code"], "limit_exceeded", "{error}");
+    client.subscribe("group:2").await; // Re-subscribing is not a new subscription.
+}
+
+/// A subscriber that never reads is disconnected when its queue fills,
+/// while a normal subscriber on the same channel receives every message.
+#[tokio::test]
+async fn a_subscriber_that_never_reads_is_cut_off_without_hurting_others() {
+    let server = TestServer::start_with("[limits]\nqueue_messages = 16\nqueue_bytes = 131072").await;
+    // The stalled client asks for a tiny receive buffer so the kernel does
+    // not absorb megabytes on its behalf.
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let stream = socket.connect(server.addr).await.unwrap();
+    let request = format!("{}?token={}", server.ws_url(), server.token("slow"))
+        .into_client_request()
+        .unwrap();
+    let (ws, _) = tokio_tungstenite::client_async(request, tokio_tungstenite::MaybeTlsStream::Plain(stream))
+        .await
+        .unwrap();
+    let mut slow = Client { ws };
+    slow.expect_type("auth_success").await;
+    slow.subscribe("group:load").await;
+
+    let mut normal = server.connect("normal").await;
+    normal.subscribe("group:load").await;
+    let reader = tokio::spawn(async move {
+        let mut sequence = Vec::new();
+        loop {
+            let frame = normal.next_frame().await;
+            if frame["data"]["done"] == true {
+                return sequence;
+            }
+            sequence.push(frame["data"]["seq"].as_u64().unwrap());
+        }
+    });
+
+    let padding = "p".repeat(8 * 1024);
+    let mut published = 0u64;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while server.metric("herald_disconnects_total{reason=\"slow_client\"}").await < 1.0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the stalled client was never disconnected"
+        );
+        assert!(
+            published < 20_000,
+            "published {published} messages without a slow-client disconnect"
+        );
+        for _ in 0..50 {
+            server
+                .publish_ok("group:load", json!({"seq": published, "pad": padding}))
+                .await;
+            published += 1;
+        }
+    }
+    server.publish_ok("group:load", json!({"done": true})).await;
+    let sequence = tokio::time::timeout(DEADLINE, reader)
+        .await
+        .expect("reader finishes")
+        .unwrap();
+    assert_eq!(
+        sequence,
+        (0..published).collect::<Vec<_>>(),
+        "the normal subscriber lost or reordered messages"
+    );
+    assert!(
+        server
+            .metric("herald_messages_dropped_total{reason=\"slow_client\"}")
+            .await
+            >= 1.0
+    );
+    let stats: serde_json::Value = serde_json::from_str(&server.http("GET", "/stats", None, None).await.1).unwrap();
+    assert_eq!(stats["connections"], 1, "only the normal subscriber is left");
+    // The stalled client, once it reads, finds its connection ended.
+    loop {
+        match slow.next_event().await {
+            Event::Closed(close) => {
+                if let Some((code, _)) = close {
+                    assert_eq!(code, 4008);
+                }
+                break;
+            }
+            Event::Frame(_) | Event::Binary(_) => continue,
+        }
+    }
+}

@@ -1,0 +1,11 @@
+//! Integration tests: real nodes on port 0, real WebSocket and HTTP clients.
+//! One test binary (modules below) so the crate is linked once.
+
+mod harness;
+
+mod auth;
+mod http_api;
+mod lifecycle;
+mod limits;
+mod messaging;
+mod protocol_fuzz;
