@@ -25,7 +25,9 @@ pub enum Claim<T> {
 pub struct Dedup<T> {
     window: Duration,
     capacity: usize,
-    entries: HashMap<Key, Option<T>>,
+    /// Each claimed key with its claim time (which identifies the claim in
+    /// `order`) and, once known, the receipt.
+    entries: HashMap<Key, (Instant, Option<T>)>,
     /// Keys in the order they were claimed, with the claim time.
     order: VecDeque<(Instant, Key)>,
 }
@@ -43,23 +45,23 @@ impl<T: Clone> Dedup<T> {
     pub fn claim(&mut self, now: Instant, channel: &ChannelName, message_id: &str) -> Claim<T> {
         self.expire(now);
         let key = (channel.clone(), message_id.to_owned());
-        if let Some(receipt) = self.entries.get(&key) {
+        if let Some((_, receipt)) = self.entries.get(&key) {
             return Claim::Duplicate(receipt.clone());
         }
         while self.entries.len() >= self.capacity {
-            let Some((_, oldest)) = self.order.pop_front() else {
+            let Some((claimed_at, oldest)) = self.order.pop_front() else {
                 break;
             };
-            self.entries.remove(&oldest);
+            self.forget(claimed_at, &oldest);
         }
-        self.entries.insert(key.clone(), None);
+        self.entries.insert(key.clone(), (now, None));
         self.order.push_back((now, key));
         Claim::New
     }
 
     /// Records the receipt of a claimed publish, for later duplicates.
     pub fn complete(&mut self, channel: &ChannelName, message_id: &str, receipt: T) {
-        if let Some(slot) = self.entries.get_mut(&(channel.clone(), message_id.to_owned())) {
+        if let Some((_, slot)) = self.entries.get_mut(&(channel.clone(), message_id.to_owned())) {
             *slot = Some(receipt);
         }
     }
@@ -82,8 +84,16 @@ impl<T: Clone> Dedup<T> {
             if now.duration_since(*claimed_at) < self.window {
                 break;
             }
-            let (_, key) = self.order.pop_front().expect("front exists");
-            self.entries.remove(&key);
+            let (claimed_at, key) = self.order.pop_front().expect("front exists");
+            self.forget(claimed_at, &key);
+        }
+    }
+
+    /// Removes `key` if it is still the claim made at `claimed_at`; a key
+    /// released and claimed again has a newer claim that must survive.
+    fn forget(&mut self, claimed_at: Instant, key: &Key) {
+        if self.entries.get(key).is_some_and(|(time, _)| *time == claimed_at) {
+            self.entries.remove(key);
         }
     }
 }
@@ -114,7 +124,11 @@ mod tests {
         let mut dedup = Dedup::<u64>::new(Duration::from_secs(10), 100);
         assert_eq!(dedup.claim(now, &news, "a"), Claim::New);
         dedup.release(&news, "a");
-        assert_eq!(dedup.claim(now, &news, "a"), Claim::New);
+        let retry = now + Duration::from_secs(5);
+        assert_eq!(dedup.claim(retry, &news, "a"), Claim::New);
+        // The retry's window counts from the retry, not the failed attempt.
+        let after_first_window = now + Duration::from_secs(12);
+        assert_eq!(dedup.claim(after_first_window, &news, "a"), Claim::Duplicate(None));
     }
 
     #[test]

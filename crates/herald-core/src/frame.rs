@@ -250,9 +250,9 @@ pub fn parse_client_frame(text: &str) -> Result<ClientFrame, FrameError> {
         }
         "publish" => {
             let d: PublishData = fields(&kind, data).map_err(|m| fail(ErrorCode::InvalidData, m))?;
-            let message_type = d.message_type.filter(|t| !t.is_empty());
+            let message_type = d.message_type;
             if let Some(t) = &message_type {
-                validate_message_type(t).map_err(|m| fail(ErrorCode::InvalidData, m))?;
+                validate_client_message_type(t).map_err(|m| fail(ErrorCode::InvalidData, m))?;
             }
             Command::Publish {
                 channel: channel(&d.channel).map_err(|m| fail(ErrorCode::InvalidChannel, m))?,
@@ -312,19 +312,50 @@ pub fn parse_client_frame(text: &str) -> Result<ClientFrame, FrameError> {
 /// The longest publisher-chosen `type`.
 pub const MAX_MESSAGE_TYPE_LENGTH: usize = 64;
 
-/// A delivered `type` is 1–64 of `a-z A-Z 0-9 _ - .`, so that it can never
-/// collide with the server's own frames by accident of spelling.
+/// The `type`s of the server's own frames; a publication may not use them,
+/// so a client can always tell a delivery from a control frame.
+pub const SERVER_FRAME_TYPES: &[&str] = &[
+    "auth_success",
+    "auth_failed",
+    "ack",
+    "error",
+    "pong",
+    "disconnect",
+    "subscribed",
+    "unsubscribed",
+];
+
+/// Types whose `data` carries identities the server vouches for
+/// (`from_user_id`); only the server and API-key publishers may use them.
+pub const SERVER_VOUCHED_TYPES: &[&str] = &["new_message", "read"];
+
+/// A publisher-chosen `type`: 1–64 of `a-z A-Z 0-9 _ - .`, not starting
+/// with `_` (reserved for the hub's internal control messages) and not the
+/// name of a server frame.
 pub fn validate_message_type(message_type: &str) -> Result<(), String> {
-    let ok = !message_type.is_empty()
+    let well_formed = !message_type.is_empty()
         && message_type.len() <= MAX_MESSAGE_TYPE_LENGTH
+        && !message_type.starts_with('_')
         && message_type
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || b"_-.".contains(&b));
-    if ok {
-        Ok(())
-    } else {
-        Err("message `type` must be 1-64 of a-z A-Z 0-9 _ - .".to_owned())
+    if !well_formed {
+        return Err("message `type` must be 1-64 of a-z A-Z 0-9 _ - . and not start with _".to_owned());
     }
+    if SERVER_FRAME_TYPES.contains(&message_type) {
+        return Err(format!("message `type` `{message_type}` is reserved for server frames"));
+    }
+    Ok(())
+}
+
+/// A `type` chosen by a client in a `publish` frame: as above, and not one of
+/// the [`SERVER_VOUCHED_TYPES`], which clients could otherwise forge.
+pub fn validate_client_message_type(message_type: &str) -> Result<(), String> {
+    validate_message_type(message_type)?;
+    if SERVER_VOUCHED_TYPES.contains(&message_type) {
+        return Err(format!("clients may not publish `type` `{message_type}`"));
+    }
+    Ok(())
 }
 
 fn fields<'a, T: Deserialize<'a>>(kind: &str, data: Option<&'a RawValue>) -> Result<T, String> {

@@ -33,6 +33,21 @@ impl Payload {
     }
 }
 
+/// The internal `type` that subscribes every connection of the user whose
+/// channel carries it to `data.channel` (the server API's managed
+/// membership). Travels through the broker like any message, so it reaches
+/// every node; never delivered as a frame.
+pub const CONTROL_SUBSCRIBE: &str = "_subscribe";
+/// The same, unsubscribing.
+pub const CONTROL_UNSUBSCRIBE: &str = "_unsubscribe";
+
+/// A control message, decoded.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Control {
+    Subscribe(ChannelName),
+    Unsubscribe(ChannelName),
+}
+
 /// One published message.
 #[derive(Debug, Clone)]
 pub struct Publication {
@@ -126,6 +141,28 @@ impl Publication {
                 EncodedFrame::Binary(Bytes::from(out))
             }
         }
+    }
+
+    /// The control action this publication carries, if it is one.
+    pub fn control(&self) -> Option<Control> {
+        #[derive(Deserialize)]
+        struct ControlData {
+            channel: String,
+        }
+        let make = match self.message_type.as_str() {
+            CONTROL_SUBSCRIBE => Control::Subscribe,
+            CONTROL_UNSUBSCRIBE => Control::Unsubscribe,
+            _ => return None,
+        };
+        let Payload::Json(raw) = &self.payload else { return None };
+        let data: ControlData = serde_json::from_str(raw.get()).ok()?;
+        ChannelName::parse(&data.channel).ok().map(make)
+    }
+
+    /// A control publication for `user_channel`.
+    pub fn control_payload(channel: &ChannelName) -> Payload {
+        let json = serde_json::json!({"channel": channel.as_str()}).to_string();
+        Payload::Json(RawValue::from_string(json).expect("json! output is valid JSON"))
     }
 
     /// Whether the connection `connection_id` of `user_id` receives this message.

@@ -1,4 +1,5 @@
-//! A token bucket for the per-connection command rate limit.
+//! The per-connection command rate limit: a token bucket, and a gate that
+//! turns its answers into what the connection does with a frame.
 
 use std::time::Instant;
 
@@ -35,6 +36,49 @@ impl TokenBucket {
     }
 }
 
+/// What to do with one incoming frame.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    Serve,
+    /// Answer with a `rate_limited` error and do not serve.
+    Refuse,
+    /// The client kept going past the limit: disconnect it.
+    Disconnect,
+}
+
+/// Every frame a client sends, valid or not, passes this gate first, so that
+/// garbage cannot be sent faster than commands.
+pub struct CommandGate {
+    bucket: TokenBucket,
+    /// Frames refused in a row; reset by any frame that is served.
+    strikes: u32,
+    max_strikes: u32,
+}
+
+impl CommandGate {
+    /// `burst` is also the number of refusals in a row that disconnects.
+    pub fn new(per_second: u32, burst: u32, now: Instant) -> Self {
+        CommandGate {
+            bucket: TokenBucket::new(per_second, burst, now),
+            strikes: 0,
+            max_strikes: burst.max(1),
+        }
+    }
+
+    pub fn check(&mut self, now: Instant) -> Verdict {
+        if self.bucket.try_take(now) {
+            self.strikes = 0;
+            return Verdict::Serve;
+        }
+        self.strikes += 1;
+        if self.strikes >= self.max_strikes {
+            Verdict::Disconnect
+        } else {
+            Verdict::Refuse
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -51,5 +95,22 @@ mod tests {
         let much_later = start + Duration::from_secs(60);
         assert!((0..3).all(|_| bucket.try_take(much_later)), "refills up to the burst");
         assert!(!bucket.try_take(much_later));
+    }
+
+    #[test]
+    fn the_gate_refuses_then_disconnects() {
+        let start = Instant::now();
+        let mut gate = CommandGate::new(1, 3, start);
+        let verdicts: Vec<Verdict> = (0..6).map(|_| gate.check(start)).collect();
+        use Verdict::*;
+        assert_eq!(verdicts, [Serve, Serve, Serve, Refuse, Refuse, Disconnect]);
+        let mut gate = CommandGate::new(1, 2, start);
+        assert_eq!(
+            [gate.check(start), gate.check(start), gate.check(start)],
+            [Serve, Serve, Refuse]
+        );
+        let later = start + Duration::from_secs(1);
+        assert_eq!(gate.check(later), Serve, "a served frame resets the strikes");
+        assert_eq!(gate.check(later), Refuse);
     }
 }

@@ -7,12 +7,14 @@
 
 use axum::Json;
 use axum::body::Body;
+use axum::extract::rejection::PathRejection;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use base64::Engine;
 use herald_core::frame::validate_message_type;
-use herald_core::{ChannelName, Payload};
+use herald_core::publication::{CONTROL_SUBSCRIBE, CONTROL_UNSUBSCRIBE};
+use herald_core::{ChannelName, Payload, Publication};
 use serde::Deserialize;
 use serde::de::DeserializeOwned;
 use serde_json::json;
@@ -81,6 +83,9 @@ type ApiResult = Result<Response, ApiError>;
 struct PublishBody {
     channel: Option<String>,
     channels: Option<Vec<String>>,
+    /// Any JSON, `null` included (hence not a plain `Option`, which would
+    /// read `null` as absent).
+    #[serde(default, deserialize_with = "present")]
     data: Option<Box<RawValue>>,
     /// A binary payload, base64-encoded; delivered in a binary frame.
     data_base64: Option<String>,
@@ -135,7 +140,23 @@ pub async fn publish(State(hub): State<Hub>, headers: HeaderMap, body: Body) -> 
             .policy(channel)
             .map_err(|e| bad_request(&e.to_string()))?;
     }
+    if !broadcast {
+        let publish = PublishRequest {
+            channel: channels.into_iter().next().expect("one channel was given"),
+            message_type: request.message_type,
+            message_id: request.message_id,
+            payload,
+            from: None,
+            exclude_user: None,
+            exclude_connection: None,
+        };
+        let receipt = hub.publish(publish, Source::Http).await?;
+        return Ok(Json(receipt).into_response());
+    }
+    // A broadcast publishes every channel it can and reports each one, so
+    // that a partial failure says exactly what to retry.
     let mut results = Vec::with_capacity(channels.len());
+    let mut failed = false;
     for channel in channels {
         let publish = PublishRequest {
             channel: channel.clone(),
@@ -146,23 +167,81 @@ pub async fn publish(State(hub): State<Hub>, headers: HeaderMap, body: Body) -> 
             exclude_user: None,
             exclude_connection: None,
         };
-        let receipt = hub.publish(publish, Source::Http).await?;
-        results.push((channel, receipt));
+        let mut result = match hub.publish(publish, Source::Http).await {
+            Ok(receipt) => serde_json::to_value(receipt).expect("receipts serialize"),
+            Err(error) => {
+                failed = true;
+                json!({"error": {"code": "unavailable", "message": error.to_string()}})
+            }
+        };
+        result["channel"] = json!(channel);
+        results.push(result);
     }
-    if broadcast {
-        let results: Vec<_> = results
-            .into_iter()
-            .map(|(channel, receipt)| {
-                let mut value = serde_json::to_value(receipt).expect("receipts serialize");
-                value["channel"] = json!(channel);
-                value
-            })
-            .collect();
-        Ok(Json(json!({"results": results})).into_response())
+    let status = if failed {
+        StatusCode::SERVICE_UNAVAILABLE
     } else {
-        let (_, receipt) = results.pop().expect("one channel was published");
-        Ok(Json(receipt).into_response())
+        StatusCode::OK
+    };
+    Ok((status, Json(json!({"results": results}))).into_response())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SubscriptionBody {
+    channel: String,
+}
+
+/// `POST /api/v1/users/{user_id}/subscriptions` (API key): subscribes every
+/// live connection of the user, on every node, to `channel`.
+pub async fn subscribe_user(
+    State(hub): State<Hub>,
+    path: Result<Path<String>, PathRejection>,
+    headers: HeaderMap,
+    body: Body,
+) -> ApiResult {
+    require_api_key(&hub, &headers)?;
+    let Path(user_id) = path.map_err(|e| bad_request(&e.body_text()))?;
+    let request: SubscriptionBody = read_json(&hub, body).await?;
+    let channel = ChannelName::parse(&request.channel).map_err(|e| bad_request(&format!("`channel`: {e}")))?;
+    manage_subscription(&hub, &user_id, channel, CONTROL_SUBSCRIBE).await
+}
+
+/// `DELETE /api/v1/users/{user_id}/subscriptions/{channel}` (API key).
+pub async fn unsubscribe_user(
+    State(hub): State<Hub>,
+    path: Result<Path<(String, String)>, PathRejection>,
+    headers: HeaderMap,
+) -> ApiResult {
+    require_api_key(&hub, &headers)?;
+    let Path((user_id, channel)) = path.map_err(|e| bad_request(&e.body_text()))?;
+    let channel = ChannelName::parse(&channel).map_err(|e| bad_request(&format!("channel: {e}")))?;
+    manage_subscription(&hub, &user_id, channel, CONTROL_UNSUBSCRIBE).await
+}
+
+async fn manage_subscription(hub: &Hub, user_id: &str, channel: ChannelName, control: &str) -> ApiResult {
+    let user_channel = ChannelName::user(user_id).map_err(|e| bad_request(&format!("user id: {e}")))?;
+    if channel.namespace() == Some("user") {
+        return Err(bad_request("personal channels cannot be subscribed to by others"));
     }
+    hub.policies()
+        .policy(&channel)
+        .map_err(|e| bad_request(&e.to_string()))?;
+    let publish = PublishRequest {
+        channel: user_channel,
+        message_type: Some(control.to_owned()),
+        message_id: None,
+        payload: Publication::control_payload(&channel),
+        from: None,
+        exclude_user: None,
+        exclude_connection: None,
+    };
+    hub.publish(publish, Source::Http).await?;
+    Ok(Json(json!({"user_id": user_id, "channel": channel})).into_response())
+}
+
+/// Deserializes a field that is present, whatever its JSON value.
+fn present<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<Option<Box<RawValue>>, D::Error> {
+    Box::<RawValue>::deserialize(deserializer).map(Some)
 }
 
 #[derive(Deserialize)]
@@ -235,11 +314,12 @@ pub async fn direct_message(State(hub): State<Hub>, headers: HeaderMap, body: Bo
 /// group, delivered to the other members as `new_message`.
 pub async fn group_message(
     State(hub): State<Hub>,
-    Path(group_id): Path<String>,
+    path: Result<Path<String>, PathRejection>,
     headers: HeaderMap,
     body: Body,
 ) -> ApiResult {
     let sender = require_user(&hub, &headers)?;
+    let Path(group_id) = path.map_err(|e| bad_request(&e.body_text()))?;
     let request: GroupMessageBody = read_json(&hub, body).await?;
     validate_message_type(&request.msg_type).map_err(|m| bad_request(&m))?;
     let channel = ChannelName::group(&group_id).map_err(|e| bad_request(&format!("group id: {e}")))?;

@@ -12,7 +12,7 @@ use std::time::Instant;
 
 use axum::extract::ws::Utf8Bytes;
 use bytes::Bytes;
-use herald_core::publication::EncodedFrame;
+use herald_core::publication::{Control, EncodedFrame};
 use herald_core::registry::{Registry, Subscriber};
 use herald_core::{ChannelName, Publication};
 use tokio::sync::mpsc;
@@ -25,13 +25,21 @@ use crate::metrics::Metrics;
 pub enum Outbound {
     Text(Utf8Bytes),
     Binary(Bytes),
+    /// The server API subscribes this connection to a channel.
+    Subscribe(ChannelName),
+    /// The server API unsubscribes this connection from a channel.
+    Unsubscribe(ChannelName),
 }
+
+/// What a control entry counts for in the queue's byte bound.
+const CONTROL_SIZE: usize = 64;
 
 impl Outbound {
     pub fn len(&self) -> usize {
         match self {
             Outbound::Text(text) => text.len(),
             Outbound::Binary(bytes) => bytes.len(),
+            Outbound::Subscribe(_) | Outbound::Unsubscribe(_) => CONTROL_SIZE,
         }
     }
 
@@ -183,7 +191,11 @@ impl Fanout {
     /// Queues `publication` for every local subscriber of its channel and
     /// returns how many received it. `accepted_at` feeds the latency histogram.
     pub fn deliver(&self, publication: &Publication, accepted_at: Instant) -> usize {
-        let frame = Outbound::from(publication.encode());
+        let frame = match publication.control() {
+            Some(Control::Subscribe(channel)) => Outbound::Subscribe(channel),
+            Some(Control::Unsubscribe(channel)) => Outbound::Unsubscribe(channel),
+            None => Outbound::from(publication.encode()),
+        };
         let (mut queued, mut dropped) = (0u64, 0u64);
         self.registry.for_each(&publication.channel, |connection| {
             if !publication.is_for(connection.connection_id(), connection.user_id()) {

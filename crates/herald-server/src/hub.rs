@@ -40,7 +40,6 @@ pub struct HubInner {
     dedup: Mutex<Dedup<Receipt>>,
     next_connection_id: AtomicU64,
     next_message_id: AtomicU64,
-    connections: AtomicUsize,
     connections_per_ip: Mutex<HashMap<IpAddr, usize>>,
     /// Users with at least one connection on this node (maintained from the
     /// registry's edges on `user:` channels).
@@ -113,7 +112,7 @@ pub struct Admission {
 
 impl Drop for Admission {
     fn drop(&mut self) {
-        self.hub.connections.fetch_sub(1, Ordering::Relaxed);
+        self.hub.metrics.connections_current.fetch_sub(1, Ordering::Relaxed);
         let mut per_ip = lock(&self.hub.connections_per_ip);
         if let Some(count) = per_ip.get_mut(&self.ip) {
             *count -= 1;
@@ -146,7 +145,6 @@ impl Hub {
             dedup: Mutex::new(dedup),
             next_connection_id: AtomicU64::new(1),
             next_message_id: AtomicU64::new(1),
-            connections: AtomicUsize::new(0),
             connections_per_ip: Mutex::new(HashMap::new()),
             users_online: AtomicUsize::new(0),
         }))
@@ -166,7 +164,8 @@ impl Hub {
             return Err(Rejection::Draining);
         }
         let limits = self.limits();
-        let previous = self.connections.fetch_add(1, Ordering::Relaxed);
+        // The gauge is the count: one number, released by `Admission::drop`.
+        let previous = self.metrics.connections_current.fetch_add(1, Ordering::Relaxed).max(0) as usize;
         let admission = Admission { hub: self.clone(), ip };
         // From here on, dropping `admission` undoes the count.
         let mut per_ip = lock(&self.connections_per_ip);
@@ -220,10 +219,6 @@ impl Hub {
             self.broker.channel_removed(channel);
         }
         change
-    }
-
-    pub fn connection_count(&self) -> usize {
-        self.connections.load(Ordering::Relaxed)
     }
 
     pub fn users_online(&self) -> usize {

@@ -98,7 +98,7 @@ pub struct Metrics {
     pub connections_rejected: Family<5>,
     pub auth_failures: Family<10>,
     /// Why connections ended.
-    pub disconnects: Family<10>,
+    pub disconnects: Family<12>,
     pub messages_published: Family<3>,
     /// Frames queued to subscribers (one per subscriber per message).
     pub messages_delivered: AtomicU64,
@@ -148,6 +148,8 @@ impl Default for Metrics {
                     "pong_timeout",
                     "rate_limited",
                     "too_large",
+                    "invalid_utf8",
+                    "max_per_user",
                     "shutdown",
                     "error",
                 ],

@@ -78,6 +78,11 @@ pub fn router(hub: Hub) -> Router {
         .route("/api/v1/publish", post(api::publish))
         .route("/api/v1/messages", post(api::direct_message))
         .route("/api/v1/groups/{group_id}/messages", post(api::group_message))
+        .route("/api/v1/users/{user_id}/subscriptions", post(api::subscribe_user))
+        .route(
+            "/api/v1/users/{user_id}/subscriptions/{channel}",
+            axum::routing::delete(api::unsubscribe_user),
+        )
         .route("/health", get(api::health))
         .route("/ready", get(api::ready))
         .route("/stats", get(api::stats))

@@ -5,6 +5,8 @@
 
 /// The server is shutting down or draining; reconnect (to another node) after a short, jittered pause.
 pub const GOING_AWAY: u16 = 1001;
+/// A text frame was not valid UTF-8.
+pub const INVALID_PAYLOAD: u16 = 1007;
 /// A frame or message exceeded `limits.max_message_size`.
 pub const MESSAGE_TOO_BIG: u16 = 1009;
 /// An unexpected server-side failure.
@@ -34,6 +36,7 @@ pub enum Ending {
     PongTimeout,
     RateLimited,
     TooLarge,
+    InvalidUtf8,
     TooManyConnections,
     Shutdown,
     Error,
@@ -50,6 +53,7 @@ impl Ending {
             Ending::SlowClient => (SLOW_CLIENT, "client too slow"),
             Ending::RateLimited => (RATE_LIMITED, "rate limit exceeded"),
             Ending::TooLarge => (MESSAGE_TOO_BIG, "message too big"),
+            Ending::InvalidUtf8 => (INVALID_PAYLOAD, "text frame is not valid UTF-8"),
             Ending::TooManyConnections => (TOO_MANY_CONNECTIONS, "too many connections for this user"),
             Ending::Shutdown => (GOING_AWAY, "server shutting down, reconnect"),
             Ending::Error => (INTERNAL_ERROR, "internal error"),
@@ -60,13 +64,15 @@ impl Ending {
     pub fn metric_label(self) -> &'static str {
         match self {
             Ending::ClientGone => "client",
-            Ending::AuthFailed | Ending::TooManyConnections => "auth_failed",
+            Ending::AuthFailed => "auth_failed",
+            Ending::TooManyConnections => "max_per_user",
             Ending::AuthTimeout => "auth_timeout",
             Ending::TokenExpired => "token_expired",
             Ending::SlowClient => "slow_client",
             Ending::PongTimeout => "pong_timeout",
             Ending::RateLimited => "rate_limited",
             Ending::TooLarge => "too_large",
+            Ending::InvalidUtf8 => "invalid_utf8",
             Ending::Shutdown => "shutdown",
             Ending::Error => "error",
         }

@@ -20,7 +20,7 @@ use axum::response::Response;
 use futures_util::SinkExt;
 use herald_core::frame::{self, Command, ErrorCode, FrameError, ack_frame, error_frame, server_frame};
 use herald_core::policy::Subject;
-use herald_core::rate_limit::TokenBucket;
+use herald_core::rate_limit::{CommandGate, Verdict};
 use herald_core::registry::Change;
 use herald_core::{ChannelName, Payload};
 use serde::{Deserialize, Serialize};
@@ -125,14 +125,10 @@ pub async fn handler(
 async fn run(mut socket: WebSocket, hub: Hub, admission: Admission, query_token: Option<String>) {
     use std::sync::atomic::Ordering::Relaxed;
     hub.metrics.connections_accepted.fetch_add(1, Relaxed);
-    hub.metrics.connections_current.fetch_add(1, Relaxed);
-    let mut bucket = TokenBucket::new(
-        hub.limits().commands_per_second,
-        hub.limits().command_burst,
-        Instant::now().into(),
-    );
-    let ending = match authenticate(&mut socket, &hub, query_token, &mut bucket).await {
-        Ok(identity) => Session::start(&mut socket, &hub, identity, bucket).await,
+    let limits = hub.limits();
+    let mut gate = CommandGate::new(limits.commands_per_second, limits.command_burst, Instant::now().into());
+    let ending = match authenticate(&mut socket, &hub, query_token, &mut gate).await {
+        Ok(identity) => Session::start(&mut socket, &hub, identity, gate).await,
         Err(ending) => ending,
     };
     hub.metrics.disconnects.add(ending.metric_label(), 1);
@@ -143,7 +139,6 @@ async fn run(mut socket: WebSocket, hub: Hub, admission: Admission, query_token:
         }));
         let _ = tokio::time::timeout(CLOSE_TIMEOUT, socket.send(close)).await;
     }
-    hub.metrics.connections_current.fetch_sub(1, Relaxed);
     drop(admission);
 }
 
@@ -154,13 +149,12 @@ async fn authenticate(
     socket: &mut WebSocket,
     hub: &Hub,
     query_token: Option<String>,
-    bucket: &mut TokenBucket,
+    gate: &mut CommandGate,
 ) -> Result<Identity, Ending> {
     if let Some(token) = query_token {
         return verify(socket, hub, &token).await;
     }
     let deadline = Instant::now() + hub.limits().auth_timeout;
-    let mut strikes = 0;
     loop {
         let incoming = tokio::select! {
             _ = sleep_until(deadline) => {
@@ -176,36 +170,38 @@ async fn authenticate(
             None | Some(Ok(Message::Close(_))) => return Err(Ending::ClientGone),
             Some(Err(error)) => return Err(read_error_ending(error)),
             Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
-            Some(Ok(Message::Binary(_))) => {
-                send_now(
-                    socket,
-                    hub,
-                    error_frame(None, ErrorCode::InvalidFrame, "send `auth` as a text frame"),
-                )
-                .await?;
-                continue;
-            }
-            Some(Ok(Message::Text(text))) => text,
+            Some(Ok(Message::Binary(_))) => None,
+            Some(Ok(Message::Text(text))) => Some(text),
         };
-        if !bucket.try_take(Instant::now().into()) {
-            strikes += 1;
-            if strikes >= hub.limits().command_burst {
-                return Err(Ending::RateLimited);
-            }
-            continue;
-        }
-        match frame::parse_client_frame(&text) {
-            Ok(parsed) => match parsed.command {
-                Command::Auth { token } => return verify(socket, hub, &token).await,
-                other => {
-                    let message = format!("`{}` before authentication; send `auth` first", other.name());
-                    let frame = error_frame(parsed.message_id.as_ref(), ErrorCode::NotAuthenticated, &message);
-                    send_now(socket, hub, frame).await?;
-                }
+        let parsed = text.as_deref().map(frame::parse_client_frame);
+        let reply = match gate.check(Instant::now().into()) {
+            Verdict::Disconnect => return Err(Ending::RateLimited),
+            Verdict::Refuse => rate_limited_frame(parsed.as_ref()),
+            Verdict::Serve => match parsed {
+                None => error_frame(None, ErrorCode::InvalidFrame, "send `auth` as a text frame"),
+                Some(Ok(parsed)) => match parsed.command {
+                    Command::Auth { token } => return verify(socket, hub, &token).await,
+                    other => {
+                        let message = format!("`{}` before authentication; send `auth` first", other.name());
+                        error_frame(parsed.message_id.as_ref(), ErrorCode::NotAuthenticated, &message)
+                    }
+                },
+                Some(Err(error)) => error.to_frame(),
             },
-            Err(error) => send_now(socket, hub, error.to_frame()).await?,
-        }
+        };
+        send_now(socket, hub, reply).await?;
     }
+}
+
+/// The `rate_limited` error for a refused frame, naming its `message_id`
+/// when the frame had a readable one.
+fn rate_limited_frame(parsed: Option<&Result<frame::ClientFrame, FrameError>>) -> String {
+    let message_id = match parsed {
+        Some(Ok(frame)) => frame.message_id.as_ref(),
+        Some(Err(error)) => error.message_id.as_ref(),
+        None => None,
+    };
+    error_frame(message_id, ErrorCode::RateLimited, "command rate limit exceeded")
 }
 
 async fn verify(socket: &mut WebSocket, hub: &Hub, token: &str) -> Result<Identity, Ending> {
@@ -234,6 +230,7 @@ fn read_error_ending(error: axum::Error) -> Ending {
     use tokio_tungstenite::tungstenite::Error as WsError;
     match error.into_inner().downcast::<WsError>() {
         Ok(error) if matches!(*error, WsError::Capacity(_)) => Ending::TooLarge,
+        Ok(error) if matches!(*error, WsError::Utf8(_)) => Ending::InvalidUtf8,
         _ => Ending::ClientGone,
     }
 }
@@ -246,14 +243,23 @@ struct Session<'a> {
     handle: ConnectionHandle,
     /// Channels this connection is subscribed to (the user channel included).
     subscriptions: HashSet<ChannelName>,
-    bucket: TokenBucket,
-    /// Commands refused in a row by the rate limit; at `command_burst` the
-    /// client is disconnected.
-    strikes: u32,
+    /// The subset of `subscriptions` made by the server API, which no token
+    /// change revokes.
+    granted_by_server: HashSet<ChannelName>,
+    gate: CommandGate,
     /// Frames to write this turn; fed to the socket and flushed once.
     outbox: Vec<Message>,
     /// Set when the token was replaced by `refresh`.
     expiry_changed: bool,
+}
+
+/// Unsubscribes everything when the session ends, however it ends.
+impl Drop for Session<'_> {
+    fn drop(&mut self) {
+        for channel in &self.subscriptions {
+            self.hub.unsubscribe(channel, self.handle.id());
+        }
+    }
 }
 
 #[derive(Serialize)]
@@ -266,7 +272,7 @@ struct AuthSuccess<'a> {
 }
 
 impl<'a> Session<'a> {
-    async fn start(socket: &mut WebSocket, hub: &'a Hub, identity: Identity, bucket: TokenBucket) -> Ending {
+    async fn start(socket: &mut WebSocket, hub: &'a Hub, identity: Identity, gate: CommandGate) -> Ending {
         let user_channel = ChannelName::user(&identity.user_id).expect("the verifier checks the user id");
         let limits = hub.limits();
         let id = hub.next_connection_id();
@@ -293,18 +299,14 @@ impl<'a> Session<'a> {
             user_channel: user_channel.clone(),
             handle,
             subscriptions: HashSet::from([user_channel]),
+            granted_by_server: HashSet::new(),
             identity,
-            bucket,
-            strikes: 0,
+            gate,
             outbox: vec![Message::Text(success.into())],
             expiry_changed: false,
         };
         tracing::debug!(user_id = %session.identity.user_id, connection_id = id, "connection authenticated");
-        let ending = session.serve(socket, queue).await;
-        for channel in &session.subscriptions {
-            hub.unsubscribe(channel, id);
-        }
-        ending
+        session.serve(socket, queue).await
     }
 
     async fn serve(&mut self, socket: &mut WebSocket, mut queue: ConnectionQueue) -> Ending {
@@ -372,6 +374,23 @@ impl<'a> Session<'a> {
                         pong_deadline = Instant::now() + keepalive.pong_timeout;
                     }
                 }
+                // The socket comes before the queue: a busy channel must not
+                // starve the client's commands and pongs. Commands are rate
+                // limited, so they cannot starve the queue in turn.
+                incoming = socket.recv() => {
+                    // Any frame proves the peer is alive.
+                    pong_deadline = far_future;
+                    let text = match incoming {
+                        None | Some(Ok(Message::Close(_))) => return Ending::ClientGone,
+                        Some(Err(error)) => return read_error_ending(error),
+                        Some(Ok(Message::Pong(_) | Message::Ping(_))) => continue,
+                        Some(Ok(Message::Binary(_))) => None,
+                        Some(Ok(Message::Text(text))) => Some(text),
+                    };
+                    if let Some(ending) = self.command(text.as_deref()).await {
+                        return ending;
+                    }
+                }
                 frame = queue.recv() => {
                     let Some(frame) = frame else { return Ending::Error };
                     self.push_outbound(frame);
@@ -380,32 +399,31 @@ impl<'a> Session<'a> {
                         self.push_outbound(frame);
                     }
                 }
-                incoming = socket.recv() => match incoming {
-                    None | Some(Ok(Message::Close(_))) => return Ending::ClientGone,
-                    Some(Err(error)) => return read_error_ending(error),
-                    Some(Ok(Message::Pong(_))) => pong_deadline = far_future,
-                    Some(Ok(Message::Ping(_))) => {}
-                    Some(Ok(Message::Binary(_))) => {
-                        let frame = error_frame(None, ErrorCode::InvalidFrame, "clients send commands as text frames");
-                        self.reply(frame);
-                    }
-                    Some(Ok(Message::Text(text))) => {
-                        // Any frame proves the peer is alive.
-                        pong_deadline = far_future;
-                        if let Some(ending) = self.command(&text).await {
-                            return ending;
-                        }
-                    }
-                },
             }
         }
     }
 
     fn push_outbound(&mut self, frame: Outbound) {
-        self.outbox.push(match frame {
+        let message = match frame {
             Outbound::Text(text) => Message::Text(text),
             Outbound::Binary(bytes) => Message::Binary(bytes),
-        });
+            Outbound::Subscribe(channel) => {
+                self.subscriptions.insert(channel.clone());
+                self.granted_by_server.insert(channel.clone());
+                self.hub.subscribe(&channel, self.handle.clone());
+                Message::Text(server_frame("subscribed", None, json!({"channel": channel})).into())
+            }
+            Outbound::Unsubscribe(channel) => {
+                if channel == self.user_channel || !self.subscriptions.remove(&channel) {
+                    return;
+                }
+                self.granted_by_server.remove(&channel);
+                self.hub.unsubscribe(&channel, self.handle.id());
+                let data = json!({"channel": channel, "reason": "server"});
+                Message::Text(server_frame("unsubscribed", None, data).into())
+            }
+        };
+        self.outbox.push(message);
     }
 
     fn reply(&mut self, frame: String) {
@@ -413,38 +431,47 @@ impl<'a> Session<'a> {
     }
 
     fn expiry_instant(&self) -> Instant {
-        let remaining = self.identity.expires_at.saturating_sub(unix_now());
+        // A token may claim any `exp`; cap it so the instant cannot overflow.
+        const TEN_YEARS: u64 = 10 * 365 * 86_400;
+        let remaining = self.identity.expires_at.saturating_sub(unix_now()).min(TEN_YEARS);
         Instant::now() + Duration::from_secs(remaining) + self.hub.config.jwt.leeway
     }
 
-    /// Handles one client text frame; `Some` ends the connection.
-    async fn command(&mut self, text: &str) -> Option<Ending> {
+    /// Handles one client data frame (`None` for a binary frame); `Some`
+    /// ends the connection. Every frame passes the rate gate first, valid or
+    /// not, so that garbage cannot be sent faster than commands.
+    async fn command(&mut self, text: Option<&str>) -> Option<Ending> {
         use std::sync::atomic::Ordering::Relaxed;
         let metrics = &self.hub.metrics;
         metrics.commands.fetch_add(1, Relaxed);
-        let parsed = match frame::parse_client_frame(text) {
-            Ok(parsed) => parsed,
-            Err(error) => {
+        let parsed = text.map(frame::parse_client_frame);
+        match self.gate.check(Instant::now().into()) {
+            Verdict::Serve => {}
+            Verdict::Refuse => {
+                metrics.command_errors.fetch_add(1, Relaxed);
+                self.reply(rate_limited_frame(parsed.as_ref()));
+                return None;
+            }
+            Verdict::Disconnect => return Some(Ending::RateLimited),
+        }
+        let parsed = match parsed {
+            Some(Ok(parsed)) => parsed,
+            Some(Err(error)) => {
                 metrics.command_errors.fetch_add(1, Relaxed);
                 self.reply(error.to_frame());
                 return None;
             }
+            None => {
+                metrics.command_errors.fetch_add(1, Relaxed);
+                self.reply(error_frame(
+                    None,
+                    ErrorCode::InvalidFrame,
+                    "clients send commands as text frames",
+                ));
+                return None;
+            }
         };
         let message_id = parsed.message_id;
-        if !self.bucket.try_take(Instant::now().into()) {
-            metrics.command_errors.fetch_add(1, Relaxed);
-            self.strikes += 1;
-            if self.strikes >= self.hub.limits().command_burst {
-                return Some(Ending::RateLimited);
-            }
-            self.reply(error_frame(
-                message_id.as_ref(),
-                ErrorCode::RateLimited,
-                "command rate limit exceeded",
-            ));
-            return None;
-        }
-        self.strikes = 0;
         let outcome = match parsed.command {
             Command::Ping => Ok(server_frame("pong", message_id.as_ref(), json!({}))),
             Command::Auth { .. } => Err(err(
@@ -512,9 +539,7 @@ impl<'a> Session<'a> {
                 ErrorCode::NotAvailable,
                 &format!("history is not enabled for `{channel}`"),
             )),
-            Command::Refresh { token } => self
-                .refresh(&token)
-                .map(|expires_at| ack(&message_id, json!({"expires_at": expires_at}))),
+            Command::Refresh { token } => self.refresh(&token).map(|data| ack(&message_id, data)),
         };
         match outcome {
             Ok(frame) => self.reply(frame),
@@ -556,6 +581,7 @@ impl<'a> Session<'a> {
         if !self.subscriptions.remove(channel) {
             return Err(err(ErrorCode::NotSubscribed, &format!("not subscribed to `{channel}`")));
         }
+        self.granted_by_server.remove(channel);
         self.hub.unsubscribe(channel, self.handle.id());
         Ok(())
     }
@@ -597,7 +623,7 @@ impl<'a> Session<'a> {
         Ok(json!({"channel": channel, "users": users, "connections": presence.connections}))
     }
 
-    fn refresh(&mut self, token: &str) -> Result<u64, (ErrorCode, String)> {
+    fn refresh(&mut self, token: &str) -> Result<serde_json::Value, (ErrorCode, String)> {
         let identity = self
             .hub
             .verifier
@@ -609,7 +635,24 @@ impl<'a> Session<'a> {
         let expires_at = identity.expires_at;
         self.identity = identity;
         self.expiry_changed = true;
-        Ok(expires_at)
+        // The new token may grant less: drop what it no longer allows
+        // (subscriptions the server API made are not the token's to judge).
+        let revoked: Vec<ChannelName> = self
+            .subscriptions
+            .iter()
+            .filter(|channel| !self.granted_by_server.contains(*channel))
+            .filter(|channel| self.hub.policies().check_subscribe(&self.subject(), channel).is_err())
+            .cloned()
+            .collect();
+        for channel in &revoked {
+            self.subscriptions.remove(channel);
+            self.hub.unsubscribe(channel, self.handle.id());
+        }
+        if revoked.is_empty() {
+            Ok(json!({"expires_at": expires_at}))
+        } else {
+            Ok(json!({"expires_at": expires_at, "unsubscribed": revoked}))
+        }
     }
 }
 

@@ -218,3 +218,69 @@ async fn origin_is_checked() {
         "an unlisted origin is refused"
     );
 }
+
+#[tokio::test]
+async fn an_absurd_exp_is_served_without_overflow_and_cleaned_up() {
+    let server = TestServer::start().await;
+    let token = sign(
+        json!({"sub": "alice", "exp": 10_000_000_000_000_000_000u64}),
+        Algorithm::HS256,
+        SECRET,
+    );
+    let mut client = server.connect_token(&token).await;
+    let reply = client.command("refresh", "r", json!({"token": token})).await;
+    assert_eq!(reply["type"], "ack", "{reply}");
+    client.round_trip().await;
+    client.ws.close(None).await.unwrap();
+    // The session's subscriptions and the connection count are released.
+    let deadline = std::time::Instant::now() + crate::harness::DEADLINE;
+    loop {
+        let stats: Value = serde_json::from_str(&server.http("GET", "/stats", None, None).await.1).unwrap();
+        if stats["connections"] == 0 && stats["channels"] == 0 {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "never cleaned up: {stats}");
+        tokio::task::yield_now().await;
+    }
+}
+
+#[tokio::test]
+async fn pre_auth_frames_are_rate_limited_with_an_answer_then_cut_off() {
+    let server = TestServer::start_with("[limits]\ncommands_per_second = 1\ncommand_burst = 2").await;
+    let mut client = server.connect_raw("").await.unwrap();
+    for i in 0..3 {
+        client.send(json!({"type": "ping", "message_id": i})).await;
+    }
+    assert_eq!(client.expect_type("error").await["data"]["code"], "not_authenticated");
+    assert_eq!(client.expect_type("error").await["data"]["code"], "not_authenticated");
+    let limited = client.expect_type("error").await;
+    assert_eq!(
+        (limited["message_id"].clone(), limited["data"]["code"].clone()),
+        (json!(2), json!("rate_limited"))
+    );
+    client.send_text("garbage").await;
+    assert_eq!(client.expect_close().await.0, 4029);
+}
+
+#[tokio::test]
+async fn refresh_drops_subscriptions_the_new_token_no_longer_grants() {
+    let server = TestServer::start_with("[namespaces.team]\nsubscribe = \"claim\"").await;
+    let mut client = server
+        .connect_token(&server.token_with("alice", &["team:red", "team:blue"], 600))
+        .await;
+    client.subscribe("team:red").await;
+    client.subscribe("team:blue").await;
+    let ack = client
+        .command(
+            "refresh",
+            "r",
+            json!({"token": server.token_with("alice", &["team:blue"], 600)}),
+        )
+        .await;
+    assert_eq!(ack["data"]["unsubscribed"], json!(["team:red"]), "{ack}");
+    server.publish_ok("team:red", json!("revoked")).await;
+    server.publish_ok("team:blue", json!("kept")).await;
+    assert_eq!(client.next_frame().await["data"], "kept");
+}
+
+use futures_util::SinkExt;

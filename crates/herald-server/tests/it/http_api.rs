@@ -39,6 +39,11 @@ async fn malformed_publishes_get_400_with_a_json_error() {
         (r#"{"channel":"bad name","data":1}"#, "channel `bad name`"),
         (r#"{"channel":"nope:x","data":1}"#, "unknown namespace"),
         (r#"{"channel":"news","data":1,"type":"has space"}"#, "message `type`"),
+        (
+            r#"{"channel":"news","data":1,"type":"ack"}"#,
+            "reserved for server frames",
+        ),
+        (r#"{"channel":"news","data":1,"type":"_subscribe"}"#, "not start with _"),
         (r#"{"channel":"news","data_base64":"***"}"#, "not valid base64"),
         (r#"{"channels":[],"data":1}"#, "`channels` must list"),
         (r#"{"channel":"news","data":1,"message_id":""}"#, "`message_id`"),
@@ -232,4 +237,78 @@ async fn operational_endpoints_answer_as_documented() {
         !metrics.contains("alice") && !metrics.contains("group:1"),
         "no user ids or channels as labels"
     );
+}
+
+#[tokio::test]
+async fn null_is_a_payload_like_any_other() {
+    let server = TestServer::start().await;
+    let mut alice = server.connect("alice").await;
+    let (status, body) = server.publish(json!({"channel": "user:alice", "data": null})).await;
+    assert_eq!(status, 200, "{body}");
+    let frame = alice.next_frame().await;
+    assert!(frame.get("data").is_some_and(Value::is_null), "{frame}");
+}
+
+/// Server-managed membership: the API subscribes every connection of a user,
+/// in a namespace clients cannot subscribe to themselves.
+#[tokio::test]
+async fn the_server_api_subscribes_and_unsubscribes_all_of_a_users_connections() {
+    let server = TestServer::start_with("[namespaces.alerts]\nsubscribe = \"server\"").await;
+    let mut tabs = [server.connect("alice").await, server.connect("alice").await];
+    let mut bob = server.connect("bob").await;
+    let refused = tabs[0]
+        .command("subscribe", "s", json!({"channel": "alerts:ops"}))
+        .await;
+    assert_eq!(refused["data"]["code"], "forbidden");
+
+    let body = json!({"channel": "alerts:ops"}).to_string();
+    let (status, text) = server
+        .http(
+            "POST",
+            "/api/v1/users/alice/subscriptions",
+            Some(API_KEY),
+            Some(body.clone()),
+        )
+        .await;
+    assert_eq!(status, 200, "{text}");
+    for tab in &mut tabs {
+        assert_eq!(tab.expect_type("subscribed").await["data"]["channel"], "alerts:ops");
+    }
+    server.publish_ok("alerts:ops", json!("disk full")).await;
+    for tab in &mut tabs {
+        assert_eq!(tab.next_frame().await["data"], "disk full");
+    }
+    server.publish_ok("user:bob", json!("marker")).await;
+    assert_eq!(bob.next_frame().await["data"], "marker", "bob was not subscribed");
+
+    let (status, text) = server
+        .http(
+            "DELETE",
+            "/api/v1/users/alice/subscriptions/alerts:ops",
+            Some(API_KEY),
+            None,
+        )
+        .await;
+    assert_eq!(status, 200, "{text}");
+    for tab in &mut tabs {
+        assert_eq!(tab.expect_type("unsubscribed").await["data"]["channel"], "alerts:ops");
+    }
+    server.publish_ok("alerts:ops", json!("after")).await;
+    server.publish_ok("user:alice", json!("marker")).await;
+    for tab in &mut tabs {
+        assert_eq!(tab.next_frame().await["data"], "marker");
+    }
+    let (status, _) = server
+        .http("POST", "/api/v1/users/alice/subscriptions", None, Some(body))
+        .await;
+    assert_eq!(status, 401);
+    let (status, text) = server
+        .http(
+            "POST",
+            "/api/v1/users/alice/subscriptions",
+            Some(API_KEY),
+            Some(json!({"channel": "user:bob"}).to_string()),
+        )
+        .await;
+    assert_eq!(status, 400, "{text}");
 }

@@ -36,6 +36,10 @@ async fn too_many_connections_for_one_user_closes_with_4009() {
     let error = third.expect_type("error").await;
     assert_eq!(error["data"]["code"], "limit_exceeded");
     assert_eq!(third.expect_close().await.0, 4009);
+    assert_eq!(
+        server.metric("herald_disconnects_total{reason=\"max_per_user\"}").await,
+        1.0
+    );
     // Another user is unaffected.
     server.connect("bob").await;
 }
@@ -184,4 +188,35 @@ async fn a_subscriber_that_never_reads_is_cut_off_without_hurting_others() {
             Event::Frame(_) | Event::Binary(_) => continue,
         }
     }
+}
+
+#[tokio::test]
+async fn malformed_frames_count_against_the_rate_limit() {
+    let server = TestServer::start_with("[limits]\ncommands_per_second = 1\ncommand_burst = 3").await;
+    let mut client = server.connect("alice").await;
+    for _ in 0..3 {
+        client.send_text("not json").await;
+    }
+    for _ in 0..3 {
+        assert_eq!(client.expect_type("error").await["data"]["code"], "invalid_json");
+    }
+    client.ws.send(Message::Binary(vec![0u8; 4].into())).await.unwrap();
+    assert_eq!(client.expect_type("error").await["data"]["code"], "rate_limited");
+    for _ in 0..5 {
+        if client.ws.send(Message::Text("{".into())).await.is_err() {
+            break;
+        }
+    }
+    assert_eq!(client.expect_close().await.0, 4029);
+}
+
+#[tokio::test]
+async fn invalid_utf8_in_a_text_frame_closes_with_1007() {
+    use tokio_tungstenite::tungstenite::protocol::frame::Frame;
+    use tokio_tungstenite::tungstenite::protocol::frame::coding::{Data, OpCode};
+    let server = TestServer::start().await;
+    let mut client = server.connect("alice").await;
+    let frame = Frame::message(vec![0xff, 0xfe, 0x7b], OpCode::Data(Data::Text), true);
+    client.ws.send(Message::Frame(frame)).await.unwrap();
+    assert_eq!(client.expect_close().await.0, 1007);
 }
