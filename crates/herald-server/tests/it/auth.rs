@@ -282,5 +282,3 @@ async fn refresh_drops_subscriptions_the_new_token_no_longer_grants() {
     server.publish_ok("team:blue", json!("kept")).await;
     assert_eq!(client.next_frame().await["data"], "kept");
 }
-
-use futures_util::SinkExt;

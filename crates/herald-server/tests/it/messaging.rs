@@ -1,6 +1,7 @@
 //! Delivery: user channels on many tabs, groups and chat, policies,
 //! presence, read events, client publishes and bad frames.
 
+use futures_util::SinkExt;
 use serde_json::json;
 
 use crate::harness::{Client, TestServer};
@@ -258,5 +259,3 @@ async fn bad_frames_get_errors_and_the_connection_stays_open() {
         "no history: recovery is refused explicitly"
     );
 }
-
-use futures_util::SinkExt;
