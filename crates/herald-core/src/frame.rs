@@ -419,7 +419,8 @@ struct SendMessageData {
     content: Box<RawValue>,
 }
 
-fn default_msg_type() -> String {
+/// The `msg_type` of a chat message that does not give one.
+pub fn default_msg_type() -> String {
     "text".to_owned()
 }
 
@@ -433,7 +434,8 @@ struct MarkReadData {
 }
 
 /// Seed clients send ids as strings or numbers; both mean the same id.
-fn string_or_number<'de, D: Deserializer<'de>>(deserializer: D) -> Result<String, D::Error> {
+/// For `#[serde(deserialize_with = ...)]`.
+pub fn string_or_number<'de, D: Deserializer<'de>>(deserializer: D) -> Result<String, D::Error> {
     match Value::deserialize(deserializer)? {
         Value::String(s) => Ok(s),
         Value::Number(n) => Ok(n.to_string()),

@@ -12,7 +12,7 @@ use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use base64::Engine;
-use herald_core::frame::validate_message_type;
+use herald_core::frame::{self, validate_message_type};
 use herald_core::publication::{CONTROL_SUBSCRIBE, CONTROL_UNSUBSCRIBE};
 use herald_core::{ChannelName, Payload, Publication};
 use serde::Deserialize;
@@ -247,10 +247,10 @@ fn present<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<Option<B
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct DirectMessageBody {
-    #[serde(deserialize_with = "string_or_number")]
+    #[serde(deserialize_with = "frame::string_or_number")]
     to_user_id: String,
     content: Box<RawValue>,
-    #[serde(default = "default_msg_type")]
+    #[serde(default = "frame::default_msg_type")]
     msg_type: String,
 }
 
@@ -258,20 +258,8 @@ struct DirectMessageBody {
 #[serde(deny_unknown_fields)]
 struct GroupMessageBody {
     content: Box<RawValue>,
-    #[serde(default = "default_msg_type")]
+    #[serde(default = "frame::default_msg_type")]
     msg_type: String,
-}
-
-fn default_msg_type() -> String {
-    "text".to_owned()
-}
-
-fn string_or_number<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<String, D::Error> {
-    match serde_json::Value::deserialize(deserializer)? {
-        serde_json::Value::String(s) => Ok(s),
-        serde_json::Value::Number(n) => Ok(n.to_string()),
-        _ => Err(serde::de::Error::custom("expected a string or a number")),
-    }
 }
 
 /// `POST /api/v1/messages` (user token): a direct message to another user,
