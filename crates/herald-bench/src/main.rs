@@ -1,0 +1,3 @@
+//! herald-bench: see crates/herald-bench/README (to be written).
+
+fn main() {}
