@@ -6,8 +6,9 @@
 //! and bytes; a subscriber whose queue is full is marked slow and its
 //! connection closes with 4008. Fan-out never waits on a subscriber.
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::collections::VecDeque;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use axum::extract::ws::Utf8Bytes;
@@ -15,9 +16,9 @@ use bytes::Bytes;
 use herald_core::publication::{Control, EncodedFrame};
 use herald_core::registry::{Registry, Subscriber};
 use herald_core::{ChannelName, Publication};
-use tokio::sync::mpsc;
-use tokio_util::sync::CancellationToken;
+use tokio::sync::Notify;
 
+use crate::hub::lock;
 use crate::metrics::Metrics;
 
 /// A frame waiting in a connection's outgoing queue. Cloning shares the bytes.
@@ -57,16 +58,28 @@ impl From<EncodedFrame> for Outbound {
     }
 }
 
-/// What the fan-out side holds of a connection.
+/// What the fan-out side and the connection task share.
 struct ConnectionShared {
     id: u64,
     user_id: Arc<str>,
-    queue: mpsc::Sender<Outbound>,
-    /// Bytes in `queue` not yet taken by the connection task.
-    queued_bytes: AtomicUsize,
-    max_queued_bytes: usize,
-    /// Cancelled when the connection fell behind and must be closed.
-    slow: CancellationToken,
+    queue: Mutex<QueueState>,
+    /// Wakes the connection task when a frame arrives or it falls behind.
+    wake: Notify,
+    max_messages: usize,
+    max_bytes: usize,
+}
+
+/// The outgoing queue. A plain deque: it allocates only while frames wait
+/// (an idle connection holds no buffer) and is shrunk after a burst.
+#[derive(Default)]
+struct QueueState {
+    frames: VecDeque<Outbound>,
+    /// Bytes in `frames`, against `max_bytes`.
+    bytes: usize,
+    /// Set when a frame did not fit: the connection must be closed.
+    slow: bool,
+    /// Set when the connection task is gone; offers are refused.
+    closed: bool,
 }
 
 /// A cheap handle to a live connection, stored in the registry.
@@ -75,7 +88,6 @@ pub struct ConnectionHandle(Arc<ConnectionShared>);
 
 /// The connection task's end of the outgoing queue.
 pub struct ConnectionQueue {
-    receiver: mpsc::Receiver<Outbound>,
     shared: Arc<ConnectionShared>,
 }
 
@@ -89,6 +101,17 @@ pub enum Offer {
     Closed,
 }
 
+/// What the connection task takes from its queue.
+#[derive(Debug)]
+pub enum Next {
+    Frame(Outbound),
+    /// The client fell behind and must be disconnected.
+    FellBehind,
+}
+
+/// A queue that held more than this many frames is shrunk once drained.
+const SHRINK_ABOVE: usize = 64;
+
 /// Creates the two ends of a connection's bounded outgoing queue.
 pub fn connection_queue(
     id: u64,
@@ -96,16 +119,15 @@ pub fn connection_queue(
     max_messages: usize,
     max_bytes: usize,
 ) -> (ConnectionHandle, ConnectionQueue) {
-    let (sender, receiver) = mpsc::channel(max_messages);
     let shared = Arc::new(ConnectionShared {
         id,
         user_id: Arc::from(user_id),
-        queue: sender,
-        queued_bytes: AtomicUsize::new(0),
-        max_queued_bytes: max_bytes,
-        slow: CancellationToken::new(),
+        queue: Mutex::new(QueueState::default()),
+        wake: Notify::new(),
+        max_messages,
+        max_bytes,
     });
-    (ConnectionHandle(shared.clone()), ConnectionQueue { receiver, shared })
+    (ConnectionHandle(shared.clone()), ConnectionQueue { shared })
 }
 
 impl ConnectionHandle {
@@ -117,29 +139,30 @@ impl ConnectionHandle {
     /// marks the connection slow; it is closed rather than allowed to lag.
     pub fn offer(&self, frame: &Outbound) -> Offer {
         let shared = &self.0;
-        if shared.slow.is_cancelled() {
-            return Offer::Dropped;
-        }
         let size = frame.len();
-        let before = shared.queued_bytes.fetch_add(size, Ordering::Relaxed);
-        if before + size > shared.max_queued_bytes {
-            shared.queued_bytes.fetch_sub(size, Ordering::Relaxed);
-            shared.slow.cancel();
+        let mut queue = lock(&shared.queue);
+        if queue.closed {
+            return Offer::Closed;
+        }
+        if queue.slow {
             return Offer::Dropped;
         }
-        match shared.queue.try_send(frame.clone()) {
-            Ok(()) => Offer::Queued,
-            Err(error) => {
-                shared.queued_bytes.fetch_sub(size, Ordering::Relaxed);
-                match error {
-                    mpsc::error::TrySendError::Full(_) => {
-                        shared.slow.cancel();
-                        Offer::Dropped
-                    }
-                    mpsc::error::TrySendError::Closed(_) => Offer::Closed,
-                }
-            }
+        if queue.frames.len() >= shared.max_messages || queue.bytes + size > shared.max_bytes {
+            queue.slow = true;
+            drop(queue);
+            shared.wake.notify_one();
+            return Offer::Dropped;
         }
+        queue.frames.push_back(frame.clone());
+        queue.bytes += size;
+        let was_empty = queue.frames.len() == 1;
+        drop(queue);
+        // Only the first frame of a burst needs to wake the task; it drains
+        // everything queued before it sleeps again.
+        if was_empty {
+            shared.wake.notify_one();
+        }
+        Offer::Queued
     }
 }
 
@@ -154,23 +177,48 @@ impl Subscriber for ConnectionHandle {
 }
 
 impl ConnectionQueue {
-    /// The next queued frame; `None` only if every handle is gone.
-    pub async fn recv(&mut self) -> Option<Outbound> {
-        let frame = self.receiver.recv().await?;
-        self.shared.queued_bytes.fetch_sub(frame.len(), Ordering::Relaxed);
-        Some(frame)
+    /// Waits for the next frame, or for the news that the client fell behind.
+    pub async fn next(&self) -> Next {
+        loop {
+            if let Some(next) = self.try_next() {
+                return next;
+            }
+            // A wake-up sent between the check above and this wait is kept
+            // as a permit by `Notify`, so none is lost.
+            self.shared.wake.notified().await;
+        }
     }
 
-    /// A frame that is already queued, without waiting.
-    pub fn try_recv(&mut self) -> Option<Outbound> {
-        let frame = self.receiver.try_recv().ok()?;
-        self.shared.queued_bytes.fetch_sub(frame.len(), Ordering::Relaxed);
-        Some(frame)
+    /// The next frame if one is queued (or `FellBehind`), without waiting.
+    pub fn try_next(&self) -> Option<Next> {
+        let mut queue = lock(&self.shared.queue);
+        if queue.slow {
+            return Some(Next::FellBehind);
+        }
+        let frame = queue.frames.pop_front()?;
+        queue.bytes -= frame.len();
+        if queue.frames.is_empty() && queue.frames.capacity() > SHRINK_ABOVE {
+            queue.frames = VecDeque::new();
+        }
+        Some(Next::Frame(frame))
     }
 
-    /// Cancelled when fan-out finds this connection too slow.
-    pub fn slow_signal(&self) -> CancellationToken {
-        self.shared.slow.clone()
+    /// Resolves once fan-out has found this connection too slow.
+    pub async fn fell_behind(&self) {
+        loop {
+            if lock(&self.shared.queue).slow {
+                return;
+            }
+            self.shared.wake.notified().await;
+        }
+    }
+}
+
+impl Drop for ConnectionQueue {
+    fn drop(&mut self) {
+        let mut queue = lock(&self.shared.queue);
+        queue.closed = true;
+        queue.frames = VecDeque::new();
     }
 }
 
@@ -230,24 +278,61 @@ impl Fanout {
 mod tests {
     use super::*;
 
+    fn frame(text: &'static str) -> Outbound {
+        Outbound::Text(text.into())
+    }
+
     #[tokio::test]
     async fn a_full_queue_marks_the_connection_slow() {
-        let (handle, mut queue) = connection_queue(1, "alice", 2, 1_000);
-        let frame = Outbound::Text("12345".into());
-        assert_eq!(handle.offer(&frame), Offer::Queued);
-        assert_eq!(handle.offer(&frame), Offer::Queued);
-        assert_eq!(handle.offer(&frame), Offer::Dropped);
-        assert!(queue.slow_signal().is_cancelled());
-        assert!(queue.try_recv().is_some());
+        let (handle, queue) = connection_queue(1, "alice", 2, 1_000);
+        assert_eq!(handle.offer(&frame("12345")), Offer::Queued);
+        assert_eq!(handle.offer(&frame("12345")), Offer::Queued);
+        assert_eq!(handle.offer(&frame("12345")), Offer::Dropped);
+        assert!(matches!(queue.next().await, Next::FellBehind));
+        tokio::time::timeout(std::time::Duration::from_secs(1), queue.fell_behind())
+            .await
+            .unwrap();
     }
 
     #[tokio::test]
     async fn the_byte_bound_counts_too() {
-        let (handle, mut queue) = connection_queue(1, "alice", 100, 10);
-        let frame = Outbound::Text("123456".into());
-        assert_eq!(handle.offer(&frame), Offer::Queued);
-        assert_eq!(handle.offer(&frame), Offer::Dropped, "12 bytes exceed 10");
-        assert_eq!(queue.recv().await.unwrap().len(), 6);
-        assert_eq!(handle.offer(&frame), Offer::Dropped, "slow stays slow");
+        let (handle, queue) = connection_queue(1, "alice", 100, 10);
+        assert_eq!(handle.offer(&frame("123456")), Offer::Queued);
+        assert_eq!(handle.offer(&frame("123456")), Offer::Dropped, "12 bytes exceed 10");
+        assert!(
+            matches!(queue.try_next(), Some(Next::FellBehind)),
+            "slow wins over queued frames"
+        );
+        assert_eq!(handle.offer(&frame("1")), Offer::Dropped, "slow stays slow");
+    }
+
+    #[tokio::test]
+    async fn frames_arrive_in_order_and_wake_the_waiter() {
+        let (handle, queue) = connection_queue(1, "alice", 100, 1_000);
+        let waiter = tokio::spawn(async move {
+            let mut got = Vec::new();
+            while got.len() < 3 {
+                match queue.next().await {
+                    Next::Frame(Outbound::Text(text)) => got.push(text.to_string()),
+                    other => panic!("unexpected {other:?}"),
+                }
+            }
+            got
+        });
+        for text in ["a", "b", "c"] {
+            assert_eq!(handle.offer(&frame(text)), Offer::Queued);
+        }
+        let got = tokio::time::timeout(std::time::Duration::from_secs(5), waiter)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(got, ["a", "b", "c"]);
+    }
+
+    #[test]
+    fn a_dropped_queue_refuses_offers() {
+        let (handle, queue) = connection_queue(1, "alice", 100, 1_000);
+        drop(queue);
+        assert_eq!(handle.offer(&frame("x")), Offer::Closed);
     }
 }

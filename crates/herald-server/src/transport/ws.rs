@@ -32,11 +32,12 @@ use super::close::Ending;
 use super::origin;
 use crate::api::json_error;
 use crate::auth::{AuthError, Identity, unix_now};
-use crate::fanout::{ConnectionHandle, ConnectionQueue, Outbound, connection_queue};
+use crate::fanout::{ConnectionHandle, ConnectionQueue, Next, Outbound, connection_queue};
 use crate::hub::{Admission, Hub, PublishError, PublishRequest, Rejection, Source};
 
-/// Read buffer per connection; grows only while a large frame is read.
-const READ_BUFFER_SIZE: usize = 4 * 1024;
+/// Read buffer per connection: commands are small. A larger frame makes
+/// tungstenite reserve its full length, so this is not a size limit.
+const READ_BUFFER_SIZE: usize = 1024;
 /// Frames are written as soon as this much is buffered (or on flush).
 const WRITE_BUFFER_SIZE: usize = 8 * 1024;
 /// The most frames taken from the queue in one turn before flushing.
@@ -309,18 +310,20 @@ impl<'a> Session<'a> {
         session.serve(socket, queue).await
     }
 
-    async fn serve(&mut self, socket: &mut WebSocket, mut queue: ConnectionQueue) -> Ending {
+    async fn serve(&mut self, socket: &mut WebSocket, queue: ConnectionQueue) -> Ending {
         let hub = self.hub;
         let keepalive = &hub.config.keepalive;
         let far_future = Instant::now() + Duration::from_secs(86_400 * 365);
-        let mut next_ping = Instant::now() + keepalive.ping_interval;
-        let mut pong_deadline = far_future;
+        // One timer for both halves of keepalive: when the next ping is due,
+        // or, while a ping is unanswered, when the peer counts as dead.
+        let keepalive_timer = tokio::time::sleep_until(Instant::now() + keepalive.ping_interval);
+        tokio::pin!(keepalive_timer);
+        let mut awaiting_pong = false;
         let expiry = tokio::time::sleep_until(self.expiry_instant());
         tokio::pin!(expiry);
         let drain = tokio::time::sleep_until(far_future);
         tokio::pin!(drain);
         let mut draining = false;
-        let slow = queue.slow_signal();
 
         loop {
             if !self.outbox.is_empty() {
@@ -332,7 +335,7 @@ impl<'a> Session<'a> {
                 };
                 let outcome = tokio::select! {
                     outcome = tokio::time::timeout(hub.limits().write_timeout, write) => outcome,
-                    _ = slow.cancelled() => return Ending::SlowClient,
+                    _ = queue.fell_behind() => return Ending::SlowClient,
                 };
                 match outcome {
                     Ok(Ok(())) => {}
@@ -349,7 +352,6 @@ impl<'a> Session<'a> {
             }
             tokio::select! {
                 biased;
-                _ = slow.cancelled() => return Ending::SlowClient,
                 _ = hub.shutdown.draining.cancelled(), if !draining => {
                     draining = true;
                     drain.as_mut().reset(Instant::now() + drain_delay(hub.config.shutdown.drain_window));
@@ -366,20 +368,23 @@ impl<'a> Session<'a> {
                     return Ending::Shutdown;
                 }
                 _ = &mut expiry => return Ending::TokenExpired,
-                _ = sleep_until(pong_deadline) => return Ending::PongTimeout,
-                _ = sleep_until(next_ping) => {
-                    self.outbox.push(Message::Ping(bytes::Bytes::new()));
-                    next_ping = Instant::now() + keepalive.ping_interval;
-                    if pong_deadline == far_future {
-                        pong_deadline = Instant::now() + keepalive.pong_timeout;
+                _ = &mut keepalive_timer => {
+                    if awaiting_pong {
+                        return Ending::PongTimeout;
                     }
+                    self.outbox.push(Message::Ping(bytes::Bytes::new()));
+                    awaiting_pong = true;
+                    keepalive_timer.as_mut().reset(Instant::now() + keepalive.pong_timeout);
                 }
                 // The socket comes before the queue: a busy channel must not
                 // starve the client's commands and pongs. Commands are rate
                 // limited, so they cannot starve the queue in turn.
                 incoming = socket.recv() => {
                     // Any frame proves the peer is alive.
-                    pong_deadline = far_future;
+                    if awaiting_pong {
+                        awaiting_pong = false;
+                        keepalive_timer.as_mut().reset(Instant::now() + keepalive.ping_interval);
+                    }
                     let text = match incoming {
                         None | Some(Ok(Message::Close(_))) => return Ending::ClientGone,
                         Some(Err(error)) => return read_error_ending(error),
@@ -391,12 +396,15 @@ impl<'a> Session<'a> {
                         return ending;
                     }
                 }
-                frame = queue.recv() => {
-                    let Some(frame) = frame else { return Ending::Error };
+                next = queue.next() => {
+                    let Next::Frame(frame) = next else { return Ending::SlowClient };
                     self.push_outbound(frame);
                     while self.outbox.len() < MAX_BATCH {
-                        let Some(frame) = queue.try_recv() else { break };
-                        self.push_outbound(frame);
+                        match queue.try_next() {
+                            Some(Next::Frame(frame)) => self.push_outbound(frame),
+                            Some(Next::FellBehind) => return Ending::SlowClient,
+                            None => break,
+                        }
                     }
                 }
             }
