@@ -392,7 +392,9 @@ impl<'a> Session<'a> {
                         Some(Ok(Message::Binary(_))) => None,
                         Some(Ok(Message::Text(text))) => Some(text),
                     };
-                    if let Some(ending) = self.command(text.as_deref()).await {
+                    // Boxed: the command path (publish included) is large and
+                    // rarely running; inline, every idle connection would carry it.
+                    if let Some(ending) = Box::pin(self.command(text.as_deref())).await {
                         return ending;
                     }
                 }
