@@ -5,7 +5,8 @@
 //! channel names and namespace policies (`channel`, `policy`), the message
 //! model (`publication`), the subscription registry and fan-out filter
 //! (`registry`), idempotency (`dedup`), the command rate limiter
-//! (`rate_limit`) and human-readable durations (`duration`).
+//! (`rate_limit`), human-readable durations (`duration`) and the Redis
+//! wire protocol (`resp`).
 
 pub mod channel;
 pub mod dedup;
@@ -15,6 +16,7 @@ pub mod policy;
 pub mod publication;
 pub mod rate_limit;
 pub mod registry;
+pub mod resp;
 
 pub use channel::{ChannelError, ChannelName};
 pub use publication::{Payload, Publication};

@@ -119,6 +119,23 @@ proptest! {
     }
 
     #[test]
+    fn resp_parsing_never_panics(bytes in prop::collection::vec(any::<u8>(), 0..256)) {
+        let _ = herald_core::resp::parse(&bytes);
+    }
+
+    #[test]
+    fn resp_commands_round_trip(args in prop::collection::vec(prop::collection::vec(any::<u8>(), 0..40), 1..8)) {
+        let mut out = bytes::BytesMut::new();
+        herald_core::resp::encode_command(&args, &mut out);
+        let (value, used) = herald_core::resp::parse(&out).unwrap().unwrap();
+        prop_assert_eq!(used, out.len());
+        let items = value.as_array().unwrap();
+        let parsed: Vec<&[u8]> = items.iter().map(|item| item.as_bytes().unwrap()).collect();
+        let expected: Vec<&[u8]> = args.iter().map(Vec::as_slice).collect();
+        prop_assert_eq!(parsed, expected);
+    }
+
+    #[test]
     fn binary_deliveries_round_trip(payload in prop::collection::vec(any::<u8>(), 0..1024)) {
         let publication = Publication {
             channel: ChannelName::parse("files:x").unwrap(),
