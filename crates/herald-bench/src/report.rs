@@ -1,0 +1,227 @@
+//! The result of a run: one struct, printed as JSON (`--json`, for scripts
+//! such as `bench/compare.sh`) or as a table for people.
+
+use std::fmt::Write as _;
+
+use serde::{Deserialize, Serialize};
+
+use crate::accounting::Percentiles;
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Report {
+    pub scenario: String,
+    /// `herald` or `peer`.
+    pub target: String,
+    /// Connections asked for.
+    pub connections: usize,
+    /// Connections that connected (and subscribed).
+    pub connected: usize,
+    pub connect_errors: usize,
+    pub first_connect_error: Option<String>,
+    pub workers: usize,
+    /// Publishes per second asked for.
+    pub rate: f64,
+    pub duration_s: f64,
+    pub payload_bytes: usize,
+    pub publishes: PublishSummary,
+    pub deliveries: DeliverySummary,
+    /// Receive time minus intended send time, first deliveries only.
+    pub latency_ms: Percentiles,
+    pub connect: ConnectSummary,
+    /// With `--server-pid` only.
+    pub server: Option<ServerSummary>,
+    /// In the slow scenario only.
+    pub slow: Option<SlowSummary>,
+    /// CPU the bench used (coordinator and workers): a bench near one full
+    /// core per process measured itself, not the server.
+    pub bench_cpu_s: f64,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct PublishSummary {
+    pub sent: u64,
+    /// Transport failures and non-2xx answers.
+    pub errors: u64,
+    pub first_error: Option<String>,
+    /// The largest delay between a message's due time and its send: how far
+    /// the open-loop schedule slipped.
+    pub max_lag_ms: f64,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct DeliverySummary {
+    /// Deliveries that should have arrived at subscribers that read
+    /// (slow subscribers are excluded).
+    pub expected: u64,
+    pub received: u64,
+    pub lost: u64,
+    pub duplicated: u64,
+    pub out_of_range: u64,
+    pub malformed: u64,
+    /// Received deliveries per second of the measured window (first
+    /// publish due to last delivery).
+    pub per_second: f64,
+    /// Reading subscribers whose connection ended early.
+    pub disconnects: u64,
+    pub first_disconnect: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct ConnectSummary {
+    /// Connections per second over the connect phase's wall time.
+    pub rate_per_s: f64,
+    pub wall_s: f64,
+    /// From starting the TCP connect to `auth_success` (Herald) or to the
+    /// completed upgrade (peer).
+    pub latency_ms: Percentiles,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ServerSummary {
+    pub pid: u32,
+    /// CPU the server used while the connections were opened.
+    pub cpu_connect_s: f64,
+    /// CPU the server used in the measured phase (publishing and draining,
+    /// or holding for idle).
+    pub cpu_measured_s: f64,
+    /// Received deliveries per CPU-second of the measured phase.
+    pub deliveries_per_cpu_s: Option<f64>,
+    pub rss_before_kib: u64,
+    pub rss_after_connect_kib: u64,
+    pub rss_end_kib: u64,
+    /// RSS after connecting minus before.
+    pub rss_growth_kib: i64,
+    pub kib_per_connection: f64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SlowSummary {
+    /// Connected subscribers that stopped reading.
+    pub subscribers: usize,
+    /// Herald only: the rise of `herald_disconnects_total{reason="slow_client"}`.
+    pub slow_client_disconnects: Option<u64>,
+}
+
+impl Report {
+    /// The human-readable table.
+    pub fn table(&self) -> String {
+        let mut out = String::new();
+        let mut row = |label: &str, value: String| {
+            let _ = writeln!(out, "  {label:<18} {value}");
+        };
+        let header = format!(
+            "herald-bench {} -> {}: {} connections, {} worker(s)",
+            self.scenario, self.target, self.connections, self.workers
+        );
+        row(
+            "connections",
+            format!("{} connected, {} failed", self.connected, self.connect_errors),
+        );
+        if let Some(error) = &self.first_connect_error {
+            row("first failure", error.clone());
+        }
+        let connect = &self.connect;
+        row(
+            "connect",
+            format!(
+                "{:.0} conn/s over {:.2} s; latency p50 {} ms, p99 {} ms, max {} ms",
+                connect.rate_per_s,
+                connect.wall_s,
+                ms(connect.latency_ms.p50),
+                ms(connect.latency_ms.p99),
+                ms(connect.latency_ms.max)
+            ),
+        );
+        if self.publishes.sent > 0 {
+            row(
+                "publishes",
+                format!(
+                    "{} sent at {}/s for {} s, {} errors, max lag {} ms, payload {} B",
+                    self.publishes.sent,
+                    self.rate,
+                    self.duration_s,
+                    self.publishes.errors,
+                    ms(self.publishes.max_lag_ms),
+                    self.payload_bytes
+                ),
+            );
+            if let Some(error) = &self.publishes.first_error {
+                row("first error", error.clone());
+            }
+            let deliveries = &self.deliveries;
+            row(
+                "deliveries",
+                format!(
+                    "{} expected, {} received, {} lost, {} duplicated, {} out of range, {} malformed",
+                    deliveries.expected,
+                    deliveries.received,
+                    deliveries.lost,
+                    deliveries.duplicated,
+                    deliveries.out_of_range,
+                    deliveries.malformed
+                ),
+            );
+            row("delivery rate", format!("{:.0} /s", deliveries.per_second));
+            let latency = &self.latency_ms;
+            row(
+                "latency",
+                format!(
+                    "p50 {} ms, p90 {} ms, p99 {} ms, p99.9 {} ms, max {} ms",
+                    ms(latency.p50),
+                    ms(latency.p90),
+                    ms(latency.p99),
+                    ms(latency.p999),
+                    ms(latency.max)
+                ),
+            );
+        }
+        if self.deliveries.disconnects > 0 {
+            row(
+                "disconnects",
+                format!(
+                    "{} ({})",
+                    self.deliveries.disconnects,
+                    self.deliveries.first_disconnect.as_deref().unwrap_or("")
+                ),
+            );
+        }
+        if let Some(slow) = &self.slow {
+            let disconnects = slow.slow_client_disconnects.map_or_else(String::new, |count| {
+                format!("; server disconnected {count} as slow_client")
+            });
+            row("slow subscribers", format!("{}{disconnects}", slow.subscribers));
+        }
+        if let Some(server) = &self.server {
+            let per_cpu = server
+                .deliveries_per_cpu_s
+                .map_or_else(String::new, |rate| format!("; {rate:.0} deliveries per CPU-second"));
+            row(
+                "server CPU",
+                format!(
+                    "{:.2} s measured, {:.2} s connecting{per_cpu}",
+                    server.cpu_measured_s, server.cpu_connect_s
+                ),
+            );
+            row(
+                "server RSS",
+                format!(
+                    "{} KiB before, {} KiB connected, {} KiB at end; {:.1} KiB per connection",
+                    server.rss_before_kib, server.rss_after_connect_kib, server.rss_end_kib, server.kib_per_connection
+                ),
+            );
+        }
+        row("bench CPU", format!("{:.2} s", self.bench_cpu_s));
+        format!("{header}\n{out}")
+    }
+}
+
+/// Milliseconds with precision that suits their size.
+fn ms(value: f64) -> String {
+    if value >= 100.0 {
+        format!("{value:.0}")
+    } else if value >= 10.0 {
+        format!("{value:.1}")
+    } else {
+        format!("{value:.2}")
+    }
+}
