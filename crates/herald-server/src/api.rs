@@ -363,6 +363,9 @@ pub async fn stats(State(hub): State<Hub>) -> Response {
 }
 
 pub async fn metrics(State(hub): State<Hub>) -> Response {
+    hub.metrics
+        .broker_up
+        .store(i64::from(hub.broker.is_ready()), std::sync::atomic::Ordering::Relaxed);
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
         hub.metrics.render(),

@@ -230,13 +230,16 @@ fn config_check(common: &Common) -> anyhow::Result<ExitCode> {
             "not set (generated at start on loopback)"
         }
     );
-    println!(
-        "  redis.url:         {}",
-        config
-            .redis_url
-            .as_deref()
-            .map_or("not set (embedded broker)", |_| "set")
-    );
+    match &config.redis {
+        Some(redis) => println!(
+            "  redis:             {} (prefix {:?}, {} routes, streams {})",
+            redis.address.host_port,
+            redis.prefix,
+            redis.routes.len(),
+            if redis.streams.is_some() { "on" } else { "off" }
+        ),
+        None => println!("  redis:             not set (in-process broker)"),
+    }
     println!("  max_message_size:  {} bytes", config.limits.max_message_size);
     println!(
         "  max_connections:   {} (per user {}, per IP {})",

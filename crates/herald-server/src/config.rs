@@ -16,6 +16,11 @@ use herald_core::policy::{NamespacePolicy, Policies, SubscribePolicy};
 use jsonwebtoken::Algorithm;
 use serde::Deserialize;
 
+use crate::broker::redis::RedisConfig;
+use crate::broker::redis::link::RedisAddress;
+use crate::broker::redis::routes::Route;
+use crate::broker::redis::streams::StreamsConfig;
+
 /// The address the embedded default listens on.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:8081";
 
@@ -90,6 +95,12 @@ pub struct RawApi {
 #[serde(deny_unknown_fields)]
 pub struct RawRedis {
     pub url: Option<String>,
+    pub prefix: Option<String>,
+    pub subscribe_timeout: Option<String>,
+    pub streams: Option<bool>,
+    pub claim_idle: Option<String>,
+    #[serde(default)]
+    pub routes: Vec<crate::broker::redis::routes::RawRoute>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -189,6 +200,7 @@ impl RawConfig {
         set(&mut self.jwt.audience, "HERALD_JWT_AUDIENCE");
         set(&mut self.api.key, "HERALD_API_KEY");
         set(&mut self.redis.url, "HERALD_REDIS_URL");
+        set(&mut self.redis.prefix, "HERALD_REDIS_PREFIX");
         set(&mut self.log.format, "HERALD_LOG_FORMAT");
         set(&mut self.log.level, "HERALD_LOG_LEVEL");
         set(&mut self.shutdown.timeout, "HERALD_SHUTDOWN_TIMEOUT");
@@ -224,6 +236,7 @@ pub const ENV_VARS: &[(&str, &str)] = &[
     ("HERALD_JWT_AUDIENCE", "jwt.audience"),
     ("HERALD_API_KEY", "api.key"),
     ("HERALD_REDIS_URL", "redis.url"),
+    ("HERALD_REDIS_PREFIX", "redis.prefix"),
     ("HERALD_ORIGINS_ALLOWED", "origins.allowed (comma-separated)"),
     ("HERALD_MAX_CONNECTIONS", "limits.max_connections"),
     ("HERALD_MAX_CONNECTIONS_PER_USER", "limits.max_connections_per_user"),
@@ -244,7 +257,8 @@ pub struct Config {
     pub jwt: JwtConfig,
     /// `None` until [`Config::fill_ephemeral_secrets`] in the embedded default.
     pub api_key: Option<String>,
-    pub redis_url: Option<String>,
+    /// Redis mode when set; the in-process broker otherwise.
+    pub redis: Option<RedisConfig>,
     pub limits: Limits,
     pub keepalive: Keepalive,
     pub shutdown: ShutdownConfig,
@@ -503,12 +517,13 @@ impl Config {
             namespaces.insert(name.clone(), merge_namespace(Some(policy), defaults));
         }
         let policies = Policies::new(namespaces, bare);
+        let redis = redis_config(raw.redis)?;
 
         Ok(Config {
             listen,
             jwt,
             api_key: raw.api.key,
-            redis_url: raw.redis.url,
+            redis,
             limits,
             keepalive,
             shutdown,
@@ -561,6 +576,44 @@ pub fn random_token(bytes: usize) -> String {
     let mut buffer = vec![0u8; bytes];
     getrandom::fill(&mut buffer).expect("the OS random number generator is available");
     base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(buffer)
+}
+
+fn redis_config(raw: RawRedis) -> Result<Option<RedisConfig>, ConfigError> {
+    let Some(url) = raw.url else {
+        if !raw.routes.is_empty() {
+            return Err(invalid("redis.routes", "routes need redis.url"));
+        }
+        return Ok(None);
+    };
+    let address = RedisAddress::parse(&url).map_err(|problem| invalid("redis.url", problem))?;
+    let prefix = raw.prefix.unwrap_or_else(|| "herald:".to_owned());
+    if prefix.contains(['*', '?', '[', ']', ' ']) {
+        return Err(invalid("redis.prefix", "must not contain glob characters or spaces"));
+    }
+    let routes = raw
+        .routes
+        .into_iter()
+        .enumerate()
+        .map(|(index, route)| {
+            Route::from_raw(route, index).map_err(|problem| ConfigError::Invalid {
+                key: "redis.routes".into(),
+                problem,
+            })
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let streams = match raw.streams.unwrap_or(true) {
+        true => Some(StreamsConfig {
+            claim_idle: duration("redis.claim_idle", raw.claim_idle, "30s")?,
+        }),
+        false => None,
+    };
+    Ok(Some(RedisConfig {
+        address,
+        prefix,
+        subscribe_timeout: duration("redis.subscribe_timeout", raw.subscribe_timeout, "2s")?,
+        streams,
+        routes,
+    }))
 }
 
 fn merge_namespace(raw: Option<&RawNamespace>, defaults: NamespacePolicy) -> NamespacePolicy {
@@ -635,6 +688,16 @@ mod tests {
     #[test]
     fn errors_name_the_key() {
         check_error("listen = \"nowhere\"", "`listen`");
+        check_error("[redis]\nurl = \"http://x\"", "`redis.url`: must start with redis://");
+        check_error("[redis]\nurl = \"redis://h\"\nprefix = \"a*\"", "`redis.prefix`");
+        check_error(
+            "[[redis.routes]]\nredis_channel = \"a\"\nherald_channel = \"b\"",
+            "routes need redis.url",
+        );
+        check_error(
+            "[redis]\nurl = \"redis://h\"\n[[redis.routes]]\nredis_channel = \"a\"",
+            "`redis.routes`: `redis.routes[0]` needs exactly one",
+        );
         check_error(
             "[limits]\nauth_timeout = \"10\"",
             "`limits.auth_timeout`: `10` has no unit",

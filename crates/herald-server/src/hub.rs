@@ -94,6 +94,7 @@ pub enum PublishError {
 pub enum Source {
     Http,
     Client,
+    Stream,
 }
 
 /// Why a new connection is refused before it is upgraded.
@@ -131,6 +132,7 @@ impl Hub {
         verifier: Arc<dyn TokenVerifier>,
         metrics: Arc<Metrics>,
         shutdown: Shutdown,
+        node_id: String,
     ) -> Self {
         let dedup = Dedup::new(config.idempotency.window, config.idempotency.capacity);
         Hub(Arc::new(HubInner {
@@ -140,7 +142,7 @@ impl Hub {
             verifier,
             metrics,
             shutdown,
-            node_id: crate::config::random_token(6),
+            node_id,
             started: Instant::now(),
             dedup: Mutex::new(dedup),
             next_connection_id: AtomicU64::new(1),
@@ -275,6 +277,7 @@ impl Hub {
                 let source = match source {
                     Source::Http => "http",
                     Source::Client => "client",
+                    Source::Stream => "stream",
                 };
                 self.metrics.messages_published.add(source, 1);
                 Ok(receipt)

@@ -99,18 +99,22 @@ pub struct Metrics {
     pub auth_failures: Family<10>,
     /// Why connections ended.
     pub disconnects: Family<12>,
-    pub messages_published: Family<3>,
+    pub messages_published: Family<4>,
     /// Frames queued to subscribers (one per subscriber per message).
     pub messages_delivered: AtomicU64,
     /// Messages a subscriber did not get, by reason; the subscriber is told
     /// (it is disconnected with a close code).
-    pub messages_dropped: Family<2>,
+    pub messages_dropped: Family<3>,
     pub duplicates_suppressed: AtomicU64,
     pub commands: AtomicU64,
     pub command_errors: AtomicU64,
     /// Time from accepting a publish to having queued it for every local subscriber.
     pub fanout_latency: Histogram,
     pub broker_up: AtomicI64,
+    /// Reconnections to the broker after a lost connection.
+    pub broker_reconnects: AtomicU64,
+    /// Stream entries published and acknowledged.
+    pub stream_entries: AtomicU64,
 }
 
 impl Default for Metrics {
@@ -154,14 +158,16 @@ impl Default for Metrics {
                     "error",
                 ],
             ),
-            messages_published: Family::new("source", ["http", "client", "other"]),
+            messages_published: Family::new("source", ["http", "client", "stream", "other"]),
             messages_delivered: AtomicU64::new(0),
-            messages_dropped: Family::new("reason", ["slow_client", "other"]),
+            messages_dropped: Family::new("reason", ["slow_client", "invalid", "other"]),
             duplicates_suppressed: AtomicU64::new(0),
             commands: AtomicU64::new(0),
             command_errors: AtomicU64::new(0),
             fanout_latency: Histogram::new(LATENCY_BOUNDS),
             broker_up: AtomicI64::new(1),
+            broker_reconnects: AtomicU64::new(0),
+            stream_entries: AtomicU64::new(0),
         }
     }
 }
@@ -240,6 +246,18 @@ impl Metrics {
             "herald_broker_up",
             "1 when the broker is reachable.",
             self.broker_up.load(Relaxed),
+        );
+        counter(
+            &mut out,
+            "herald_broker_reconnects_total",
+            "Reconnections to the broker after a lost connection.",
+            self.broker_reconnects.load(Relaxed),
+        );
+        counter(
+            &mut out,
+            "herald_stream_entries_total",
+            "Stream entries published and acknowledged.",
+            self.stream_entries.load(Relaxed),
         );
         out
     }

@@ -19,7 +19,10 @@ use tower::ServiceExt;
 
 use crate::api;
 use crate::auth::JwtVerifier;
+use crate::broker::Broker;
 use crate::broker::memory::MemoryBroker;
+use crate::broker::redis::RedisBroker;
+use crate::broker::redis::link::RedisLink;
 use crate::config::Config;
 use crate::demo;
 use crate::fanout::Fanout;
@@ -40,15 +43,44 @@ pub struct RunningServer {
 pub async fn start(config: Config) -> std::io::Result<RunningServer> {
     let listener = TcpListener::bind(config.listen).await?;
     let local_addr = listener.local_addr()?;
-    if config.redis_url.is_some() {
-        tracing::warn!("redis.url is set, but this build runs the in-process broker only");
-    }
     let config = Arc::new(config);
     let metrics = Arc::new(Metrics::default());
     let fanout = Arc::new(Fanout::new(metrics.clone()));
-    let broker = Arc::new(MemoryBroker::new(fanout.clone()));
+    let shutdown = Shutdown::default();
+    let node_id = crate::config::random_token(6);
+    let mut stream_consumer = None;
+    let broker: Arc<dyn Broker> = match &config.redis {
+        None => Arc::new(MemoryBroker::new(fanout.clone())),
+        Some(redis) => {
+            let (stopped, services) = (shutdown.stopped.clone(), &shutdown.services);
+            if let Some(streams) = &redis.streams {
+                let link = RedisLink::start(
+                    "streams",
+                    redis.address.clone(),
+                    metrics.clone(),
+                    stopped.clone(),
+                    services,
+                );
+                stream_consumer = Some((link, format!("{}publish", redis.prefix), streams.clone()));
+            }
+            let broker = RedisBroker::start(
+                redis.clone(),
+                node_id.clone(),
+                fanout.clone(),
+                metrics.clone(),
+                stopped,
+                services,
+            );
+            Arc::new(broker)
+        }
+    };
     let verifier = Arc::new(JwtVerifier::new(&config.jwt));
-    let hub = Hub::new(config.clone(), fanout, broker, verifier, metrics, Shutdown::default());
+    let hub = Hub::new(config.clone(), fanout, broker, verifier, metrics, shutdown, node_id);
+    if let Some((link, key, streams)) = stream_consumer {
+        hub.shutdown
+            .services
+            .spawn(crate::broker::redis::streams::run(hub.clone(), link, key, streams));
+    }
     let router = router(hub.clone());
     let accept_loop = tokio::spawn(accept_loop(listener, router, hub.clone()));
     Ok(RunningServer {
@@ -64,11 +96,18 @@ impl RunningServer {
     /// `shutdown.timeout`. Returns false if the deadline cut tasks off.
     pub async fn stop(self) -> bool {
         let shutdown = self.hub.shutdown.clone();
-        let deadline = self.hub.config.shutdown.timeout;
+        let deadline = tokio::time::Instant::now() + self.hub.config.shutdown.timeout;
         shutdown.begin();
         let _ = self.accept_loop.await;
         shutdown.tracker.close();
-        tokio::time::timeout(deadline, shutdown.tracker.wait()).await.is_ok()
+        let connections_done = tokio::time::timeout_at(deadline, shutdown.tracker.wait()).await.is_ok();
+        shutdown.stopped.cancel();
+        shutdown.services.close();
+        // Services stop promptly once told; allow them a moment past the deadline.
+        let services_done = tokio::time::timeout_at(deadline + Duration::from_secs(1), shutdown.services.wait())
+            .await
+            .is_ok();
+        connections_done && services_done
     }
 }
 

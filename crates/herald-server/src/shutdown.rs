@@ -1,9 +1,11 @@
 //! One shutdown path for the whole process.
 //!
-//! [`Shutdown`] holds the cancellation token every long-lived task selects on
-//! and the tracker every task (WebSocket connections included: axum does not
-//! track upgraded connections) is spawned on, so that the server can wait
-//! for all of them with a deadline.
+//! [`Shutdown`] holds the cancellation tokens every long-lived task selects
+//! on and the trackers they are spawned on, so that the server can wait for
+//! all of them with a deadline. It runs in two phases: `draining` closes the
+//! connections (tracked by `tracker`: axum does not track upgraded
+//! connections); then `stopped` ends the background services (tracked by
+//! `services`), which the connections may need until they are gone.
 
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -13,7 +15,12 @@ pub struct Shutdown {
     /// Cancelled when the node starts draining: stop accepting, mark
     /// not-ready, close connections over the drain window.
     pub draining: CancellationToken,
+    /// Connection tasks (HTTP and WebSocket).
     pub tracker: TaskTracker,
+    /// Cancelled once the connections are done: background services stop.
+    pub stopped: CancellationToken,
+    /// Background service tasks (broker links, stream consumer).
+    pub services: TaskTracker,
 }
 
 impl Shutdown {

@@ -7,6 +7,7 @@
 //! networked broker subscribes upstream only to what this node needs.
 
 pub mod memory;
+pub mod redis;
 
 use std::future::Future;
 use std::pin::Pin;
@@ -39,6 +40,13 @@ pub trait Broker: Send + Sync + 'static {
 
     /// The last local subscriber of `channel` left.
     fn channel_removed(&self, channel: &ChannelName);
+
+    /// Resolves once messages published to `channel` from now on will reach
+    /// this node (a networked broker waits for its upstream subscription,
+    /// within a bound). A subscribe is acknowledged to the client after it.
+    fn subscribed(&self, _channel: &ChannelName) -> BoxFuture<'_, ()> {
+        Box::pin(std::future::ready(()))
+    }
 
     /// Whether publishes can succeed now (`/ready`).
     fn is_ready(&self) -> bool;

@@ -307,6 +307,8 @@ impl<'a> Session<'a> {
             expiry_changed: false,
         };
         tracing::debug!(user_id = %session.identity.user_id, connection_id = id, "connection authenticated");
+        // `auth_success` goes out once the personal channel is live.
+        hub.broker.subscribed(&session.user_channel).await;
         session.serve(socket, queue).await
     }
 
@@ -490,6 +492,7 @@ impl<'a> Session<'a> {
             )),
             Command::Subscribe { channel, recover } => self
                 .subscribe(&channel)
+                .await
                 .map(|_| ack(&message_id, subscribe_ack(&channel, recover.is_some()))),
             Command::Unsubscribe { channel } => self
                 .unsubscribe(&channel)
@@ -497,6 +500,7 @@ impl<'a> Session<'a> {
             Command::JoinGroup { group_id } => {
                 let channel = ChannelName::group(&group_id).expect("the parser validated the group id");
                 self.subscribe(&channel)
+                    .await
                     .map(|_| ack(&message_id, json!({"group_id": group_id, "channel": channel})))
             }
             Command::LeaveGroup { group_id } => {
@@ -568,7 +572,7 @@ impl<'a> Session<'a> {
         }
     }
 
-    fn subscribe(&mut self, channel: &ChannelName) -> Result<Change, (ErrorCode, String)> {
+    async fn subscribe(&mut self, channel: &ChannelName) -> Result<Change, (ErrorCode, String)> {
         self.hub
             .policies()
             .check_subscribe(&self.subject(), channel)
@@ -581,7 +585,10 @@ impl<'a> Session<'a> {
             ));
         }
         self.subscriptions.insert(channel.clone());
-        Ok(self.hub.subscribe(channel, self.handle.clone()))
+        let change = self.hub.subscribe(channel, self.handle.clone());
+        // Ack only once messages published from now on will arrive here.
+        self.hub.broker.subscribed(channel).await;
+        Ok(change)
     }
 
     fn unsubscribe(&mut self, channel: &ChannelName) -> Result<(), (ErrorCode, String)> {

@@ -152,6 +152,10 @@ fn merge_sections(toml: &str) -> String {
         let is_header = trimmed.starts_with('[') && trimmed.ends_with(']');
         if is_header {
             current = trimmed.to_owned();
+            // Each `[[array]]` entry is its own table: never merge those.
+            if trimmed.starts_with("[[") {
+                current = format!("{current}#{}", order.len());
+            }
         }
         if !order.contains(&current) {
             order.push(current.clone());
@@ -163,7 +167,7 @@ fn merge_sections(toml: &str) -> String {
     let mut out = String::new();
     for header in order {
         if !header.is_empty() {
-            out.push_str(&header);
+            out.push_str(header.split('#').next().unwrap_or_default());
             out.push('\n');
         }
         for line in sections.get(&header).into_iter().flatten() {
@@ -265,4 +269,126 @@ impl Client {
         let reply = self.command("ping", "round-trip", json!({})).await;
         assert_eq!(reply["type"], "pong");
     }
+}
+
+/// How often `wait_until` re-checks its condition.
+const POLL_INTERVAL: Duration = Duration::from_millis(20);
+
+/// Waits until `condition` holds, failing the test after `DEADLINE`.
+pub async fn wait_until<F, Fut>(what: &str, mut condition: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    while !condition().await {
+        assert!(tokio::time::Instant::now() < deadline, "timed out waiting until {what}");
+        tokio::time::sleep(POLL_INTERVAL).await;
+    }
+}
+
+/// A real `redis-server` on its own port, killed on drop. It can be killed
+/// with SIGKILL and restarted on the same port, with or without AOF.
+pub struct RedisServer {
+    pub port: u16,
+    dir: std::path::PathBuf,
+    append_only: bool,
+    child: Option<std::process::Child>,
+}
+
+impl RedisServer {
+    pub async fn start() -> Self {
+        Self::start_with(false).await
+    }
+
+    pub async fn start_with(append_only: bool) -> Self {
+        let port = free_port();
+        let dir = std::env::temp_dir().join(format!("herald-redis-{}-{port}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let mut server = RedisServer {
+            port,
+            dir,
+            append_only,
+            child: None,
+        };
+        server.restart().await;
+        server
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// `[redis]` TOML for a node, with a key prefix of its own.
+    pub fn toml(&self, extra: &str) -> String {
+        format!(
+            "[redis]\nurl = \"{}\"\nprefix = \"t{}:\"\n{extra}",
+            self.url(),
+            self.port
+        )
+    }
+
+    pub fn prefix(&self) -> String {
+        format!("t{}:", self.port)
+    }
+
+    /// (Re)starts the server on the same port and waits until it answers.
+    pub async fn restart(&mut self) {
+        assert!(self.child.is_none(), "already running");
+        let mut command = std::process::Command::new("redis-server");
+        command
+            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1", "--save", ""])
+            .args([
+                "--appendonly",
+                if self.append_only { "yes" } else { "no" },
+                "--appendfsync",
+                "always",
+            ])
+            .arg("--dir")
+            .arg(&self.dir)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null());
+        self.child = Some(command.spawn().expect("redis-server runs (scripts/test installs it)"));
+        let port = self.port;
+        wait_until("redis answers PING", || async move {
+            redis_cli_port(port, &["PING"]).is_ok_and(|out| out == "PONG")
+        })
+        .await;
+    }
+
+    /// SIGKILL: no shutdown, no final save.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Runs a command through `redis-cli`; returns its trimmed output.
+    pub fn cli(&self, args: &[&str]) -> String {
+        redis_cli_port(self.port, args).expect("redis-cli runs")
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        self.kill();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn redis_cli_port(port: u16, args: &[&str]) -> std::io::Result<String> {
+    let output = std::process::Command::new("redis-cli")
+        .args(["-p", &port.to_string()])
+        .args(args)
+        .output()?;
+    Ok(String::from_utf8_lossy(&output.stdout).trim().to_owned())
+}
+
+/// A port that was free a moment ago.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
 }

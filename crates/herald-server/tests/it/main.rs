@@ -9,3 +9,4 @@ mod lifecycle;
 mod limits;
 mod messaging;
 mod protocol_fuzz;
+mod redis;

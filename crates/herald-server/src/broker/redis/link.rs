@@ -1,0 +1,385 @@
+//! A pipelined, self-reconnecting connection to Redis for request/reply
+//! commands.
+//!
+//! One task owns the socket. Callers send encoded commands through a bounded
+//! channel; the task writes everything waiting in one go and matches replies
+//! to requests in order. While Redis is unreachable every request fails at
+//! once with [`RedisError::Unavailable`] (never queued to be lost later), and
+//! the task reconnects with exponential backoff and jitter.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use bytes::BytesMut;
+use herald_core::resp::{self, Value};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+
+use crate::metrics::Metrics;
+
+/// How long one request may wait for its reply.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+/// Requests waiting for the connection task; beyond it callers wait.
+const REQUEST_QUEUE: usize = 4096;
+/// Requests written in one batch at most.
+const MAX_PIPELINE: usize = 512;
+
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum RedisError {
+    /// Retryable: no connection, or the connection broke mid-request.
+    #[error("redis unavailable: {0}")]
+    Unavailable(String),
+    /// Redis answered with an error reply.
+    #[error("redis error: {0}")]
+    Reply(String),
+}
+
+/// Where and how to connect, parsed from `redis://[:password@]host:port[/db]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RedisAddress {
+    pub host_port: String,
+    pub password: Option<String>,
+    pub username: Option<String>,
+    pub database: u32,
+}
+
+impl RedisAddress {
+    pub fn parse(url: &str) -> Result<Self, String> {
+        let rest = url.strip_prefix("redis://").ok_or("must start with redis://")?;
+        let (authority, path) = rest.split_once('/').unwrap_or((rest, ""));
+        let (credentials, host_port) = match authority.rsplit_once('@') {
+            Some((credentials, host_port)) => (Some(credentials), host_port),
+            None => (None, authority),
+        };
+        if host_port.is_empty() {
+            return Err("has no host".into());
+        }
+        let host_port = if host_port.contains(':') {
+            host_port.to_owned()
+        } else {
+            format!("{host_port}:6379")
+        };
+        let (username, password) = match credentials {
+            None => (None, None),
+            Some(credentials) => match credentials.split_once(':') {
+                Some(("", password)) => (None, Some(password.to_owned())),
+                Some((user, password)) => (Some(user.to_owned()), Some(password.to_owned())),
+                None => (None, Some(credentials.to_owned())),
+            },
+        };
+        let database = if path.is_empty() {
+            0
+        } else {
+            path.parse().map_err(|_| format!("database `{path}` is not a number"))?
+        };
+        Ok(RedisAddress {
+            host_port,
+            password,
+            username,
+            database,
+        })
+    }
+}
+
+/// Opens a TCP connection and runs AUTH/SELECT as configured.
+pub async fn connect(address: &RedisAddress) -> Result<TcpStream, RedisError> {
+    let unavailable = |e: std::io::Error| RedisError::Unavailable(e.to_string());
+    let mut stream = tokio::time::timeout(REQUEST_TIMEOUT, TcpStream::connect(&address.host_port))
+        .await
+        .map_err(|_| RedisError::Unavailable("connect timed out".into()))?
+        .map_err(unavailable)?;
+    let _ = stream.set_nodelay(true);
+    let mut setup: Vec<Vec<String>> = Vec::new();
+    if let Some(password) = &address.password {
+        let mut auth = vec!["AUTH".to_owned()];
+        auth.extend(address.username.clone());
+        auth.push(password.clone());
+        setup.push(auth);
+    }
+    if address.database != 0 {
+        setup.push(vec!["SELECT".into(), address.database.to_string()]);
+    }
+    let mut buffer = BytesMut::new();
+    for command in &setup {
+        let mut out = BytesMut::new();
+        resp::encode_command(command, &mut out);
+        stream.write_all(&out).await.map_err(unavailable)?;
+        match read_value(&mut stream, &mut buffer).await? {
+            Value::Error(message) => return Err(RedisError::Reply(message)),
+            _ => continue,
+        }
+    }
+    Ok(stream)
+}
+
+/// Reads one complete value, buffering partial input in `buffer`.
+pub async fn read_value(stream: &mut TcpStream, buffer: &mut BytesMut) -> Result<Value, RedisError> {
+    loop {
+        if let Some(value) = take_value(buffer)? {
+            return Ok(value);
+        }
+        let read = stream
+            .read_buf(buffer)
+            .await
+            .map_err(|e| RedisError::Unavailable(e.to_string()))?;
+        if read == 0 {
+            return Err(RedisError::Unavailable("connection closed by redis".into()));
+        }
+    }
+}
+
+/// Parses one value off the front of `buffer`, if complete.
+pub fn take_value(buffer: &mut BytesMut) -> Result<Option<Value>, RedisError> {
+    match resp::parse(buffer) {
+        Ok(Some((value, used))) => {
+            let _ = buffer.split_to(used);
+            Ok(Some(value))
+        }
+        Ok(None) => Ok(None),
+        Err(error) => Err(RedisError::Unavailable(error.to_string())),
+    }
+}
+
+/// Exponential backoff with ±50% jitter, so nodes do not reconnect in step.
+pub struct Backoff {
+    next: Duration,
+}
+
+impl Backoff {
+    const FIRST: Duration = Duration::from_millis(50);
+    /// Short, because until every node's subscriber is back, messages for
+    /// its clients are lost (Pub/Sub is at-most-once).
+    const MAX: Duration = Duration::from_secs(1);
+
+    pub fn new() -> Self {
+        Backoff { next: Self::FIRST }
+    }
+
+    pub fn reset(&mut self) {
+        self.next = Self::FIRST;
+    }
+
+    pub fn next_delay(&mut self) -> Duration {
+        let base = self.next;
+        self.next = (self.next * 2).min(Self::MAX);
+        let mut random = [0u8; 2];
+        let _ = getrandom::fill(&mut random);
+        let fraction = f64::from(u16::from_le_bytes(random)) / f64::from(u16::MAX);
+        base.mul_f64(0.5 + fraction)
+    }
+}
+
+impl Default for Backoff {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+struct Request {
+    command: BytesMut,
+    reply: oneshot::Sender<Result<Value, RedisError>>,
+}
+
+/// A handle to the link; cheap to clone.
+#[derive(Clone)]
+pub struct RedisLink {
+    requests: mpsc::Sender<Request>,
+    up: Arc<AtomicBool>,
+}
+
+impl RedisLink {
+    /// Starts the connection task. `name` labels its log lines.
+    pub fn start(
+        name: &'static str,
+        address: RedisAddress,
+        metrics: Arc<Metrics>,
+        shutdown: CancellationToken,
+        tracker: &tokio_util::task::TaskTracker,
+    ) -> Self {
+        let (requests, receiver) = mpsc::channel(REQUEST_QUEUE);
+        let up = Arc::new(AtomicBool::new(false));
+        tracker.spawn(run(name, address, receiver, up.clone(), metrics, shutdown));
+        RedisLink { requests, up }
+    }
+
+    pub fn is_up(&self) -> bool {
+        self.up.load(Ordering::Relaxed)
+    }
+
+    /// Sends one command and waits for its reply. An error reply is
+    /// [`RedisError::Reply`].
+    pub async fn call<A: AsRef<[u8]>>(&self, args: &[A]) -> Result<Value, RedisError> {
+        if !self.is_up() {
+            return Err(RedisError::Unavailable("not connected".into()));
+        }
+        let mut command = BytesMut::new();
+        resp::encode_command(args, &mut command);
+        let (reply, receiver) = oneshot::channel();
+        self.requests
+            .send(Request { command, reply })
+            .await
+            .map_err(|_| RedisError::Unavailable("link stopped".into()))?;
+        match tokio::time::timeout(REQUEST_TIMEOUT, receiver).await {
+            Ok(Ok(Ok(Value::Error(message)))) => Err(RedisError::Reply(message)),
+            Ok(Ok(result)) => result,
+            Ok(Err(_)) => Err(RedisError::Unavailable("connection lost".into())),
+            Err(_) => Err(RedisError::Unavailable("request timed out".into())),
+        }
+    }
+}
+
+async fn run(
+    name: &'static str,
+    address: RedisAddress,
+    mut requests: mpsc::Receiver<Request>,
+    up: Arc<AtomicBool>,
+    metrics: Arc<Metrics>,
+    shutdown: CancellationToken,
+) {
+    let mut backoff = Backoff::new();
+    let mut first = true;
+    loop {
+        let stream = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            connected = connect(&address) => connected,
+        };
+        let mut stream = match stream {
+            Ok(stream) => stream,
+            Err(error) => {
+                if first {
+                    tracing::warn!(link = name, %error, "cannot reach redis; retrying");
+                    first = false;
+                }
+                let delay = tokio::time::sleep(backoff.next_delay());
+                tokio::pin!(delay);
+                // Fail what arrives meanwhile rather than hold it.
+                loop {
+                    tokio::select! {
+                        _ = shutdown.cancelled() => return,
+                        _ = &mut delay => break,
+                        request = requests.recv() => match request {
+                            Some(request) => { let _ = request.reply.send(Err(RedisError::Unavailable("not connected".into()))); }
+                            None => return,
+                        },
+                    }
+                }
+                continue;
+            }
+        };
+        if !first {
+            metrics.broker_reconnects.fetch_add(1, Ordering::Relaxed);
+        }
+        tracing::info!(link = name, address = %address.host_port, "connected to redis");
+        first = false;
+        backoff.reset();
+        up.store(true, Ordering::Relaxed);
+        let error = serve(&mut stream, &mut requests, &shutdown).await;
+        up.store(false, Ordering::Relaxed);
+        match error {
+            None => return,
+            Some(error) => tracing::warn!(link = name, %error, "redis connection lost; reconnecting"),
+        }
+    }
+}
+
+/// Serves requests on one connection until it fails (`Some(error)`) or the
+/// node shuts down (`None`). Requests in flight when it fails are answered
+/// with the error.
+async fn serve(
+    stream: &mut TcpStream,
+    requests: &mut mpsc::Receiver<Request>,
+    shutdown: &CancellationToken,
+) -> Option<RedisError> {
+    let mut in_flight: VecDeque<oneshot::Sender<Result<Value, RedisError>>> = VecDeque::new();
+    let mut read_buffer = BytesMut::with_capacity(16 * 1024);
+    let mut write_buffer = BytesMut::new();
+    let (mut reader, mut writer) = stream.split();
+    let error = loop {
+        tokio::select! {
+            _ = shutdown.cancelled(), if in_flight.is_empty() => return None,
+            request = requests.recv() => {
+                // A closed request channel means the node is stopping.
+                let first = request?;
+                write_buffer.clear();
+                write_buffer.extend_from_slice(&first.command);
+                in_flight.push_back(first.reply);
+                while in_flight.len() < MAX_PIPELINE {
+                    let Ok(next) = requests.try_recv() else { break };
+                    write_buffer.extend_from_slice(&next.command);
+                    in_flight.push_back(next.reply);
+                }
+                if let Err(error) = writer.write_all(&write_buffer).await {
+                    break RedisError::Unavailable(error.to_string());
+                }
+            }
+            read = reader.read_buf(&mut read_buffer) => {
+                match read {
+                    Ok(0) => break RedisError::Unavailable("connection closed by redis".into()),
+                    Err(error) => break RedisError::Unavailable(error.to_string()),
+                    Ok(_) => {}
+                }
+                loop {
+                    match take_value(&mut read_buffer) {
+                        Ok(Some(value)) => match in_flight.pop_front() {
+                            Some(reply) => { let _ = reply.send(Ok(value)); }
+                            None => break,
+                        },
+                        Ok(None) => break,
+                        Err(error) => return Some(fail_all(&mut in_flight, error)),
+                    }
+                }
+            }
+        }
+    };
+    Some(fail_all(&mut in_flight, error))
+}
+
+fn fail_all(in_flight: &mut VecDeque<oneshot::Sender<Result<Value, RedisError>>>, error: RedisError) -> RedisError {
+    for reply in in_flight.drain(..) {
+        let _ = reply.send(Err(error.clone()));
+    }
+    error
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn addresses() {
+        let parse = |url| RedisAddress::parse(url);
+        assert_eq!(
+            parse("redis://127.0.0.1:6390/2").unwrap(),
+            RedisAddress {
+                host_port: "127.0.0.1:6390".into(),
+                password: None,
+                username: None,
+                database: 2
+            }
+        );
+        assert_eq!(parse("redis://:pw@host").unwrap().password.as_deref(), Some("pw"));
+        assert_eq!(parse("redis://host").unwrap().host_port, "host:6379");
+        let with_user = parse("redis://user:pw@host:1").unwrap();
+        assert_eq!(
+            (with_user.username.as_deref(), with_user.password.as_deref()),
+            (Some("user"), Some("pw"))
+        );
+        assert!(parse("http://host").is_err());
+        assert!(parse("redis://host/x").is_err());
+        assert!(parse("redis://").is_err());
+    }
+
+    #[test]
+    fn backoff_grows_with_jitter_and_caps() {
+        let mut backoff = Backoff::new();
+        let delays: Vec<Duration> = (0..10).map(|_| backoff.next_delay()).collect();
+        assert!(delays[0] >= Duration::from_millis(25) && delays[0] <= Duration::from_millis(75));
+        assert!(delays.iter().all(|d| *d <= Backoff::MAX.mul_f64(1.5)));
+        backoff.reset();
+        assert!(backoff.next_delay() <= Duration::from_millis(75));
+    }
+}

@@ -1,0 +1,326 @@
+//! The Redis broker: many nodes share one Redis deployment.
+//!
+//! - A publication is `PUBLISH`ed on `{prefix}ch:{channel}` as a JSON
+//!   [`WireMessage`] and reaches every node subscribed to that channel,
+//!   the publishing node included (one path for everyone, in Redis order).
+//! - Each node subscribes only to the channels that have local subscribers
+//!   (see [`pubsub`]); routes ([`routes`]) adopt existing publishers' Redis
+//!   channels and payloads.
+//! - Streams ingest ([`streams`]) consumes `{prefix}publish` with a consumer
+//!   group shared by the nodes.
+//!
+//! Pub/Sub is at-most-once: a message published while a node is
+//! disconnected from Redis does not reach that node's clients. Publishing
+//! while Redis is unreachable fails (HTTP 503), it is never accepted and lost.
+
+pub mod link;
+pub mod pubsub;
+pub mod routes;
+pub mod streams;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use base64::Engine;
+use bytes::Bytes;
+use herald_core::frame::validate_message_type;
+use herald_core::publication::{CONTROL_SUBSCRIBE, CONTROL_UNSUBSCRIBE, DEFAULT_MESSAGE_TYPE};
+use herald_core::{ChannelName, Payload, Publication};
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use self::link::{RedisAddress, RedisLink};
+use self::pubsub::PubSub;
+use self::routes::Route;
+use super::{BoxFuture, Broker, BrokerError, Placement};
+use crate::fanout::Fanout;
+use crate::hub::unix_millis;
+use crate::metrics::Metrics;
+
+/// Validated `[redis]` settings.
+#[derive(Debug, Clone)]
+pub struct RedisConfig {
+    pub address: RedisAddress,
+    /// Prepended to every key and channel, so deployments can share a Redis.
+    pub prefix: String,
+    /// How long a subscribe waits for Redis to confirm before it is acked anyway.
+    pub subscribe_timeout: Duration,
+    /// Streams ingest, when enabled.
+    pub streams: Option<streams::StreamsConfig>,
+    pub routes: Vec<Route>,
+}
+
+impl RedisConfig {
+    /// The Redis channel that carries a Herald channel.
+    pub fn channel_key(&self, channel: &ChannelName) -> Bytes {
+        Bytes::from(format!("{}ch:{channel}", self.prefix))
+    }
+}
+
+/// A publication as it travels through Redis. Backends may publish this
+/// shape directly (only `data` or `data_base64` is required): it is the
+/// HTTP publish body without `channel`.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct WireMessage<'a> {
+    #[serde(rename = "type", skip_serializing_if = "Option::is_none")]
+    pub message_type: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub message_id: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub timestamp: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub from: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub exclude_user: Option<&'a str>,
+    /// `node_id:connection_id`: a connection is only unique on its node.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub exclude_connection: Option<String>,
+    #[serde(borrow, skip_serializing_if = "Option::is_none")]
+    pub data: Option<&'a RawValue>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub data_base64: Option<String>,
+}
+
+/// Encodes a publication for `PUBLISH`.
+pub fn encode_wire(publication: &Publication, node_id: &str) -> Vec<u8> {
+    let (data, data_base64) = match &publication.payload {
+        Payload::Json(raw) => (Some(&**raw), None),
+        Payload::Binary(bytes) => (None, Some(base64::engine::general_purpose::STANDARD.encode(bytes))),
+    };
+    let wire = WireMessage {
+        message_type: Some(&publication.message_type),
+        message_id: Some(&publication.message_id),
+        timestamp: Some(publication.timestamp_ms),
+        from: publication.from.as_deref(),
+        exclude_user: publication.exclude_user.as_deref(),
+        exclude_connection: publication.exclude_connection.map(|id| format!("{node_id}:{id}")),
+        data,
+        data_base64,
+    };
+    serde_json::to_vec(&wire).expect("a wire message always serializes")
+}
+
+/// Decodes a message received on `channel`. `next_id` numbers messages
+/// that arrive without an id (published straight into Redis).
+pub fn decode_wire(
+    channel: ChannelName,
+    payload: &[u8],
+    node_id: &str,
+    next_id: impl FnOnce() -> String,
+) -> Result<Publication, String> {
+    let wire: WireMessage<'_> = serde_json::from_slice(payload).map_err(|e| format!("not a Herald message: {e}"))?;
+    let payload = match (wire.data, wire.data_base64) {
+        (Some(data), None) => Payload::Json(data.to_owned()),
+        (None, Some(encoded)) => Payload::Binary(
+            base64::engine::general_purpose::STANDARD
+                .decode(encoded)
+                .map_err(|_| "`data_base64` is not base64")?
+                .into(),
+        ),
+        _ => return Err("needs exactly one of `data` and `data_base64`".into()),
+    };
+    let message_type = wire.message_type.unwrap_or(DEFAULT_MESSAGE_TYPE);
+    if ![CONTROL_SUBSCRIBE, CONTROL_UNSUBSCRIBE].contains(&message_type) {
+        validate_message_type(message_type)?;
+    }
+    let exclude_connection = wire
+        .exclude_connection
+        .as_deref()
+        .and_then(|text| text.split_once(':'))
+        .filter(|(node, _)| *node == node_id)
+        .and_then(|(_, id)| id.parse().ok());
+    Ok(Publication {
+        channel,
+        message_type: message_type.to_owned(),
+        message_id: wire.message_id.map_or_else(next_id, str::to_owned),
+        timestamp_ms: wire.timestamp.unwrap_or_else(unix_millis),
+        offset: None,
+        epoch: None,
+        payload,
+        from: wire.from.map(str::to_owned),
+        exclude_user: wire.exclude_user.map(str::to_owned),
+        exclude_connection,
+    })
+}
+
+pub struct RedisBroker {
+    config: Arc<RedisConfig>,
+    node_id: String,
+    link: RedisLink,
+    pubsub: PubSub,
+}
+
+impl RedisBroker {
+    /// Connects (in the background) and starts the Pub/Sub task, which
+    /// delivers what arrives to `fanout`.
+    pub fn start(
+        config: RedisConfig,
+        node_id: String,
+        fanout: Arc<Fanout>,
+        metrics: Arc<Metrics>,
+        shutdown: CancellationToken,
+        tracker: &TaskTracker,
+    ) -> Self {
+        let config = Arc::new(config);
+        let link = RedisLink::start(
+            "commands",
+            config.address.clone(),
+            metrics.clone(),
+            shutdown.clone(),
+            tracker,
+        );
+        let patterns = config
+            .routes
+            .iter()
+            .map(|route| Bytes::from(route.pattern.clone()))
+            .collect();
+        let handler = inbound_handler(config.clone(), node_id.clone(), fanout, metrics.clone());
+        let pubsub = PubSub::start(config.address.clone(), patterns, handler, metrics, shutdown, tracker);
+        RedisBroker {
+            config,
+            node_id,
+            link,
+            pubsub,
+        }
+    }
+
+    pub fn config(&self) -> &RedisConfig {
+        &self.config
+    }
+}
+
+/// Turns Redis messages into local deliveries.
+fn inbound_handler(
+    config: Arc<RedisConfig>,
+    node_id: String,
+    fanout: Arc<Fanout>,
+    metrics: Arc<Metrics>,
+) -> pubsub::Handler {
+    let channel_prefix = format!("{}ch:", config.prefix);
+    let counter = Arc::new(AtomicU64::new(1));
+    Arc::new(move |redis_channel: &[u8], payload: Bytes| {
+        let received_at = Instant::now();
+        let next_id = || format!("{node_id}-r{}", counter.fetch_add(1, Ordering::Relaxed));
+        let name = String::from_utf8_lossy(redis_channel);
+        let publications = match name.strip_prefix(channel_prefix.as_str()) {
+            Some(channel) => ChannelName::parse(channel)
+                .map_err(|e| e.to_string())
+                .and_then(|channel| decode_wire(channel, &payload, &node_id, next_id))
+                .map(|publication| vec![publication]),
+            None => match config.routes.iter().find(|route| route.matches(&name).is_some()) {
+                Some(route) => route.publications(&name, &payload, next_id),
+                None => Ok(Vec::new()),
+            },
+        };
+        match publications {
+            Ok(publications) => {
+                for publication in &publications {
+                    fanout.deliver(publication, received_at);
+                }
+            }
+            Err(error) => {
+                metrics.messages_dropped.add("invalid", 1);
+                tracing::debug!(redis_channel = %name, %error, "dropped an invalid message from redis");
+            }
+        }
+    })
+}
+
+impl Broker for RedisBroker {
+    fn publish(&self, publication: Publication) -> BoxFuture<'_, Result<Placement, BrokerError>> {
+        let key = self.config.channel_key(&publication.channel);
+        let payload = encode_wire(&publication, &self.node_id);
+        Box::pin(async move {
+            self.link
+                .call(&[&b"PUBLISH"[..], &key, &payload])
+                .await
+                .map_err(|e| BrokerError::Unavailable(e.to_string()))?;
+            Ok(Placement {
+                offset: publication.offset,
+                epoch: publication.epoch,
+            })
+        })
+    }
+
+    fn channel_added(&self, channel: &ChannelName) {
+        self.pubsub.subscribe(self.config.channel_key(channel));
+    }
+
+    fn channel_removed(&self, channel: &ChannelName) {
+        self.pubsub.unsubscribe(self.config.channel_key(channel));
+    }
+
+    fn subscribed(&self, channel: &ChannelName) -> BoxFuture<'_, ()> {
+        let key = self.config.channel_key(channel);
+        Box::pin(async move {
+            let _ = tokio::time::timeout(self.config.subscribe_timeout, self.pubsub.confirmed(key)).await;
+        })
+    }
+
+    fn is_ready(&self) -> bool {
+        self.link.is_up() && self.pubsub.is_up()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn publication(payload: Payload) -> Publication {
+        Publication {
+            channel: ChannelName::parse("group:1").unwrap(),
+            message_type: "chat".into(),
+            message_id: "m1".into(),
+            timestamp_ms: 5,
+            offset: None,
+            epoch: None,
+            payload,
+            from: Some("alice".into()),
+            exclude_user: Some("alice".into()),
+            exclude_connection: Some(7),
+        }
+    }
+
+    #[test]
+    fn wire_round_trip_keeps_everything_and_scopes_the_connection_to_its_node() {
+        for payload in [
+            Payload::Json(RawValue::from_string(r#"{"a": [1, 2]}"#.into()).unwrap()),
+            Payload::Binary(Bytes::from_static(b"\x00\xff")),
+        ] {
+            let original = publication(payload);
+            let wire = encode_wire(&original, "nodeA");
+            let channel = original.channel.clone();
+            let same_node = decode_wire(channel.clone(), &wire, "nodeA", || unreachable!()).unwrap();
+            assert_eq!(same_node.encode(), original.encode());
+            assert_eq!(same_node.exclude_connection, Some(7));
+            assert_eq!(same_node.exclude_user.as_deref(), Some("alice"));
+            let other_node = decode_wire(channel, &wire, "nodeB", || unreachable!()).unwrap();
+            assert_eq!(other_node.exclude_connection, None);
+        }
+    }
+
+    #[test]
+    fn backends_may_publish_the_minimal_shape() {
+        let channel = ChannelName::parse("user:u1").unwrap();
+        let decoded = decode_wire(channel.clone(), br#"{"data":{"x":1}}"#, "n", || "gen-1".into()).unwrap();
+        assert_eq!(
+            (decoded.message_type.as_str(), decoded.message_id.as_str()),
+            ("message", "gen-1")
+        );
+        for bad in [
+            &br#"{"x":1}"#[..],
+            b"not json",
+            br#"{"data":1,"type":"ack"}"#,
+            br#"{"data":1,"data_base64":"AA=="}"#,
+        ] {
+            assert!(
+                decode_wire(channel.clone(), bad, "n", || "g".into()).is_err(),
+                "{}",
+                String::from_utf8_lossy(bad)
+            );
+        }
+    }
+}
