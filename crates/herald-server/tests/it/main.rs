@@ -4,6 +4,7 @@
 mod harness;
 
 mod auth;
+mod cluster;
 mod http_api;
 mod lifecycle;
 mod limits;
