@@ -3,7 +3,8 @@
 //! Everything here is plain data and decisions, so that it can be tested
 //! exhaustively and fuzzed without a runtime: the wire protocol (`frame`),
 //! channel names and namespace policies (`channel`, `policy`), the message
-//! model (`publication`), the subscription registry and fan-out filter
+//! model (`publication`), channel history and recovery (`history`), the
+//! subscription registry and fan-out filter
 //! (`registry`), idempotency (`dedup`), the command rate limiter
 //! (`rate_limit`), human-readable durations (`duration`) and the Redis
 //! wire protocol (`resp`).
@@ -12,6 +13,7 @@ pub mod channel;
 pub mod dedup;
 pub mod duration;
 pub mod frame;
+pub mod history;
 pub mod policy;
 pub mod publication;
 pub mod rate_limit;

@@ -32,6 +32,30 @@ pub struct NamespacePolicy {
     pub client_publish: bool,
     /// Whether `presence` may be asked of the namespace's channels.
     pub presence: bool,
+    /// Messages kept per channel for recovery and `history` (0: none).
+    pub history_size: usize,
+    /// How long a kept message stays recoverable.
+    pub history_ttl: std::time::Duration,
+    /// Whether subscribers are told when a user joins or leaves a channel.
+    pub join_leave: bool,
+}
+
+impl NamespacePolicy {
+    /// A policy without history or join/leave events.
+    pub const fn new(subscribe: SubscribePolicy, client_publish: bool, presence: bool) -> Self {
+        NamespacePolicy {
+            subscribe,
+            client_publish,
+            presence,
+            history_size: 0,
+            history_ttl: std::time::Duration::ZERO,
+            join_leave: false,
+        }
+    }
+
+    pub fn keeps_history(&self) -> bool {
+        self.history_size > 0
+    }
 }
 
 /// Why an action on a channel is refused.
@@ -70,35 +94,37 @@ pub struct Policies {
     bare: NamespacePolicy,
 }
 
+/// The policy a namespace has before configuration: `user` is owner-only
+/// with direct messages allowed; `group` is open to any authenticated user;
+/// bare names and other namespaces need the token's `channels` claim.
+pub fn default_policy(namespace: Option<&str>) -> NamespacePolicy {
+    match namespace {
+        Some("user") => NamespacePolicy::new(SubscribePolicy::Owner, true, false),
+        Some("group") => NamespacePolicy::new(SubscribePolicy::Authenticated, true, true),
+        _ => NamespacePolicy::new(SubscribePolicy::Claim, false, true),
+    }
+}
+
 impl Default for Policies {
     fn default() -> Self {
-        Policies::new(
-            HashMap::new(),
-            NamespacePolicy {
-                subscribe: SubscribePolicy::Claim,
-                client_publish: false,
-                presence: true,
-            },
-        )
+        Policies::new(HashMap::new(), default_policy(None))
     }
 }
 
 impl Policies {
-    /// Builds the policy set; `user` and `group` get their defaults unless the
-    /// configuration overrides them. `user` is always owner-only: nobody else
-    /// may subscribe to a personal channel, whatever the configuration says.
+    /// Builds the policy set; `user` and `group` exist even when not
+    /// configured (see [`default_policy`]). `user` is always owner-only:
+    /// nobody else may subscribe to a personal channel, whatever the
+    /// configuration says.
     pub fn new(mut namespaces: HashMap<String, NamespacePolicy>, bare: NamespacePolicy) -> Self {
-        namespaces.entry("group".to_owned()).or_insert(NamespacePolicy {
-            subscribe: SubscribePolicy::Authenticated,
-            client_publish: true,
-            presence: true,
-        });
-        let user = namespaces.entry("user".to_owned()).or_insert(NamespacePolicy {
-            subscribe: SubscribePolicy::Owner,
-            client_publish: true,
-            presence: false,
-        });
-        user.subscribe = SubscribePolicy::Owner;
+        for builtin in ["user", "group"] {
+            namespaces
+                .entry(builtin.to_owned())
+                .or_insert_with(|| default_policy(Some(builtin)));
+        }
+        if let Some(user) = namespaces.get_mut("user") {
+            user.subscribe = SubscribePolicy::Owner;
+        }
         Policies { namespaces, bare }
     }
 
@@ -162,28 +188,16 @@ mod tests {
         let mut namespaces = HashMap::new();
         namespaces.insert(
             "team".to_owned(),
-            NamespacePolicy {
-                subscribe: SubscribePolicy::Claim,
-                client_publish: true,
-                presence: true,
-            },
+            NamespacePolicy::new(SubscribePolicy::Claim, true, true),
         );
         namespaces.insert(
             "alerts".to_owned(),
-            NamespacePolicy {
-                subscribe: SubscribePolicy::Server,
-                client_publish: false,
-                presence: false,
-            },
+            NamespacePolicy::new(SubscribePolicy::Server, false, false),
         );
         // Trying to open personal channels to everyone must not work.
         namespaces.insert(
             "user".to_owned(),
-            NamespacePolicy {
-                subscribe: SubscribePolicy::Authenticated,
-                client_publish: true,
-                presence: false,
-            },
+            NamespacePolicy::new(SubscribePolicy::Authenticated, true, false),
         );
         Policies::new(namespaces, Policies::default().bare)
     }

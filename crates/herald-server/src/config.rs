@@ -12,7 +12,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use herald_core::duration::parse_duration;
-use herald_core::policy::{NamespacePolicy, Policies, SubscribePolicy};
+use herald_core::policy::{NamespacePolicy, Policies, SubscribePolicy, default_policy};
 use jsonwebtoken::Algorithm;
 use serde::Deserialize;
 
@@ -160,6 +160,9 @@ pub struct RawNamespace {
     pub subscribe: Option<SubscribePolicy>,
     pub client_publish: Option<bool>,
     pub presence: Option<bool>,
+    pub history_size: Option<usize>,
+    pub history_ttl: Option<String>,
+    pub join_leave: Option<bool>,
 }
 
 impl RawConfig {
@@ -470,12 +473,11 @@ impl Config {
             capacity: positive("idempotency.capacity", raw.idempotency.capacity, 100_000)?,
         };
 
-        let bare_default = NamespacePolicy {
-            subscribe: SubscribePolicy::Claim,
-            client_publish: false,
-            presence: true,
-        };
-        let bare = merge_namespace(raw.default_namespace.as_ref(), bare_default);
+        let bare = merge_namespace(
+            "default_namespace",
+            raw.default_namespace.as_ref(),
+            default_policy(None),
+        )?;
         let mut namespaces = HashMap::new();
         for (name, policy) in &raw.namespaces {
             let valid = !name.is_empty()
@@ -489,19 +491,7 @@ impl Config {
                     "a namespace name is 1-32 of a-z 0-9 _ -",
                 ));
             }
-            let defaults = match name.as_str() {
-                "user" => NamespacePolicy {
-                    subscribe: SubscribePolicy::Owner,
-                    client_publish: true,
-                    presence: false,
-                },
-                "group" => NamespacePolicy {
-                    subscribe: SubscribePolicy::Authenticated,
-                    client_publish: true,
-                    presence: true,
-                },
-                _ => bare_default,
-            };
+            let defaults = default_policy(Some(name));
             if name == "user" && policy.subscribe.is_some_and(|s| s != SubscribePolicy::Owner) {
                 return Err(invalid(
                     "namespaces.user.subscribe",
@@ -514,7 +504,10 @@ impl Config {
                     "`owner` applies only to `user`",
                 ));
             }
-            namespaces.insert(name.clone(), merge_namespace(Some(policy), defaults));
+            namespaces.insert(
+                name.clone(),
+                merge_namespace(&format!("namespaces.{name}"), Some(policy), defaults)?,
+            );
         }
         let policies = Policies::new(namespaces, bare);
         let redis = redis_config(raw.redis)?;
@@ -616,14 +609,42 @@ fn redis_config(raw: RawRedis) -> Result<Option<RedisConfig>, ConfigError> {
     }))
 }
 
-fn merge_namespace(raw: Option<&RawNamespace>, defaults: NamespacePolicy) -> NamespacePolicy {
-    let Some(raw) = raw else { return defaults };
-    NamespacePolicy {
+fn merge_namespace(
+    key: &str,
+    raw: Option<&RawNamespace>,
+    defaults: NamespacePolicy,
+) -> Result<NamespacePolicy, ConfigError> {
+    let Some(raw) = raw else { return Ok(defaults) };
+    let history_size = raw.history_size.unwrap_or(defaults.history_size);
+    if history_size > MAX_HISTORY_SIZE {
+        return Err(invalid(
+            &format!("{key}.history_size"),
+            format!("must be at most {MAX_HISTORY_SIZE}"),
+        ));
+    }
+    let history_ttl = match &raw.history_ttl {
+        Some(text) => parse_duration(text).map_err(|problem| invalid(&format!("{key}.history_ttl"), problem))?,
+        None if history_size > 0 => Duration::from_secs(300),
+        None => defaults.history_ttl,
+    };
+    if history_size > 0 && history_ttl.is_zero() {
+        return Err(invalid(
+            &format!("{key}.history_ttl"),
+            "must be positive when history_size is set",
+        ));
+    }
+    Ok(NamespacePolicy {
         subscribe: raw.subscribe.unwrap_or(defaults.subscribe),
         client_publish: raw.client_publish.unwrap_or(defaults.client_publish),
         presence: raw.presence.unwrap_or(defaults.presence),
-    }
+        history_size,
+        history_ttl,
+        join_leave: raw.join_leave.unwrap_or(defaults.join_leave),
+    })
 }
+
+/// The most messages kept per channel.
+pub const MAX_HISTORY_SIZE: usize = 100_000;
 
 fn duration(key: &str, value: Option<String>, default: &str) -> Result<Duration, ConfigError> {
     parse_duration(value.as_deref().unwrap_or(default)).map_err(|problem| invalid(key, problem))
