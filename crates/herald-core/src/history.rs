@@ -32,20 +32,18 @@ pub enum Recovery {
 }
 
 /// Decides a recovery from what a store holds: `kept` are the retained
-/// messages after `since.offset` in order (the store may have dropped older
-/// ones), `current` the channel's latest position.
-pub fn recover(since: &Position, current: Position, kept: Vec<Publication>) -> Recovery {
+/// messages after `since.offset` in order, at most `limit` of them (the
+/// store may have dropped older ones), `current` the channel's latest
+/// position. Recovered means `kept` continues exactly from `since`: every
+/// missed message, or a full first page of them.
+pub fn recover(since: &Position, current: Position, kept: Vec<Publication>, limit: usize) -> Recovery {
     if since.epoch != current.epoch || since.offset > current.offset {
         return Recovery::Unrecoverable { current };
     }
     let missing = current.offset - since.offset;
-    let first_kept = kept.first().and_then(|p| p.offset);
-    let complete = kept.len() as u64 == missing && (missing == 0 || first_kept == Some(since.offset + 1));
-    if complete {
-        Recovery::Recovered(kept)
-    } else {
-        Recovery::Unrecoverable { current }
-    }
+    let contiguous = kept.iter().zip(since.offset + 1..).all(|(p, expected)| p.offset == Some(expected));
+    let enough = kept.len() as u64 == missing || (kept.len() == limit && (limit as u64) < missing);
+    if contiguous && enough { Recovery::Recovered(kept) } else { Recovery::Unrecoverable { current } }
 }
 
 /// One channel's retained messages, in memory.
@@ -109,14 +107,10 @@ impl ChannelHistory {
         self.messages.is_empty()
     }
 
-    /// What recovering from `since` yields now.
-    pub fn recover(&self, since: &Position) -> Recovery {
-        let kept = if since.epoch == self.epoch {
-            self.after(since.offset, usize::MAX)
-        } else {
-            Vec::new()
-        };
-        recover(since, self.position(), kept)
+    /// What recovering from `since` yields now, at most `limit` messages.
+    pub fn recover(&self, since: &Position, limit: usize) -> Recovery {
+        let kept = if since.epoch == self.epoch { self.after(since.offset, limit) } else { Vec::new() };
+        recover(since, self.position(), kept, limit)
     }
 }
 
@@ -178,17 +172,18 @@ mod tests {
             offset,
             epoch: epoch.into(),
         };
-        assert_eq!(offsets(&history.recover(&at(7, "e1"))), Some(vec![8, 9, 10]));
+        assert_eq!(offsets(&history.recover(&at(7, "e1"), 100)), Some(vec![8, 9, 10]));
         assert_eq!(
-            offsets(&history.recover(&at(5, "e1"))),
+            offsets(&history.recover(&at(5, "e1"), 100)),
             Some(vec![6, 7, 8, 9, 10]),
             "just within"
         );
-        assert_eq!(offsets(&history.recover(&at(10, "e1"))), Some(vec![]), "nothing missed");
-        assert_eq!(offsets(&history.recover(&at(4, "e1"))), None, "beyond retention");
-        assert_eq!(offsets(&history.recover(&at(7, "e0"))), None, "another epoch");
-        assert_eq!(offsets(&history.recover(&at(11, "e1"))), None, "from the future");
-        match history.recover(&at(4, "e1")) {
+        assert_eq!(offsets(&history.recover(&at(10, "e1"), 100)), Some(vec![]), "nothing missed");
+        assert_eq!(offsets(&history.recover(&at(4, "e1"), 100)), None, "beyond retention");
+        assert_eq!(offsets(&history.recover(&at(7, "e0"), 100)), None, "another epoch");
+        assert_eq!(offsets(&history.recover(&at(11, "e1"), 100)), None, "from the future");
+        assert_eq!(offsets(&history.recover(&at(5, "e1"), 2)), Some(vec![6, 7]), "a full first page");
+        match history.recover(&at(4, "e1"), 100) {
             Recovery::Unrecoverable { current } => assert_eq!(current, at(10, "e1")),
             other => panic!("{other:?}"),
         }

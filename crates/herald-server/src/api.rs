@@ -7,12 +7,13 @@
 
 use axum::Json;
 use axum::body::Body;
-use axum::extract::rejection::PathRejection;
-use axum::extract::{Path, State};
+use axum::extract::rejection::{PathRejection, QueryRejection};
+use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use base64::Engine;
 use herald_core::frame::{self, validate_message_type};
+use herald_core::history::Position;
 use herald_core::publication::{CONTROL_SUBSCRIBE, CONTROL_UNSUBSCRIBE};
 use herald_core::{ChannelName, Payload, Publication};
 use serde::Deserialize;
@@ -324,6 +325,114 @@ pub async fn group_message(
     };
     let receipt = hub.publish(publish, Source::Http).await?;
     Ok(Json(receipt).into_response())
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HistoryQuery {
+    /// Return what follows this offset (`since` is the inbox's name for it).
+    #[serde(alias = "since")]
+    offset: Option<u64>,
+    epoch: Option<String>,
+    limit: Option<usize>,
+}
+
+/// `GET /api/v1/channels/{channel}/history` (API key).
+pub async fn channel_history(
+    State(hub): State<Hub>,
+    path: Result<Path<String>, PathRejection>,
+    query: Result<Query<HistoryQuery>, QueryRejection>,
+    headers: HeaderMap,
+) -> ApiResult {
+    require_api_key(&hub, &headers)?;
+    let Path(channel) = path.map_err(|e| bad_request(&e.body_text()))?;
+    let Query(query) = query.map_err(|e| bad_request(&e.body_text()))?;
+    let channel = ChannelName::parse(&channel).map_err(|e| bad_request(&format!("channel: {e}")))?;
+    read_history(&hub, &channel, query).await
+}
+
+/// `GET /api/v1/inbox?since=OFFSET&epoch=E&limit=N` (user token): what
+/// arrived on the user's personal channel after `since`, oldest first;
+/// `next` is the offset to ask from for the following page.
+pub async fn inbox(
+    State(hub): State<Hub>,
+    query: Result<Query<HistoryQuery>, QueryRejection>,
+    headers: HeaderMap,
+) -> ApiResult {
+    let user = require_user(&hub, &headers)?;
+    let Query(query) = query.map_err(|e| bad_request(&e.body_text()))?;
+    let channel = ChannelName::user(&user.user_id).map_err(|e| bad_request(&e.to_string()))?;
+    read_history(&hub, &channel, query).await
+}
+
+async fn read_history(hub: &Hub, channel: &ChannelName, query: HistoryQuery) -> ApiResult {
+    let policy = hub
+        .policies()
+        .policy(channel)
+        .map_err(|e| bad_request(&e.to_string()))?;
+    if !policy.keeps_history() {
+        let message = format!("history is not enabled for `{channel}`");
+        return Err(ApiError::new(StatusCode::NOT_FOUND, "not_available", message));
+    }
+    let limit = query.limit.unwrap_or(100).clamp(1, crate::broker::MAX_HISTORY_PAGE);
+    let unavailable =
+        |e: crate::broker::BrokerError| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", e.to_string());
+    let since = match (query.offset, query.epoch) {
+        (None, _) => None,
+        (Some(offset), Some(epoch)) => Some(Position { offset, epoch }),
+        (Some(offset), None) => {
+            let current = hub.broker.history(channel, None, 0).await.map_err(unavailable)?.current;
+            Some(Position {
+                offset,
+                epoch: current.epoch,
+            })
+        }
+    };
+    let page = hub.broker.history(channel, since, limit).await.map_err(unavailable)?;
+    let mut body = history_json(channel, &page);
+    let next = page
+        .publications
+        .last()
+        .and_then(|p| p.offset)
+        .unwrap_or(page.current.offset);
+    body["next"] = json!(next);
+    body["more"] = json!(next < page.current.offset && page.recovered);
+    Ok(Json(body).into_response())
+}
+
+/// A history page as JSON: `{channel, epoch, offset, recovered,
+/// publications}`, each publication in its delivery shape (binary payloads
+/// as `data_base64`).
+pub fn history_json(channel: &ChannelName, page: &crate::broker::HistoryPage) -> serde_json::Value {
+    let publications: Vec<serde_json::Value> = page.publications.iter().map(publication_json).collect();
+    json!({
+        "channel": channel,
+        "epoch": page.current.epoch,
+        "offset": page.current.offset,
+        "recovered": page.recovered,
+        "publications": publications,
+    })
+}
+
+/// One publication in its delivery shape, as a JSON value.
+pub fn publication_json(publication: &Publication) -> serde_json::Value {
+    match &publication.payload {
+        Payload::Json(_) => match publication.encode() {
+            herald_core::publication::EncodedFrame::Text(text) => {
+                serde_json::from_str(&text).expect("an encoded delivery is JSON")
+            }
+            herald_core::publication::EncodedFrame::Binary(_) => unreachable!("JSON payloads encode as text"),
+        },
+        Payload::Binary(bytes) => json!({
+            "type": publication.message_type,
+            "channel": publication.channel,
+            "message_id": publication.message_id,
+            "offset": publication.offset,
+            "epoch": publication.epoch,
+            "timestamp": publication.timestamp_ms,
+            "data_base64": base64::engine::general_purpose::STANDARD.encode(bytes),
+        }),
+    }
 }
 
 pub async fn health() -> Response {

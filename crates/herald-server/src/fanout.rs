@@ -21,11 +21,47 @@ use tokio::sync::Notify;
 use crate::hub::lock;
 use crate::metrics::Metrics;
 
-/// A frame waiting in a connection's outgoing queue. Cloning shares the bytes.
+/// An encoded frame, ready for any number of sockets.
 #[derive(Debug, Clone)]
-pub enum Outbound {
+pub enum Frame {
     Text(Utf8Bytes),
     Binary(Bytes),
+}
+
+impl From<EncodedFrame> for Frame {
+    fn from(frame: EncodedFrame) -> Self {
+        match frame {
+            EncodedFrame::Text(text) => Frame::Text(text.into()),
+            EncodedFrame::Binary(bytes) => Frame::Binary(bytes),
+        }
+    }
+}
+
+/// A publication as every subscriber of a node receives it: encoded once,
+/// with what a connection needs to keep its place in the channel.
+#[derive(Debug)]
+pub struct Delivery {
+    pub frame: Frame,
+    pub channel: ChannelName,
+    pub offset: Option<u64>,
+    pub epoch: Option<String>,
+}
+
+impl Delivery {
+    pub fn new(publication: &Publication) -> Self {
+        Delivery {
+            frame: Frame::from(publication.encode()),
+            channel: publication.channel.clone(),
+            offset: publication.offset,
+            epoch: publication.epoch.clone(),
+        }
+    }
+}
+
+/// An entry in a connection's outgoing queue. Cloning shares the bytes.
+#[derive(Debug, Clone)]
+pub enum Outbound {
+    Delivery(Arc<Delivery>),
     /// The server API subscribes this connection to a channel.
     Subscribe(ChannelName),
     /// The server API unsubscribes this connection from a channel.
@@ -38,23 +74,16 @@ const CONTROL_SIZE: usize = 64;
 impl Outbound {
     pub fn len(&self) -> usize {
         match self {
-            Outbound::Text(text) => text.len(),
-            Outbound::Binary(bytes) => bytes.len(),
+            Outbound::Delivery(delivery) => match &delivery.frame {
+                Frame::Text(text) => text.len(),
+                Frame::Binary(bytes) => bytes.len(),
+            },
             Outbound::Subscribe(_) | Outbound::Unsubscribe(_) => CONTROL_SIZE,
         }
     }
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
-    }
-}
-
-impl From<EncodedFrame> for Outbound {
-    fn from(frame: EncodedFrame) -> Self {
-        match frame {
-            EncodedFrame::Text(text) => Outbound::Text(text.into()),
-            EncodedFrame::Binary(bytes) => Outbound::Binary(bytes),
-        }
     }
 }
 
@@ -242,7 +271,7 @@ impl Fanout {
         let frame = match publication.control() {
             Some(Control::Subscribe(channel)) => Outbound::Subscribe(channel),
             Some(Control::Unsubscribe(channel)) => Outbound::Unsubscribe(channel),
-            None => Outbound::from(publication.encode()),
+            None => Outbound::Delivery(Arc::new(Delivery::new(publication))),
         };
         let (mut queued, mut dropped) = (0u64, 0u64);
         self.registry.for_each(&publication.channel, |connection| {
@@ -262,16 +291,6 @@ impl Fanout {
         self.metrics.fanout_latency.observe(accepted_at.elapsed());
         queued as usize
     }
-
-    /// Sends `frame` to every local connection of `channel` except `except`;
-    /// used for events that are not publications (e.g. `read`).
-    pub fn send_to_channel(&self, channel: &ChannelName, frame: Outbound, except: Option<u64>) {
-        self.registry.for_each(channel, |connection| {
-            if Some(connection.id()) != except {
-                connection.offer(&frame);
-            }
-        });
-    }
 }
 
 #[cfg(test)]
@@ -279,7 +298,12 @@ mod tests {
     use super::*;
 
     fn frame(text: &'static str) -> Outbound {
-        Outbound::Text(text.into())
+        Outbound::Delivery(Arc::new(Delivery {
+            frame: Frame::Text(text.into()),
+            channel: ChannelName::parse("news").unwrap(),
+            offset: None,
+            epoch: None,
+        }))
     }
 
     #[tokio::test]
@@ -313,7 +337,10 @@ mod tests {
             let mut got = Vec::new();
             while got.len() < 3 {
                 match queue.next().await {
-                    Next::Frame(Outbound::Text(text)) => got.push(text.to_string()),
+                    Next::Frame(Outbound::Delivery(delivery)) => match &delivery.frame {
+                        Frame::Text(text) => got.push(text.to_string()),
+                        Frame::Binary(_) => panic!("text expected"),
+                    },
                     other => panic!("unexpected {other:?}"),
                 }
             }

@@ -115,6 +115,10 @@ pub struct Metrics {
     pub broker_reconnects: AtomicU64,
     /// Stream entries published and acknowledged.
     pub stream_entries: AtomicU64,
+    /// Gaps in a channel's offsets filled from history for a connection.
+    pub gaps_recovered: AtomicU64,
+    /// Gaps that history could not fill (the client got `resync`).
+    pub gaps_unrecovered: AtomicU64,
 }
 
 impl Default for Metrics {
@@ -168,6 +172,8 @@ impl Default for Metrics {
             broker_up: AtomicI64::new(1),
             broker_reconnects: AtomicU64::new(0),
             stream_entries: AtomicU64::new(0),
+            gaps_recovered: AtomicU64::new(0),
+            gaps_unrecovered: AtomicU64::new(0),
         }
     }
 }
@@ -258,6 +264,18 @@ impl Metrics {
             "herald_stream_entries_total",
             "Stream entries published and acknowledged.",
             self.stream_entries.load(Relaxed),
+        );
+        counter(
+            &mut out,
+            "herald_gaps_recovered_total",
+            "Gaps in a channel's offsets filled from history for a connection.",
+            self.gaps_recovered.load(Relaxed),
+        );
+        counter(
+            &mut out,
+            "herald_gaps_unrecovered_total",
+            "Gaps history could not fill (the client was sent resync).",
+            self.gaps_unrecovered.load(Relaxed),
         );
         out
     }

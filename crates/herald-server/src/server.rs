@@ -50,7 +50,7 @@ pub async fn start(config: Config) -> std::io::Result<RunningServer> {
     let node_id = crate::config::random_token(6);
     let mut stream_consumer = None;
     let broker: Arc<dyn Broker> = match &config.redis {
-        None => Arc::new(MemoryBroker::new(fanout.clone())),
+        None => Arc::new(MemoryBroker::new(fanout.clone(), config.policies.clone())),
         Some(redis) => {
             let (stopped, services) = (shutdown.stopped.clone(), &shutdown.services);
             if let Some(streams) = &redis.streams {
@@ -65,6 +65,7 @@ pub async fn start(config: Config) -> std::io::Result<RunningServer> {
             }
             let broker = RedisBroker::start(
                 redis.clone(),
+                config.policies.clone(),
                 node_id.clone(),
                 fanout.clone(),
                 metrics.clone(),
@@ -118,6 +119,8 @@ pub fn router(hub: Hub) -> Router {
         .route("/api/v1/messages", post(api::direct_message))
         .route("/api/v1/groups/{group_id}/messages", post(api::group_message))
         .route("/api/v1/users/{user_id}/subscriptions", post(api::subscribe_user))
+        .route("/api/v1/channels/{channel}/history", get(api::channel_history))
+        .route("/api/v1/inbox", get(api::inbox))
         .route(
             "/api/v1/users/{user_id}/subscriptions/{channel}",
             axum::routing::delete(api::unsubscribe_user),

@@ -1,28 +1,73 @@
 //! The in-process broker of the embedded default: a publish is delivered to
 //! this node's subscribers before `publish` returns. Nothing leaves the process.
+//!
+//! Channels whose namespace keeps history get a [`ChannelHistory`]; the
+//! append and the delivery happen under that channel's lock, so offsets and
+//! delivery order always agree. There is one epoch per process: memory
+//! history is lost exactly when the process restarts.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::hash::{BuildHasher, RandomState};
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
+use herald_core::history::{ChannelHistory, Position, Recovery};
+use herald_core::policy::Policies;
 use herald_core::{ChannelName, Publication};
 
-use super::{BoxFuture, Broker, BrokerError, Placement};
+use super::{BoxFuture, Broker, BrokerError, HistoryPage, Placement};
 use crate::fanout::Fanout;
+use crate::hub::{lock, unix_millis};
+
+const SHARDS: usize = 64;
 
 pub struct MemoryBroker {
     fanout: Arc<Fanout>,
+    policies: Policies,
+    epoch: String,
+    histories: Box<[Mutex<HashMap<ChannelName, ChannelHistory>>]>,
+    hasher: RandomState,
 }
 
 impl MemoryBroker {
-    pub fn new(fanout: Arc<Fanout>) -> Self {
-        MemoryBroker { fanout }
+    pub fn new(fanout: Arc<Fanout>, policies: Policies) -> Self {
+        MemoryBroker {
+            fanout,
+            policies,
+            epoch: crate::config::random_token(6),
+            histories: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
+            hasher: RandomState::new(),
+        }
+    }
+
+    fn shard(&self, channel: &ChannelName) -> &Mutex<HashMap<ChannelName, ChannelHistory>> {
+        &self.histories[self.hasher.hash_one(channel) as usize % SHARDS]
     }
 }
 
 impl Broker for MemoryBroker {
-    fn publish(&self, publication: Publication) -> BoxFuture<'_, Result<Placement, BrokerError>> {
+    fn publish(&self, mut publication: Publication) -> BoxFuture<'_, Result<Placement, BrokerError>> {
         let accepted_at = Instant::now();
-        self.fanout.deliver(&publication, accepted_at);
+        let policy = self
+            .policies
+            .policy(&publication.channel)
+            .ok()
+            .filter(|p| p.keeps_history())
+            .copied();
+        match policy {
+            None => {
+                self.fanout.deliver(&publication, accepted_at);
+            }
+            Some(policy) => {
+                let mut histories = lock(self.shard(&publication.channel));
+                let history = histories
+                    .entry(publication.channel.clone())
+                    .or_insert_with(|| ChannelHistory::new(self.epoch.clone()));
+                let max_age = policy.history_ttl.as_millis() as u64;
+                history.append(&mut publication, policy.history_size, max_age, unix_millis());
+                self.fanout.deliver(&publication, accepted_at);
+            }
+        }
         Box::pin(std::future::ready(Ok(Placement {
             offset: publication.offset,
             epoch: publication.epoch,
@@ -35,5 +80,59 @@ impl Broker for MemoryBroker {
 
     fn is_ready(&self) -> bool {
         true
+    }
+
+    fn history(
+        &self,
+        channel: &ChannelName,
+        since: Option<Position>,
+        limit: usize,
+    ) -> BoxFuture<'_, Result<HistoryPage, BrokerError>> {
+        let ttl_ms = self
+            .policies
+            .policy(channel)
+            .map_or(0, |p| p.history_ttl.as_millis() as u64);
+        let mut histories = lock(self.shard(channel));
+        let page = match histories.get_mut(channel) {
+            None => {
+                let current = Position {
+                    offset: 0,
+                    epoch: self.epoch.clone(),
+                };
+                let recovered = since.is_none_or(|since| since == current);
+                HistoryPage {
+                    publications: Vec::new(),
+                    current,
+                    recovered,
+                }
+            }
+            Some(history) => {
+                history.expire(ttl_ms, unix_millis());
+                match since {
+                    None => {
+                        let current = history.position();
+                        let first = current.offset.saturating_sub(limit as u64);
+                        HistoryPage {
+                            publications: history.after(first, limit),
+                            current,
+                            recovered: true,
+                        }
+                    }
+                    Some(since) => match history.recover(&since, limit) {
+                        Recovery::Recovered(publications) => HistoryPage {
+                            publications,
+                            current: history.position(),
+                            recovered: true,
+                        },
+                        Recovery::Unrecoverable { current } => HistoryPage {
+                            publications: Vec::new(),
+                            current,
+                            recovered: false,
+                        },
+                    },
+                }
+            }
+        };
+        Box::pin(std::future::ready(Ok(page)))
     }
 }

@@ -12,6 +12,7 @@ pub mod redis;
 use std::future::Future;
 use std::pin::Pin;
 
+use herald_core::history::Position;
 use herald_core::{ChannelName, Publication};
 
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
@@ -21,6 +22,22 @@ pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 pub struct Placement {
     pub offset: Option<u64>,
     pub epoch: Option<String>,
+}
+
+/// The most messages one history read returns.
+pub const MAX_HISTORY_PAGE: usize = 1_000;
+
+/// A read of a channel's history.
+#[derive(Debug, Clone)]
+pub struct HistoryPage {
+    /// Messages after the requested position (or the latest ones), oldest first.
+    pub publications: Vec<Publication>,
+    /// The channel's position now.
+    pub current: Position,
+    /// False when the requested position could not be honoured (another
+    /// epoch, or messages after it are no longer kept); `publications` is
+    /// then empty.
+    pub recovered: bool,
 }
 
 #[derive(Debug, Clone, thiserror::Error)]
@@ -50,4 +67,14 @@ pub trait Broker: Send + Sync + 'static {
 
     /// Whether publishes can succeed now (`/ready`).
     fn is_ready(&self) -> bool;
+
+    /// Reads `channel`'s history: the messages after `since` (exactly, or
+    /// `recovered: false`), or without `since` the latest ones; at most
+    /// `limit`. Only for channels whose namespace keeps history.
+    fn history(
+        &self,
+        channel: &ChannelName,
+        since: Option<Position>,
+        limit: usize,
+    ) -> BoxFuture<'_, Result<HistoryPage, BrokerError>>;
 }

@@ -8,7 +8,7 @@
 //! costs few syscalls. Writes are bounded by `limits.write_timeout` and by
 //! the slow-client signal, so a stalled peer never pins the task.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::time::Duration;
 
@@ -18,10 +18,10 @@ use axum::extract::{ConnectInfo, Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::Response;
 use futures_util::SinkExt;
-use herald_core::frame::{self, Command, ErrorCode, FrameError, ack_frame, error_frame, server_frame};
+use herald_core::frame::{self, Command, ErrorCode, FrameError, StreamPosition, ack_frame, error_frame, server_frame};
+use herald_core::history::Position;
 use herald_core::policy::Subject;
 use herald_core::rate_limit::{CommandGate, Verdict};
-use herald_core::registry::Change;
 use herald_core::{ChannelName, Payload};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
@@ -32,7 +32,8 @@ use super::close::Ending;
 use super::origin;
 use crate::api::json_error;
 use crate::auth::{AuthError, Identity, unix_now};
-use crate::fanout::{ConnectionHandle, ConnectionQueue, Next, Outbound, connection_queue};
+use crate::broker::MAX_HISTORY_PAGE;
+use crate::fanout::{ConnectionHandle, ConnectionQueue, Frame, Next, Outbound, connection_queue};
 use crate::hub::{Admission, Hub, PublishError, PublishRequest, Rejection, Source};
 
 /// Read buffer per connection: commands are small. A larger frame makes
@@ -42,6 +43,10 @@ const READ_BUFFER_SIZE: usize = 1024;
 const WRITE_BUFFER_SIZE: usize = 8 * 1024;
 /// The most frames taken from the queue in one turn before flushing.
 const MAX_BATCH: usize = 64;
+/// Messages a `history` command returns when it names no limit.
+const DEFAULT_HISTORY_PAGE: usize = 100;
+/// Pages a recovering subscribe reads at most before relying on gap repair.
+const MAX_RECOVERY_PAGES: usize = 10;
 /// How long a close frame may take to send before the socket is dropped.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
 
@@ -252,6 +257,11 @@ struct Session<'a> {
     outbox: Vec<Message>,
     /// Set when the token was replaced by `refresh`.
     expiry_changed: bool,
+    /// For subscribed channels that keep history: the last position
+    /// delivered here, to skip repeats and to notice gaps.
+    positions: HashMap<ChannelName, Position>,
+    /// Missed messages a recovering subscribe sends right after its ack.
+    replay: Vec<herald_core::Publication>,
 }
 
 /// Unsubscribes everything when the session ends, however it ends.
@@ -305,6 +315,8 @@ impl<'a> Session<'a> {
             gate,
             outbox: vec![Message::Text(success.into())],
             expiry_changed: false,
+            positions: HashMap::new(),
+            replay: Vec::new(),
         };
         tracing::debug!(user_id = %session.identity.user_id, connection_id = id, "connection authenticated");
         // `auth_success` goes out once the personal channel is live.
@@ -402,10 +414,10 @@ impl<'a> Session<'a> {
                 }
                 next = queue.next() => {
                     let Next::Frame(frame) = next else { return Ending::SlowClient };
-                    self.push_outbound(frame);
+                    self.take(frame).await;
                     while self.outbox.len() < MAX_BATCH {
                         match queue.try_next() {
-                            Some(Next::Frame(frame)) => self.push_outbound(frame),
+                            Some(Next::Frame(frame)) => self.take(frame).await,
                             Some(Next::FellBehind) => return Ending::SlowClient,
                             None => break,
                         }
@@ -415,10 +427,33 @@ impl<'a> Session<'a> {
         }
     }
 
-    fn push_outbound(&mut self, frame: Outbound) {
+    /// Takes one entry from the queue. For channels with history it keeps
+    /// the stream exact: a message already delivered (overlap with a
+    /// recovery) is skipped, and a gap (a message lost on its way to this
+    /// node) is filled from history, or reported with `resync`.
+    async fn take(&mut self, frame: Outbound) {
         let message = match frame {
-            Outbound::Text(text) => Message::Text(text),
-            Outbound::Binary(bytes) => Message::Binary(bytes),
+            Outbound::Delivery(delivery) => {
+                if let (Some(offset), Some(epoch)) = (delivery.offset, &delivery.epoch)
+                    && let Some(position) = self.positions.get(&delivery.channel).cloned()
+                {
+                    if position.epoch == *epoch && offset <= position.offset {
+                        return;
+                    }
+                    if position.epoch != *epoch || offset > position.offset + 1 {
+                        self.fill_gap(&delivery.channel, position, offset, epoch).await;
+                    }
+                    let position = Position {
+                        offset,
+                        epoch: epoch.clone(),
+                    };
+                    self.positions.insert(delivery.channel.clone(), position);
+                }
+                match &delivery.frame {
+                    Frame::Text(text) => Message::Text(text.clone()),
+                    Frame::Binary(bytes) => Message::Binary(bytes.clone()),
+                }
+            }
             Outbound::Subscribe(channel) => {
                 self.subscriptions.insert(channel.clone());
                 self.granted_by_server.insert(channel.clone());
@@ -436,6 +471,42 @@ impl<'a> Session<'a> {
             }
         };
         self.outbox.push(message);
+    }
+
+    /// Delivers what was missed between `position` and the live message at
+    /// `offset` (in `epoch`), or tells the client it cannot be replayed.
+    async fn fill_gap(&mut self, channel: &ChannelName, position: Position, offset: u64, epoch: &str) {
+        if position.epoch == epoch {
+            let missing = (offset - position.offset - 1) as usize;
+            let page = self.hub.broker.history(channel, Some(position), missing).await;
+            if let Ok(page) = page
+                && page.recovered
+                && page.publications.len() == missing
+            {
+                self.hub
+                    .metrics
+                    .gaps_recovered
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                for publication in &page.publications {
+                    self.push_publication(publication);
+                }
+                return;
+            }
+        }
+        self.hub
+            .metrics
+            .gaps_unrecovered
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let data = json!({"channel": channel, "recovered": false, "epoch": epoch, "offset": offset - 1});
+        self.reply(server_frame("resync", None, data));
+    }
+
+    /// Queues one publication encoded for this connection alone (recovery).
+    fn push_publication(&mut self, publication: &herald_core::Publication) {
+        self.outbox.push(match Frame::from(publication.encode()) {
+            Frame::Text(text) => Message::Text(text),
+            Frame::Binary(bytes) => Message::Binary(bytes),
+        });
     }
 
     fn reply(&mut self, frame: String) {
@@ -491,17 +562,18 @@ impl<'a> Session<'a> {
                 "this connection is already authenticated",
             )),
             Command::Subscribe { channel, recover } => self
-                .subscribe(&channel)
+                .subscribe(&channel, recover)
                 .await
-                .map(|_| ack(&message_id, subscribe_ack(&channel, recover.is_some()))),
+                .map(|data| ack(&message_id, data)),
             Command::Unsubscribe { channel } => self
                 .unsubscribe(&channel)
                 .map(|()| ack(&message_id, json!({"channel": channel}))),
             Command::JoinGroup { group_id } => {
                 let channel = ChannelName::group(&group_id).expect("the parser validated the group id");
-                self.subscribe(&channel)
-                    .await
-                    .map(|_| ack(&message_id, json!({"group_id": group_id, "channel": channel})))
+                self.subscribe(&channel, None).await.map(|mut data| {
+                    data["group_id"] = json!(group_id);
+                    ack(&message_id, data)
+                })
             }
             Command::LeaveGroup { group_id } => {
                 let channel = ChannelName::group(&group_id).expect("the parser validated the group id");
@@ -549,14 +621,20 @@ impl<'a> Session<'a> {
                 }
             }
             Command::Presence { channel } => self.presence(&channel).map(|data| ack(&message_id, data)),
-            Command::History { channel, .. } => Err(err(
-                ErrorCode::NotAvailable,
-                &format!("history is not enabled for `{channel}`"),
-            )),
+            Command::History { channel, since, limit } => self
+                .history(&channel, since, limit)
+                .await
+                .map(|data| ack(&message_id, data)),
             Command::Refresh { token } => self.refresh(&token).map(|data| ack(&message_id, data)),
         };
         match outcome {
-            Ok(frame) => self.reply(frame),
+            Ok(frame) => {
+                self.reply(frame);
+                // A recovering subscribe's missed messages follow its ack.
+                for publication in std::mem::take(&mut self.replay) {
+                    self.push_publication(&publication);
+                }
+            }
             Err((code, message)) => {
                 metrics.command_errors.fetch_add(1, Relaxed);
                 self.reply(FrameError::new(message_id, code, message).to_frame());
@@ -572,7 +650,14 @@ impl<'a> Session<'a> {
         }
     }
 
-    async fn subscribe(&mut self, channel: &ChannelName) -> Result<Change, (ErrorCode, String)> {
+    /// Subscribes; for a channel with history, also establishes the
+    /// connection's position (and with `recover`, queues what was missed in
+    /// `replay`). Returns the ack's data.
+    async fn subscribe(
+        &mut self,
+        channel: &ChannelName,
+        recover: Option<StreamPosition>,
+    ) -> Result<serde_json::Value, (ErrorCode, String)> {
         self.hub
             .policies()
             .check_subscribe(&self.subject(), channel)
@@ -584,11 +669,136 @@ impl<'a> Session<'a> {
                 &format!("a connection may hold at most {limit} subscriptions"),
             ));
         }
+        let keeps_history = self.hub.policies().policy(channel).is_ok_and(|p| p.keeps_history());
+        // Without recovery the client starts from "now": read "now" before
+        // registering, so a message published in between is either queued
+        // or repaired as a gap. With recovery, register first; the overlap
+        // between history and queue is skipped by offset.
+        let baseline = match (keeps_history, &recover) {
+            (true, None) => Some(self.read_position(channel).await?),
+            _ => None,
+        };
         self.subscriptions.insert(channel.clone());
-        let change = self.hub.subscribe(channel, self.handle.clone());
+        self.hub.subscribe(channel, self.handle.clone());
         // Ack only once messages published from now on will arrive here.
         self.hub.broker.subscribed(channel).await;
-        Ok(change)
+        let mut data = json!({"channel": channel});
+        if !keeps_history {
+            if recover.is_some() {
+                data["recovered"] = json!(false);
+            }
+            return Ok(data);
+        }
+        let position = match (baseline, recover) {
+            (Some(baseline), _) => baseline,
+            (None, Some(recover)) => {
+                let since = match recover.epoch {
+                    Some(epoch) => Position {
+                        offset: recover.offset,
+                        epoch,
+                    },
+                    None => Position {
+                        offset: recover.offset,
+                        epoch: self.read_position(channel).await?.epoch,
+                    },
+                };
+                let (recovered, missed, current) = self.read_since(channel, since).await?;
+                data["recovered"] = json!(recovered);
+                let position = match missed.last() {
+                    Some(last) if recovered => Position {
+                        offset: last.offset.unwrap_or(0),
+                        epoch: current.epoch,
+                    },
+                    _ => current,
+                };
+                self.replay = missed;
+                position
+            }
+            (None, None) => unreachable!("a baseline is read whenever recovery is not asked"),
+        };
+        data["epoch"] = json!(position.epoch);
+        data["offset"] = json!(position.offset);
+        self.positions.insert(channel.clone(), position);
+        Ok(data)
+    }
+
+    /// The channel's current position.
+    async fn read_position(&self, channel: &ChannelName) -> Result<Position, (ErrorCode, String)> {
+        let page = self.hub.broker.history(channel, None, 0).await.map_err(broker_error)?;
+        Ok(page.current)
+    }
+
+    /// Everything after `since`, page by page (bounded): whether it could be
+    /// recovered, the messages, and the channel's position at the end.
+    async fn read_since(
+        &self,
+        channel: &ChannelName,
+        mut since: Position,
+    ) -> Result<(bool, Vec<herald_core::Publication>, Position), (ErrorCode, String)> {
+        let mut missed = Vec::new();
+        for _ in 0..MAX_RECOVERY_PAGES {
+            let page = self
+                .hub
+                .broker
+                .history(channel, Some(since.clone()), MAX_HISTORY_PAGE)
+                .await
+                .map_err(broker_error)?;
+            if !page.recovered {
+                return Ok((false, Vec::new(), page.current));
+            }
+            let full = page.publications.len() == MAX_HISTORY_PAGE;
+            if let Some(last) = page.publications.last() {
+                since.offset = last.offset.unwrap_or(since.offset);
+            }
+            missed.extend(page.publications);
+            if !full {
+                return Ok((true, missed, page.current));
+            }
+        }
+        // More than the bound: the rest arrives through gap repair.
+        let current = Position {
+            offset: since.offset,
+            epoch: since.epoch,
+        };
+        Ok((true, missed, current))
+    }
+
+    /// The `history` command: a page of the channel's history.
+    async fn history(
+        &self,
+        channel: &ChannelName,
+        since: Option<StreamPosition>,
+        limit: Option<u32>,
+    ) -> Result<serde_json::Value, (ErrorCode, String)> {
+        self.hub
+            .policies()
+            .check_subscribe(&self.subject(), channel)
+            .map_err(policy_error)?;
+        if !self.hub.policies().policy(channel).is_ok_and(|p| p.keeps_history()) {
+            return Err(err(
+                ErrorCode::NotAvailable,
+                &format!("history is not enabled for `{channel}`"),
+            ));
+        }
+        let limit = limit.map_or(DEFAULT_HISTORY_PAGE, |l| l as usize).min(MAX_HISTORY_PAGE);
+        let since = match since {
+            None => None,
+            Some(StreamPosition {
+                offset,
+                epoch: Some(epoch),
+            }) => Some(Position { offset, epoch }),
+            Some(StreamPosition { offset, epoch: None }) => Some(Position {
+                offset,
+                epoch: self.read_position(channel).await?.epoch,
+            }),
+        };
+        let page = self
+            .hub
+            .broker
+            .history(channel, since, limit)
+            .await
+            .map_err(broker_error)?;
+        Ok(crate::api::history_json(channel, &page))
     }
 
     fn unsubscribe(&mut self, channel: &ChannelName) -> Result<(), (ErrorCode, String)> {
@@ -598,6 +808,7 @@ impl<'a> Session<'a> {
         if !self.subscriptions.remove(channel) {
             return Err(err(ErrorCode::NotSubscribed, &format!("not subscribed to `{channel}`")));
         }
+        self.positions.remove(channel);
         self.granted_by_server.remove(channel);
         self.hub.unsubscribe(channel, self.handle.id());
         Ok(())
@@ -663,6 +874,7 @@ impl<'a> Session<'a> {
             .collect();
         for channel in &revoked {
             self.subscriptions.remove(channel);
+            self.positions.remove(channel);
             self.hub.unsubscribe(channel, self.handle.id());
         }
         if revoked.is_empty() {
@@ -681,13 +893,8 @@ fn ack(message_id: &Option<serde_json::Value>, data: impl Serialize) -> String {
     ack_frame(message_id.as_ref(), data)
 }
 
-fn subscribe_ack(channel: &ChannelName, recover_requested: bool) -> serde_json::Value {
-    if recover_requested {
-        // No history is kept for this channel, so nothing can be replayed.
-        json!({"channel": channel, "recovered": false})
-    } else {
-        json!({"channel": channel})
-    }
+fn broker_error(error: crate::broker::BrokerError) -> (ErrorCode, String) {
+    (ErrorCode::Unavailable, error.to_string())
 }
 
 /// The `data` of a chat message, the seed protocol's `new_message` shape.

@@ -5,6 +5,7 @@ mod harness;
 
 mod auth;
 mod cluster;
+mod history;
 mod http_api;
 mod lifecycle;
 mod limits;

@@ -13,6 +13,7 @@
 //! disconnected from Redis does not reach that node's clients. Publishing
 //! while Redis is unreachable fails (HTTP 503), it is never accepted and lost.
 
+pub mod history;
 pub mod link;
 pub mod pubsub;
 pub mod routes;
@@ -25,6 +26,7 @@ use std::time::{Duration, Instant};
 use base64::Engine;
 use bytes::Bytes;
 use herald_core::frame::validate_message_type;
+use herald_core::policy::Policies;
 use herald_core::publication::{CONTROL_SUBSCRIBE, CONTROL_UNSUBSCRIBE, DEFAULT_MESSAGE_TYPE};
 use herald_core::{ChannelName, Payload, Publication};
 use serde::{Deserialize, Serialize};
@@ -65,6 +67,11 @@ impl RedisConfig {
 /// HTTP publish body without `channel`.
 #[derive(Debug, Serialize, Deserialize)]
 pub struct WireMessage<'a> {
+    /// Set by the history script for channels that keep history.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub offset: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub epoch: Option<String>,
     #[serde(rename = "type", skip_serializing_if = "Option::is_none")]
     pub message_type: Option<&'a str>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -91,6 +98,8 @@ pub fn encode_wire(publication: &Publication, node_id: &str) -> Vec<u8> {
         Payload::Binary(bytes) => (None, Some(base64::engine::general_purpose::STANDARD.encode(bytes))),
     };
     let wire = WireMessage {
+        offset: None,
+        epoch: None,
         message_type: Some(&publication.message_type),
         message_id: Some(&publication.message_id),
         timestamp: Some(publication.timestamp_ms),
@@ -137,8 +146,8 @@ pub fn decode_wire(
         message_type: message_type.to_owned(),
         message_id: wire.message_id.map_or_else(next_id, str::to_owned),
         timestamp_ms: wire.timestamp.unwrap_or_else(unix_millis),
-        offset: None,
-        epoch: None,
+        offset: wire.offset,
+        epoch: wire.epoch,
         payload,
         from: wire.from.map(str::to_owned),
         exclude_user: wire.exclude_user.map(str::to_owned),
@@ -148,6 +157,7 @@ pub fn decode_wire(
 
 pub struct RedisBroker {
     config: Arc<RedisConfig>,
+    policies: Policies,
     node_id: String,
     link: RedisLink,
     pubsub: PubSub,
@@ -158,6 +168,7 @@ impl RedisBroker {
     /// delivers what arrives to `fanout`.
     pub fn start(
         config: RedisConfig,
+        policies: Policies,
         node_id: String,
         fanout: Arc<Fanout>,
         metrics: Arc<Metrics>,
@@ -181,6 +192,7 @@ impl RedisBroker {
         let pubsub = PubSub::start(config.address.clone(), patterns, handler, metrics, shutdown, tracker);
         RedisBroker {
             config,
+            policies,
             node_id,
             link,
             pubsub,
@@ -233,14 +245,46 @@ impl Broker for RedisBroker {
     fn publish(&self, publication: Publication) -> BoxFuture<'_, Result<Placement, BrokerError>> {
         let key = self.config.channel_key(&publication.channel);
         let payload = encode_wire(&publication, &self.node_id);
+        let policy = self
+            .policies
+            .policy(&publication.channel)
+            .ok()
+            .filter(|p| p.keeps_history())
+            .copied();
         Box::pin(async move {
-            self.link
-                .call(&[&b"PUBLISH"[..], &key, &payload])
-                .await
-                .map_err(|e| BrokerError::Unavailable(e.to_string()))?;
+            let unavailable = |e: link::RedisError| BrokerError::Unavailable(e.to_string());
+            let Some(policy) = policy else {
+                self.link
+                    .call(&[&b"PUBLISH"[..], &key, &payload])
+                    .await
+                    .map_err(unavailable)?;
+                return Ok(Placement::default());
+            };
+            let [history, offset, epoch] = history::keys(&self.config, &publication.channel);
+            let (max_len, ttl) = (
+                policy.history_size.to_string(),
+                policy.history_ttl.as_millis().to_string(),
+            );
+            let fresh_epoch = crate::config::random_token(6);
+            let args: [&[u8]; 11] = [
+                b"EVAL",
+                history::PUBLISH_SCRIPT.as_bytes(),
+                b"4",
+                history.as_bytes(),
+                offset.as_bytes(),
+                epoch.as_bytes(),
+                &key,
+                &payload,
+                max_len.as_bytes(),
+                ttl.as_bytes(),
+                fresh_epoch.as_bytes(),
+            ];
+            let reply = self.link.call(&args).await.map_err(unavailable)?;
+            let (offset, epoch) = history::placement(&reply)
+                .ok_or_else(|| BrokerError::Unavailable("unexpected history reply".into()))?;
             Ok(Placement {
-                offset: publication.offset,
-                epoch: publication.epoch,
+                offset: Some(offset),
+                epoch: Some(epoch),
             })
         })
     }
@@ -262,6 +306,42 @@ impl Broker for RedisBroker {
 
     fn is_ready(&self) -> bool {
         self.link.is_up() && self.pubsub.is_up()
+    }
+
+    fn history(
+        &self,
+        channel: &ChannelName,
+        since: Option<herald_core::history::Position>,
+        limit: usize,
+    ) -> BoxFuture<'_, Result<super::HistoryPage, BrokerError>> {
+        let channel = channel.clone();
+        let ttl = self.policies.policy(&channel).map_or(Duration::ZERO, |p| p.history_ttl);
+        Box::pin(async move {
+            let [history, offset, epoch] = history::keys(&self.config, &channel);
+            let fresh_epoch = crate::config::random_token(6);
+            let ttl_ms = ttl.as_millis().max(1).to_string();
+            let after = since.as_ref().map(|s| s.offset.to_string()).unwrap_or_default();
+            let count = limit.to_string();
+            let args = [
+                "EVAL",
+                history::READ_SCRIPT,
+                "3",
+                &history,
+                &offset,
+                &epoch,
+                &fresh_epoch,
+                &ttl_ms,
+                &after,
+                &count,
+            ];
+            let reply = self
+                .link
+                .call(&args)
+                .await
+                .map_err(|e| BrokerError::Unavailable(e.to_string()))?;
+            history::page(&channel, &reply, since, limit, ttl.as_millis() as u64, &self.node_id)
+                .map_err(BrokerError::Unavailable)
+        })
     }
 }
 

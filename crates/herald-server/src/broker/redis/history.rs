@@ -1,0 +1,128 @@
+//! Channel history in Redis, for namespaces that keep it.
+//!
+//! Per channel: `{prefix}hist:{channel}` (a Stream whose entry ids are
+//! `{offset}-1`), `{prefix}off:{channel}` (the latest offset) and
+//! `{prefix}epoch:{channel}`. Appending, numbering and publishing happen in
+//! one Lua script, so offsets, history and Pub/Sub order always agree. When
+//! Redis loses the keys (a restart without persistence, or a channel idle
+//! past its retention) the next publish starts a new epoch, and old
+//! positions are reported unrecoverable.
+
+use herald_core::ChannelName;
+use herald_core::history::{Position, recover};
+use herald_core::resp::Value;
+
+use super::{RedisConfig, decode_wire};
+use crate::broker::HistoryPage;
+use crate::hub::unix_millis;
+
+/// KEYS: history, offset, epoch, pubsub channel. ARGV: wire message (a JSON
+/// object), max length, retention in ms, a fresh epoch in case none exists.
+/// The published message is the wire message with `offset` and `epoch` added.
+pub const PUBLISH_SCRIPT: &str = r#"
+local epoch = redis.call('GET', KEYS[3])
+if not epoch then
+  epoch = ARGV[4]
+  redis.call('SET', KEYS[3], epoch)
+end
+local offset = redis.call('INCR', KEYS[2])
+local message = '{"offset":' .. offset .. ',"epoch":"' .. epoch .. '",' .. string.sub(ARGV[1], 2)
+redis.call('XADD', KEYS[1], 'MAXLEN', ARGV[2], offset .. '-1', 'm', message)
+for i = 1, 3 do redis.call('PEXPIRE', KEYS[i], ARGV[3]) end
+redis.call('PUBLISH', KEYS[4], message)
+return {offset, epoch}
+"#;
+
+/// KEYS: history, offset, epoch. ARGV: a fresh epoch, retention in ms,
+/// the offset to read after ('' for the latest entries), count.
+/// Returns {latest offset, epoch, entries}.
+pub const READ_SCRIPT: &str = r#"
+local epoch = redis.call('GET', KEYS[3])
+if not epoch then
+  epoch = ARGV[1]
+  redis.call('SET', KEYS[3], epoch, 'PX', ARGV[2])
+end
+local offset = tonumber(redis.call('GET', KEYS[2]) or '0')
+local entries
+if ARGV[3] == '' then
+  entries = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', ARGV[4])
+else
+  entries = redis.call('XRANGE', KEYS[1], '(' .. ARGV[3] .. '-1', '+', 'COUNT', ARGV[4])
+end
+return {offset, epoch, entries}
+"#;
+
+/// The keys of one channel: history, offset, epoch.
+pub fn keys(config: &RedisConfig, channel: &ChannelName) -> [String; 3] {
+    let prefix = &config.prefix;
+    [
+        format!("{prefix}hist:{channel}"),
+        format!("{prefix}off:{channel}"),
+        format!("{prefix}epoch:{channel}"),
+    ]
+}
+
+/// Reads the reply of [`PUBLISH_SCRIPT`].
+pub fn placement(reply: &Value) -> Option<(u64, String)> {
+    let items = reply.as_array()?;
+    let offset = u64::try_from(items.first()?.as_integer()?).ok()?;
+    let epoch = items.get(1)?.as_str()?.to_owned();
+    Some((offset, epoch))
+}
+
+/// Turns the reply of [`READ_SCRIPT`] into a page. `since` is what the
+/// caller asked to recover from (`None`: the latest messages).
+pub fn page(
+    channel: &ChannelName,
+    reply: &Value,
+    since: Option<Position>,
+    limit: usize,
+    ttl_ms: u64,
+    node_id: &str,
+) -> Result<HistoryPage, String> {
+    let items = reply.as_array().ok_or("unexpected history reply")?;
+    let offset = items
+        .first()
+        .and_then(Value::as_integer)
+        .and_then(|n| u64::try_from(n).ok())
+        .ok_or("no offset")?;
+    let epoch = items.get(1).and_then(Value::as_str).ok_or("no epoch")?.to_owned();
+    let current = Position { offset, epoch };
+    let now = unix_millis();
+    let mut kept = Vec::new();
+    for entry in items.get(2).and_then(Value::as_array).unwrap_or_default() {
+        let message = entry
+            .as_array()
+            .and_then(|e| e.get(1))
+            .and_then(Value::as_array)
+            .and_then(|fields| fields.get(1))
+            .and_then(Value::as_bytes)
+            .ok_or("malformed history entry")?;
+        let publication = decode_wire(channel.clone(), message, node_id, String::new)?;
+        if publication.timestamp_ms.saturating_add(ttl_ms) >= now {
+            kept.push(publication);
+        }
+    }
+    Ok(match since {
+        None => {
+            kept.reverse();
+            HistoryPage {
+                publications: kept,
+                current,
+                recovered: true,
+            }
+        }
+        Some(since) => match recover(&since, current.clone(), kept, limit) {
+            herald_core::history::Recovery::Recovered(publications) => HistoryPage {
+                publications,
+                current,
+                recovered: true,
+            },
+            herald_core::history::Recovery::Unrecoverable { current } => HistoryPage {
+                publications: Vec::new(),
+                current,
+                recovered: false,
+            },
+        },
+    })
+}

@@ -1,0 +1,317 @@
+//! History and recovery, for both backends and for one and two nodes:
+//! sequence-numbered payloads, exact recovery, explicit refusal, gap repair.
+
+use serde_json::{Value, json};
+
+use crate::harness::{API_KEY, Client, RedisServer, TestServer, wait_until};
+
+const FEED: &str = "[namespaces.feed]\nsubscribe = \"authenticated\"\nhistory_size = 5000\nhistory_ttl = \"10m\"";
+
+#[derive(Clone, Copy, Debug)]
+enum Setup {
+    Memory,
+    RedisOneNode,
+    RedisTwoNodes,
+}
+
+/// The publishing node and the subscribing node (the same one unless two).
+struct Nodes {
+    publisher: TestServer,
+    subscriber: Option<TestServer>,
+    redis: Option<RedisServer>,
+}
+
+impl Nodes {
+    async fn start(setup: Setup, extra: &str) -> Nodes {
+        match setup {
+            Setup::Memory => Nodes {
+                publisher: TestServer::start_with(&format!("{FEED}\n{extra}")).await,
+                subscriber: None,
+                redis: None,
+            },
+            Setup::RedisOneNode | Setup::RedisTwoNodes => {
+                let redis = RedisServer::start().await;
+                let config = format!("{FEED}\n{extra}\n{}", redis.toml(""));
+                let publisher = TestServer::start_with(&config).await;
+                let subscriber = match setup {
+                    Setup::RedisTwoNodes => Some(TestServer::start_with(&config).await),
+                    _ => None,
+                };
+                for node in std::iter::once(&publisher).chain(subscriber.iter()) {
+                    let addr = node.addr;
+                    wait_until("the node is ready", || async move {
+                        let url = format!("http://{addr}/ready");
+                        herald_server::http_client::request("GET", &url, None, None)
+                            .await
+                            .is_ok_and(|(s, _)| s == 200)
+                    })
+                    .await;
+                }
+                Nodes {
+                    publisher,
+                    subscriber,
+                    redis: Some(redis),
+                }
+            }
+        }
+    }
+
+    fn subscriber(&self) -> &TestServer {
+        self.subscriber.as_ref().unwrap_or(&self.publisher)
+    }
+}
+
+async fn publish_seq(server: &TestServer, channel: &str, seq: u64) -> Value {
+    server.publish_ok(channel, json!({"seq": seq})).await
+}
+
+/// Reads deliveries on `channel` until `last` arrives; returns their seqs.
+async fn read_until(client: &mut Client, channel: &str, last: u64) -> Vec<u64> {
+    let mut seqs = Vec::new();
+    loop {
+        let frame = client.next_frame().await;
+        assert_ne!(frame["type"], "resync", "unexpected resync {frame}");
+        if frame["channel"] != channel {
+            continue;
+        }
+        let seq = frame["data"]["seq"].as_u64().unwrap();
+        seqs.push(seq);
+        if seq == last {
+            return seqs;
+        }
+    }
+}
+
+/// A client that saw the first messages goes away; 1,000 are published (and
+/// more keep coming while it reconnects); it recovers with its position and
+/// receives every missed message exactly once, in order, then the live ones.
+async fn recovers_exactly_what_was_missed(setup: Setup) {
+    let nodes = Nodes::start(setup, "").await;
+    let channel = "feed:news";
+    let mut client = nodes.subscriber().connect("reader").await;
+    let ack = client.command("subscribe", "s", json!({"channel": channel})).await;
+    assert_eq!(ack["data"]["offset"], 0, "{ack}");
+    for seq in 0..5 {
+        publish_seq(&nodes.publisher, channel, seq).await;
+    }
+    let mut last = Value::Null;
+    for _ in 0..5 {
+        last = client.next_frame().await;
+    }
+    let (offset, epoch) = (
+        last["offset"].as_u64().unwrap(),
+        last["epoch"].as_str().unwrap().to_owned(),
+    );
+    assert_eq!(offset, 5);
+    drop(client);
+
+    for seq in 5..1_005 {
+        publish_seq(&nodes.publisher, channel, seq).await;
+    }
+    // Publishing continues while the client reconnects and recovers.
+    let url = format!("http://{}/api/v1/publish", nodes.publisher.addr);
+    let background = tokio::spawn(async move {
+        for seq in 1_005..1_205 {
+            let body = json!({"channel": channel, "data": {"seq": seq}}).to_string();
+            let (status, _) = herald_server::http_client::request("POST", &url, Some(API_KEY), Some(body))
+                .await
+                .unwrap();
+            assert_eq!(status, 200);
+        }
+    });
+    let mut client = nodes.subscriber().connect("reader").await;
+    let ack = client
+        .command(
+            "subscribe",
+            "r",
+            json!({"channel": channel, "offset": offset, "epoch": epoch}),
+        )
+        .await;
+    assert_eq!(ack["data"]["recovered"], true, "{ack}");
+    assert_eq!(ack["data"]["epoch"], epoch.as_str());
+    background.await.unwrap();
+    publish_seq(&nodes.publisher, channel, 1_205).await;
+    let seqs = read_until(&mut client, channel, 1_205).await;
+    assert_eq!(
+        seqs,
+        (5..=1_205).collect::<Vec<_>>(),
+        "{setup:?}: every missed message once, in order, then live"
+    );
+    // Nothing more is pending: the next frame is the next live message.
+    publish_seq(&nodes.publisher, channel, 1_206).await;
+    assert_eq!(client.next_frame().await["data"]["seq"], 1_206);
+}
+
+#[tokio::test]
+async fn recovery_is_exact_in_memory() {
+    recovers_exactly_what_was_missed(Setup::Memory).await;
+}
+
+#[tokio::test]
+async fn recovery_is_exact_with_redis() {
+    recovers_exactly_what_was_missed(Setup::RedisOneNode).await;
+}
+
+#[tokio::test]
+async fn recovery_is_exact_across_two_nodes() {
+    recovers_exactly_what_was_missed(Setup::RedisTwoNodes).await;
+}
+
+async fn beyond_retention_is_refused(setup: Setup) {
+    let nodes = Nodes::start(
+        setup,
+        "[namespaces.short]\nsubscribe = \"authenticated\"\nhistory_size = 10",
+    )
+    .await;
+    let channel = "short:x";
+    publish_seq(&nodes.publisher, channel, 0).await;
+    let mut client = nodes.subscriber().connect("reader").await;
+    let ack = client.command("subscribe", "s", json!({"channel": channel})).await;
+    let epoch = ack["data"]["epoch"].as_str().unwrap().to_owned();
+    assert_eq!(ack["data"]["offset"], 1);
+    for seq in 1..50 {
+        publish_seq(&nodes.publisher, channel, seq).await;
+    }
+    let mut late = nodes.subscriber().connect("late").await;
+    let ack = late
+        .command(
+            "subscribe",
+            "r",
+            json!({"channel": channel, "offset": 1, "epoch": epoch}),
+        )
+        .await;
+    assert_eq!(ack["data"]["recovered"], false, "{setup:?}: {ack}");
+    assert_eq!(ack["data"]["offset"], 50, "told where the channel is now");
+    let ack = late
+        .command(
+            "subscribe",
+            "r2",
+            json!({"channel": channel, "offset": 45, "epoch": epoch}),
+        )
+        .await;
+    assert_eq!(ack["data"]["recovered"], true, "{ack}");
+    assert_eq!(read_until(&mut late, channel, 49).await, (45..50).collect::<Vec<_>>());
+    let ack = late
+        .command(
+            "subscribe",
+            "r3",
+            json!({"channel": channel, "offset": 45, "epoch": "another"}),
+        )
+        .await;
+    assert_eq!(ack["data"]["recovered"], false, "another epoch");
+}
+
+#[tokio::test]
+async fn beyond_retention_is_refused_in_memory() {
+    beyond_retention_is_refused(Setup::Memory).await;
+}
+
+#[tokio::test]
+async fn beyond_retention_is_refused_with_redis() {
+    beyond_retention_is_refused(Setup::RedisTwoNodes).await;
+}
+
+#[tokio::test]
+async fn a_redis_restart_without_persistence_starts_a_new_epoch() {
+    let mut nodes = Nodes::start(Setup::RedisOneNode, "").await;
+    let channel = "feed:epochs";
+    let first = publish_seq(&nodes.publisher, channel, 0).await;
+    let old_epoch = first["epoch"].as_str().unwrap().to_owned();
+    let redis = nodes.redis.as_mut().unwrap();
+    redis.kill();
+    redis.restart().await;
+    let addr = nodes.publisher.addr;
+    wait_until("the node is ready again", || async move {
+        herald_server::http_client::request("GET", &format!("http://{addr}/ready"), None, None)
+            .await
+            .is_ok_and(|(s, _)| s == 200)
+    })
+    .await;
+    let after = publish_seq(&nodes.publisher, channel, 1).await;
+    assert_ne!(after["epoch"], old_epoch.as_str(), "history was lost: new epoch");
+    assert_eq!(after["offset"], 1);
+    let mut client = nodes.publisher.connect("reader").await;
+    let ack = client
+        .command(
+            "subscribe",
+            "r",
+            json!({"channel": channel, "offset": 1, "epoch": old_epoch}),
+        )
+        .await;
+    assert_eq!(ack["data"]["recovered"], false);
+    assert_eq!(ack["data"]["epoch"], after["epoch"]);
+}
+
+/// A message lost between Redis and a node (its Pub/Sub connection cut
+/// while publishing goes on) is noticed by the gap in offsets and filled
+/// from history: the subscriber sees every message exactly once, in order.
+#[tokio::test]
+async fn a_message_lost_on_the_way_to_a_node_is_recovered() {
+    let nodes = Nodes::start(Setup::RedisTwoNodes, "").await;
+    let channel = "feed:gaps";
+    let mut client = nodes.subscriber().connect("reader").await;
+    client.subscribe(channel).await;
+    let redis = nodes.redis.as_ref().unwrap();
+    let subscriber = nodes.subscriber();
+    let mut seq = 0;
+    while subscriber.metric("herald_gaps_recovered_total").await < 1.0 {
+        assert!(seq < 2_000, "no gap was ever produced");
+        publish_seq(&nodes.publisher, channel, seq).await;
+        seq += 1;
+        if seq % 20 == 10 {
+            // Cuts every Pub/Sub connection; the nodes reconnect, and what
+            // is published meanwhile misses them.
+            redis.cli(&["CLIENT", "KILL", "TYPE", "pubsub"]);
+        }
+    }
+    publish_seq(&nodes.publisher, channel, seq).await;
+    let seqs = read_until(&mut client, channel, seq).await;
+    assert_eq!(seqs, (0..=seq).collect::<Vec<_>>(), "no gap and no duplicate");
+}
+
+#[tokio::test]
+async fn history_pages_through_the_command_and_the_api() {
+    let nodes = Nodes::start(Setup::Memory, "").await;
+    let channel = "feed:paged";
+    for seq in 0..30 {
+        publish_seq(&nodes.publisher, channel, seq).await;
+    }
+    let mut client = nodes.publisher.connect("reader").await;
+    let page = client
+        .command("history", "h", json!({"channel": channel, "limit": 5}))
+        .await;
+    let data = &page["data"];
+    assert_eq!(data["offset"], 30);
+    let seqs: Vec<u64> = data["publications"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["data"]["seq"].as_u64().unwrap())
+        .collect();
+    assert_eq!(seqs, [25, 26, 27, 28, 29], "the latest, oldest first");
+    let epoch = data["epoch"].as_str().unwrap();
+    let page = client
+        .command(
+            "history",
+            "h2",
+            json!({"channel": channel, "offset": 10, "epoch": epoch, "limit": 3}),
+        )
+        .await;
+    let offsets: Vec<u64> = page["data"]["publications"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["offset"].as_u64().unwrap())
+        .collect();
+    assert_eq!(offsets, [11, 12, 13]);
+    let refused = client.command("history", "h3", json!({"channel": "group:1"})).await;
+    assert_eq!(refused["data"]["code"], "not_available");
+
+    let path = format!("/api/v1/channels/{channel}/history?offset=28&epoch={epoch}");
+    let (status, body) = nodes.publisher.http("GET", &path, Some(API_KEY), None).await;
+    assert_eq!(status, 200, "{body}");
+    let body: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(body["publications"].as_array().unwrap().len(), 2);
+    let (status, _) = nodes.publisher.http("GET", &path, None, None).await;
+    assert_eq!(status, 401);
+}
