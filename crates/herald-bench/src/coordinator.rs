@@ -65,6 +65,13 @@ pub async fn run(config: &BenchConfig, launcher: &WorkerLauncher) -> anyhow::Res
             other => bail!("expected ready from a worker, got {other:?}"),
         }
     }
+    if readies.iter().all(|ready| ready.connected == 0) {
+        let first_error = readies.iter().find_map(|ready| ready.first_error.clone());
+        bail!(
+            "no connection succeeded: {}",
+            first_error.as_deref().unwrap_or("no error reported")
+        );
+    }
     let after_connect = server_sample()?;
     let slow_before = slow_client_disconnects(config).await;
 

@@ -90,7 +90,11 @@ pub async fn connect(spec: &SubscriberSpec) -> anyhow::Result<Connected> {
     }
     let connect_latency = started.elapsed();
     for (number, channel) in spec.subscribe.iter().enumerate() {
-        let message_id = format!("s{number}");
+        let message_id = if number == 0 {
+            "s".to_owned()
+        } else {
+            format!("s{number}")
+        };
         let frame = json!({"type": "subscribe", "message_id": message_id, "data": {"channel": channel}});
         socket
             .send(Message::text(frame.to_string()))
