@@ -132,6 +132,7 @@ mod tests {
             from: None,
             exclude_user: None,
             exclude_connection: None,
+            ephemeral: false,
         }
     }
 

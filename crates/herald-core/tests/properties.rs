@@ -105,6 +105,7 @@ proptest! {
             from: None,
             exclude_user: None,
             exclude_connection: None,
+            ephemeral: false,
         };
         let EncodedFrame::Text(text) = publication.encode() else { panic!("JSON gives text") };
         // `data` is carried byte for byte, and is the last field.
@@ -148,6 +149,7 @@ proptest! {
             from: None,
             exclude_user: None,
             exclude_connection: None,
+            ephemeral: false,
         };
         let EncodedFrame::Binary(bytes) = publication.encode() else { panic!("binary gives binary") };
         let (header, body) = decode_binary_delivery(&bytes).unwrap();

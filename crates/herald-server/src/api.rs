@@ -150,6 +150,7 @@ pub async fn publish(State(hub): State<Hub>, headers: HeaderMap, body: Body) -> 
             from: None,
             exclude_user: None,
             exclude_connection: None,
+            ephemeral: false,
         };
         let receipt = hub.publish(publish, Source::Http).await?;
         return Ok(Json(receipt).into_response());
@@ -167,6 +168,7 @@ pub async fn publish(State(hub): State<Hub>, headers: HeaderMap, body: Body) -> 
             from: None,
             exclude_user: None,
             exclude_connection: None,
+            ephemeral: false,
         };
         let mut result = match hub.publish(publish, Source::Http).await {
             Ok(receipt) => serde_json::to_value(receipt).expect("receipts serialize"),
@@ -235,6 +237,7 @@ async fn manage_subscription(hub: &Hub, user_id: &str, channel: ChannelName, con
         from: None,
         exclude_user: None,
         exclude_connection: None,
+        ephemeral: true,
     };
     hub.publish(publish, Source::Http).await?;
     Ok(Json(json!({"user_id": user_id, "channel": channel})).into_response())
@@ -294,6 +297,7 @@ pub async fn direct_message(State(hub): State<Hub>, headers: HeaderMap, body: Bo
         from: Some(sender.user_id.clone()),
         exclude_user: None,
         exclude_connection: None,
+        ephemeral: false,
     };
     let receipt = hub.publish(publish, Source::Http).await?;
     Ok(Json(receipt).into_response())
@@ -322,6 +326,7 @@ pub async fn group_message(
         from: Some(sender.user_id.clone()),
         exclude_user: Some(sender.user_id.clone()),
         exclude_connection: None,
+        ephemeral: false,
     };
     let receipt = hub.publish(publish, Source::Http).await?;
     Ok(Json(receipt).into_response())
@@ -363,6 +368,83 @@ pub async fn inbox(
     let Query(query) = query.map_err(|e| bad_request(&e.body_text()))?;
     let channel = ChannelName::user(&user.user_id).map_err(|e| bad_request(&e.to_string()))?;
     read_history(&hub, &channel, query).await
+}
+
+/// The most channels one unread-counts request may name.
+pub const MAX_UNREAD_CHANNELS: usize = 100;
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UnreadQuery {
+    /// Comma-separated channels; default: those with a read cursor, and the
+    /// user's personal channel.
+    channels: Option<String>,
+}
+
+/// `GET /api/v1/unread` (user token): per channel, how many messages arrived
+/// after the user's read cursor (channels that keep history).
+pub async fn unread(
+    State(hub): State<Hub>,
+    query: Result<Query<UnreadQuery>, QueryRejection>,
+    headers: HeaderMap,
+) -> ApiResult {
+    use herald_core::policy::Subject;
+    let user = require_user(&hub, &headers)?;
+    let Query(query) = query.map_err(|e| bad_request(&e.body_text()))?;
+    let unavailable =
+        |e: crate::broker::BrokerError| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", e.to_string());
+    let cursors = hub.broker.read_cursors(&user.user_id).await.map_err(unavailable)?;
+    let mut names: Vec<String> = match &query.channels {
+        Some(list) => list
+            .split(',')
+            .map(str::trim)
+            .filter(|n| !n.is_empty())
+            .map(str::to_owned)
+            .collect(),
+        None => {
+            let mut names: Vec<String> = cursors.keys().cloned().collect();
+            names.push(format!("user:{}", user.user_id));
+            names
+        }
+    };
+    names.sort();
+    names.dedup();
+    if names.len() > MAX_UNREAD_CHANNELS {
+        return Err(bad_request(&format!(
+            "at most {MAX_UNREAD_CHANNELS} channels per request"
+        )));
+    }
+    let subject = Subject {
+        user_id: &user.user_id,
+        granted: &user.channels,
+    };
+    let mut results = Vec::with_capacity(names.len());
+    for name in names {
+        let channel = ChannelName::parse(&name).map_err(|e| bad_request(&format!("channel `{name}`: {e}")))?;
+        hub.policies()
+            .check_subscribe(&subject, &channel)
+            .map_err(|e| ApiError::new(StatusCode::FORBIDDEN, "forbidden", e.to_string()))?;
+        let cursor = cursors.get(channel.as_str());
+        let mut entry = json!({"channel": channel, "last_read": cursor});
+        if hub.policies().policy(&channel).is_ok_and(|p| p.keeps_history()) {
+            let current = hub
+                .broker
+                .history(&channel, None, 0)
+                .await
+                .map_err(unavailable)?
+                .current;
+            let read = cursor
+                .filter(|c| c.epoch.as_deref() == Some(current.epoch.as_str()))
+                .and_then(|c| c.offset);
+            entry["unread"] = json!(current.offset.saturating_sub(read.unwrap_or(0)));
+            entry["offset"] = json!(current.offset);
+            entry["epoch"] = json!(current.epoch);
+        } else {
+            entry["unread"] = serde_json::Value::Null;
+        }
+        results.push(entry);
+    }
+    Ok(Json(json!({"channels": results})).into_response())
 }
 
 async fn read_history(hub: &Hub, channel: &ChannelName, query: HistoryQuery) -> ApiResult {

@@ -65,6 +65,8 @@ pub struct PublishRequest {
     pub from: Option<String>,
     pub exclude_user: Option<String>,
     pub exclude_connection: Option<u64>,
+    /// See [`Publication::ephemeral`].
+    pub ephemeral: bool,
 }
 
 /// The answer to a publish.
@@ -262,6 +264,7 @@ impl Hub {
             from: request.from,
             exclude_user: request.exclude_user,
             exclude_connection: request.exclude_connection,
+            ephemeral: request.ephemeral,
         };
         match self.broker.publish(publication).await {
             Ok(placement) => {

@@ -121,6 +121,7 @@ pub fn router(hub: Hub) -> Router {
         .route("/api/v1/users/{user_id}/subscriptions", post(api::subscribe_user))
         .route("/api/v1/channels/{channel}/history", get(api::channel_history))
         .route("/api/v1/inbox", get(api::inbox))
+        .route("/api/v1/unread", get(api::unread))
         .route(
             "/api/v1/users/{user_id}/subscriptions/{channel}",
             axum::routing::delete(api::unsubscribe_user),

@@ -15,7 +15,7 @@ use herald_core::history::{ChannelHistory, Position, Recovery};
 use herald_core::policy::Policies;
 use herald_core::{ChannelName, Publication};
 
-use super::{BoxFuture, Broker, BrokerError, HistoryPage, Placement};
+use super::{BoxFuture, Broker, BrokerError, HistoryPage, Placement, ReadCursor};
 use crate::fanout::Fanout;
 use crate::hub::{lock, unix_millis};
 
@@ -27,6 +27,8 @@ pub struct MemoryBroker {
     epoch: String,
     histories: Box<[Mutex<HashMap<ChannelName, ChannelHistory>>]>,
     hasher: RandomState,
+    /// Read cursors by user, then channel.
+    cursors: Mutex<HashMap<String, HashMap<String, ReadCursor>>>,
 }
 
 impl MemoryBroker {
@@ -37,6 +39,7 @@ impl MemoryBroker {
             epoch: crate::config::random_token(6),
             histories: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
             hasher: RandomState::new(),
+            cursors: Mutex::new(HashMap::new()),
         }
     }
 
@@ -52,7 +55,7 @@ impl Broker for MemoryBroker {
             .policies
             .policy(&publication.channel)
             .ok()
-            .filter(|p| p.keeps_history())
+            .filter(|p| p.keeps_history() && !publication.ephemeral)
             .copied();
         match policy {
             None => {
@@ -134,5 +137,23 @@ impl Broker for MemoryBroker {
             }
         };
         Box::pin(std::future::ready(Ok(page)))
+    }
+
+    fn set_read_cursor(
+        &self,
+        user: &str,
+        channel: &ChannelName,
+        cursor: ReadCursor,
+    ) -> BoxFuture<'_, Result<(), BrokerError>> {
+        lock(&self.cursors)
+            .entry(user.to_owned())
+            .or_default()
+            .insert(channel.to_string(), cursor);
+        Box::pin(std::future::ready(Ok(())))
+    }
+
+    fn read_cursors(&self, user: &str) -> BoxFuture<'_, Result<HashMap<String, ReadCursor>, BrokerError>> {
+        let cursors = lock(&self.cursors).get(user).cloned().unwrap_or_default();
+        Box::pin(std::future::ready(Ok(cursors)))
     }
 }

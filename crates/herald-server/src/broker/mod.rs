@@ -9,6 +9,7 @@
 pub mod memory;
 pub mod redis;
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
 
@@ -21,6 +22,17 @@ pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Placement {
     pub offset: Option<u64>,
+    pub epoch: Option<String>,
+}
+
+/// How far a user has read in one channel.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ReadCursor {
+    pub message_id: String,
+    /// The read message's offset and epoch, when the channel keeps history.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub offset: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub epoch: Option<String>,
 }
 
@@ -77,4 +89,15 @@ pub trait Broker: Send + Sync + 'static {
         since: Option<Position>,
         limit: usize,
     ) -> BoxFuture<'_, Result<HistoryPage, BrokerError>>;
+
+    /// Stores `user`'s read cursor for `channel`.
+    fn set_read_cursor(
+        &self,
+        user: &str,
+        channel: &ChannelName,
+        cursor: ReadCursor,
+    ) -> BoxFuture<'_, Result<(), BrokerError>>;
+
+    /// All of `user`'s read cursors, by channel name.
+    fn read_cursors(&self, user: &str) -> BoxFuture<'_, Result<HashMap<String, ReadCursor>, BrokerError>>;
 }

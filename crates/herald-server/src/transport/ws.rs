@@ -32,7 +32,7 @@ use super::close::Ending;
 use super::origin;
 use crate::api::json_error;
 use crate::auth::{AuthError, Identity, unix_now};
-use crate::broker::MAX_HISTORY_PAGE;
+use crate::broker::{MAX_HISTORY_PAGE, ReadCursor};
 use crate::fanout::{ConnectionHandle, ConnectionQueue, Frame, Next, Outbound, connection_queue};
 use crate::hub::{Admission, Hub, PublishError, PublishRequest, Rejection, Source};
 
@@ -603,23 +603,11 @@ impl<'a> Session<'a> {
             Command::MarkRead {
                 channel,
                 read_message_id,
-            } => {
-                let event = json!({"channel": channel, "message_id": read_message_id});
-                let data = RawValue::from_string(event.to_string()).expect("json! output is valid JSON");
-                let request = PublishRequest {
-                    channel: self.user_channel.clone(),
-                    message_type: Some("read".into()),
-                    message_id: None,
-                    payload: Payload::Json(data),
-                    from: Some(self.identity.user_id.clone()),
-                    exclude_user: None,
-                    exclude_connection: Some(self.handle.id()),
-                };
-                match self.hub.publish(request, Source::Client).await {
-                    Ok(_) => Ok(ack(&message_id, event)),
-                    Err(error) => Err(publish_error(error)),
-                }
-            }
+                offset,
+            } => self
+                .mark_read(channel, read_message_id, offset)
+                .await
+                .map(|data| ack(&message_id, data)),
             Command::Presence { channel } => self.presence(&channel).map(|data| ack(&message_id, data)),
             Command::History { channel, since, limit } => self
                 .history(&channel, since, limit)
@@ -763,6 +751,64 @@ impl<'a> Session<'a> {
         Ok((true, missed, current))
     }
 
+    /// Stores the user's read cursor for `channel` and tells the user's
+    /// other connections (`read`).
+    async fn mark_read(
+        &self,
+        channel: ChannelName,
+        read_message_id: String,
+        offset: Option<u64>,
+    ) -> Result<serde_json::Value, (ErrorCode, String)> {
+        // One may mark as read only what one may read.
+        self.hub
+            .policies()
+            .check_subscribe(&self.subject(), &channel)
+            .map_err(policy_error)?;
+        let keeps_history = self.hub.policies().policy(&channel).is_ok_and(|p| p.keeps_history());
+        let (offset, epoch) = match (keeps_history, offset) {
+            (false, _) => (None, None),
+            (true, Some(offset)) => (Some(offset), Some(self.read_position(&channel).await?.epoch)),
+            (true, None) => {
+                // Find the message's position among the kept ones.
+                let page = self
+                    .hub
+                    .broker
+                    .history(&channel, None, MAX_HISTORY_PAGE)
+                    .await
+                    .map_err(broker_error)?;
+                let found = page.publications.iter().find(|p| p.message_id == read_message_id);
+                (found.and_then(|p| p.offset), found.and_then(|p| p.epoch.clone()))
+            }
+        };
+        let cursor = ReadCursor {
+            message_id: read_message_id,
+            offset,
+            epoch,
+        };
+        self.hub
+            .broker
+            .set_read_cursor(&self.identity.user_id, &channel, cursor.clone())
+            .await
+            .map_err(broker_error)?;
+        let mut event = json!({"channel": channel, "message_id": cursor.message_id});
+        if let Some(offset) = cursor.offset {
+            event["offset"] = json!(offset);
+        }
+        let data = RawValue::from_string(event.to_string()).expect("json! output is valid JSON");
+        let request = PublishRequest {
+            channel: self.user_channel.clone(),
+            message_type: Some("read".into()),
+            message_id: None,
+            payload: Payload::Json(data),
+            from: Some(self.identity.user_id.clone()),
+            exclude_user: None,
+            exclude_connection: Some(self.handle.id()),
+            ephemeral: true,
+        };
+        self.hub.publish(request, Source::Client).await.map_err(publish_error)?;
+        Ok(event)
+    }
+
     /// The `history` command: a page of the channel's history.
     async fn history(
         &self,
@@ -833,6 +879,7 @@ impl<'a> Session<'a> {
             from: Some(self.identity.user_id.clone()),
             exclude_user,
             exclude_connection: None,
+            ephemeral: false,
         };
         self.hub.publish(request, Source::Client).await.map_err(publish_error)
     }

@@ -315,3 +315,120 @@ async fn history_pages_through_the_command_and_the_api() {
     let (status, _) = nodes.publisher.http("GET", &path, None, None).await;
     assert_eq!(status, 401);
 }
+
+const INBOX: &str =
+    "[namespaces.user]\nhistory_size = 1000\nhistory_ttl = \"7d\"\n[namespaces.group]\nhistory_size = 100";
+
+async fn inbox_returns_what_an_offline_user_missed(setup: Setup) {
+    let nodes = Nodes::start(setup, INBOX).await;
+    for seq in 0..50 {
+        let body = json!({"channel": "user:alice", "type": "notification", "data": {"seq": seq}});
+        assert_eq!(nodes.publisher.publish(body).await.0, 200);
+    }
+    let token = nodes.subscriber().token("alice");
+    let (status, body) = nodes
+        .subscriber()
+        .http("GET", "/api/v1/inbox", Some(&token), None)
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let body: Value = serde_json::from_str(&body).unwrap();
+    let seqs: Vec<u64> = body["publications"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["data"]["seq"].as_u64().unwrap())
+        .collect();
+    assert_eq!(seqs, (0..50).collect::<Vec<_>>(), "{setup:?}: all 50 with one call");
+    assert_eq!((body["next"].clone(), body["more"].clone()), (json!(50), json!(false)));
+
+    // Paging: since an offset, a limited page, then the rest.
+    let epoch = body["epoch"].as_str().unwrap();
+    let (_, page) = nodes
+        .subscriber()
+        .http(
+            "GET",
+            &format!("/api/v1/inbox?since=10&epoch={epoch}&limit=15"),
+            Some(&token),
+            None,
+        )
+        .await;
+    let page: Value = serde_json::from_str(&page).unwrap();
+    assert_eq!(page["publications"].as_array().unwrap().len(), 15);
+    assert_eq!((page["next"].clone(), page["more"].clone()), (json!(25), json!(true)));
+    let (status, _) = nodes
+        .subscriber()
+        .http("GET", "/api/v1/inbox", Some(API_KEY), None)
+        .await;
+    assert_eq!(status, 401, "a user token, not the API key");
+}
+
+#[tokio::test]
+async fn inbox_in_memory() {
+    inbox_returns_what_an_offline_user_missed(Setup::Memory).await;
+}
+
+#[tokio::test]
+async fn inbox_with_redis() {
+    inbox_returns_what_an_offline_user_missed(Setup::RedisTwoNodes).await;
+}
+
+async fn unread(server: &TestServer, token: &str) -> Value {
+    let (status, body) = server
+        .http("GET", "/api/v1/unread?channels=group:1", Some(token), None)
+        .await;
+    assert_eq!(status, 200, "{body}");
+    serde_json::from_str::<Value>(&body).unwrap()["channels"][0]["unread"].clone()
+}
+
+async fn read_cursors_follow_the_user(setup: Setup) {
+    let nodes = Nodes::start(setup, INBOX).await;
+    let mut ids = Vec::new();
+    for seq in 0..10 {
+        ids.push(
+            nodes.publisher.publish_ok("group:1", json!({"seq": seq})).await["message_id"]
+                .as_str()
+                .unwrap()
+                .to_owned(),
+        );
+    }
+    let mut tab1 = nodes.publisher.connect("alice").await;
+    let mut tab2 = nodes.subscriber().connect("alice").await;
+    let token = nodes.subscriber().token("alice");
+    assert_eq!(unread(nodes.subscriber(), &token).await, 10);
+    // Marked by message id alone: the server finds its offset.
+    let ack = tab1
+        .command("mark_read", "m", json!({"group_id": 1, "message_id": ids[3]}))
+        .await;
+    assert_eq!(ack["data"]["offset"], 4, "{ack}");
+    let event = tab2.expect_type("read").await;
+    assert_eq!(
+        event["data"],
+        json!({"channel": "group:1", "message_id": ids[3], "offset": 4})
+    );
+    assert_eq!(unread(nodes.subscriber(), &token).await, 6, "{setup:?}");
+    tab2.command(
+        "mark_read",
+        "m2",
+        json!({"group_id": 1, "message_id": ids[9], "offset": 10}),
+    )
+    .await;
+    assert_eq!(tab1.expect_type("read").await["data"]["offset"], 10);
+    assert_eq!(unread(nodes.subscriber(), &token).await, 0);
+    // Read receipts are not messages: the inbox does not keep them.
+    let (_, inbox) = nodes
+        .subscriber()
+        .http("GET", "/api/v1/inbox", Some(&token), None)
+        .await;
+    let inbox: Value = serde_json::from_str(&inbox).unwrap();
+    assert_eq!(inbox["publications"], json!([]), "{inbox}");
+}
+
+#[tokio::test]
+async fn read_cursors_in_memory() {
+    read_cursors_follow_the_user(Setup::Memory).await;
+}
+
+#[tokio::test]
+async fn read_cursors_with_redis() {
+    read_cursors_follow_the_user(Setup::RedisTwoNodes).await;
+}

@@ -19,6 +19,7 @@ pub mod pubsub;
 pub mod routes;
 pub mod streams;
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -37,7 +38,7 @@ use tokio_util::task::TaskTracker;
 use self::link::{RedisAddress, RedisLink};
 use self::pubsub::PubSub;
 use self::routes::Route;
-use super::{BoxFuture, Broker, BrokerError, Placement};
+use super::{BoxFuture, Broker, BrokerError, Placement, ReadCursor};
 use crate::fanout::Fanout;
 use crate::hub::unix_millis;
 use crate::metrics::Metrics;
@@ -152,6 +153,7 @@ pub fn decode_wire(
         from: wire.from.map(str::to_owned),
         exclude_user: wire.exclude_user.map(str::to_owned),
         exclude_connection,
+        ephemeral: false,
     })
 }
 
@@ -249,7 +251,7 @@ impl Broker for RedisBroker {
             .policies
             .policy(&publication.channel)
             .ok()
-            .filter(|p| p.keeps_history())
+            .filter(|p| p.keeps_history() && !publication.ephemeral)
             .copied();
         Box::pin(async move {
             let unavailable = |e: link::RedisError| BrokerError::Unavailable(e.to_string());
@@ -343,6 +345,46 @@ impl Broker for RedisBroker {
                 .map_err(BrokerError::Unavailable)
         })
     }
+
+    fn set_read_cursor(
+        &self,
+        user: &str,
+        channel: &ChannelName,
+        cursor: ReadCursor,
+    ) -> BoxFuture<'_, Result<(), BrokerError>> {
+        let key = format!("{}read:{user}", self.config.prefix);
+        let (field, value) = (
+            channel.to_string(),
+            serde_json::to_string(&cursor).expect("cursors serialize"),
+        );
+        Box::pin(async move {
+            self.link
+                .call(&["HSET", &key, &field, &value])
+                .await
+                .map_err(|e| BrokerError::Unavailable(e.to_string()))?;
+            Ok(())
+        })
+    }
+
+    fn read_cursors(&self, user: &str) -> BoxFuture<'_, Result<HashMap<String, ReadCursor>, BrokerError>> {
+        let key = format!("{}read:{user}", self.config.prefix);
+        Box::pin(async move {
+            let reply = self
+                .link
+                .call(&["HGETALL", &key])
+                .await
+                .map_err(|e| BrokerError::Unavailable(e.to_string()))?;
+            let items = reply.as_array().unwrap_or_default();
+            Ok(items
+                .chunks(2)
+                .filter_map(|pair| {
+                    let channel = pair.first()?.as_str()?.to_owned();
+                    let cursor = serde_json::from_slice(pair.get(1)?.as_bytes()?).ok()?;
+                    Some((channel, cursor))
+                })
+                .collect())
+        })
+    }
 }
 
 #[cfg(test)]
@@ -361,6 +403,7 @@ mod tests {
             from: Some("alice".into()),
             exclude_user: Some("alice".into()),
             exclude_connection: Some(7),
+            ephemeral: false,
         }
     }
 

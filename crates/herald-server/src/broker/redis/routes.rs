@@ -212,6 +212,7 @@ impl Route {
             from: None,
             exclude_user,
             exclude_connection: None,
+            ephemeral: false,
         }])
     }
 }

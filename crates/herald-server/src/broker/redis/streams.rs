@@ -216,5 +216,6 @@ fn request(id: &str, fields: &HashMap<&str, &str>) -> Result<PublishRequest, Str
         from: None,
         exclude_user: None,
         exclude_connection: None,
+        ephemeral: false,
     })
 }
