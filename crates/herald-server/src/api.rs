@@ -391,8 +391,6 @@ pub async fn unread(
     use herald_core::policy::Subject;
     let user = require_user(&hub, &headers)?;
     let Query(query) = query.map_err(|e| bad_request(&e.body_text()))?;
-    let unavailable =
-        |e: crate::broker::BrokerError| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", e.to_string());
     let cursors = hub.broker.read_cursors(&user.user_id).await.map_err(unavailable)?;
     let mut names: Vec<String> = match &query.channels {
         Some(list) => list
@@ -457,8 +455,6 @@ async fn read_history(hub: &Hub, channel: &ChannelName, query: HistoryQuery) -> 
         return Err(ApiError::new(StatusCode::NOT_FOUND, "not_available", message));
     }
     let limit = query.limit.unwrap_or(100).clamp(1, crate::broker::MAX_HISTORY_PAGE);
-    let unavailable =
-        |e: crate::broker::BrokerError| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", e.to_string());
     let since = match (query.offset, query.epoch) {
         (None, _) => None,
         (Some(offset), Some(epoch)) => Some(Position { offset, epoch }),
@@ -517,6 +513,72 @@ pub fn publication_json(publication: &Publication) -> serde_json::Value {
     }
 }
 
+/// `GET /api/v1/channels/{channel}/presence` (API key): who is in a
+/// channel, cluster-wide.
+pub async fn channel_presence(
+    State(hub): State<Hub>,
+    path: Result<Path<String>, PathRejection>,
+    headers: HeaderMap,
+) -> ApiResult {
+    require_api_key(&hub, &headers)?;
+    let Path(channel) = path.map_err(|e| bad_request(&e.body_text()))?;
+    let channel = ChannelName::parse(&channel).map_err(|e| bad_request(&format!("channel: {e}")))?;
+    let presence = hub.broker.presence(&channel).await.map_err(unavailable)?;
+    Ok(Json(presence_json(&channel, &presence)).into_response())
+}
+
+/// Presence as JSON: `{channel, users: [{user_id, connections}], connections}`.
+pub fn presence_json(channel: &ChannelName, presence: &herald_core::registry::Presence) -> serde_json::Value {
+    let users: Vec<_> = presence
+        .users
+        .iter()
+        .map(|(user, connections)| json!({"user_id": user, "connections": connections}))
+        .collect();
+    json!({"channel": channel, "users": users, "connections": presence.connections})
+}
+
+/// The most users one online-status request may name.
+pub const MAX_STATUS_USERS: usize = 1_000;
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UsersQuery {
+    /// Comma-separated user ids.
+    ids: String,
+}
+
+/// `GET /api/v1/presence/users?ids=a,b,c` (API key): whether each user has
+/// a live connection anywhere in the cluster.
+pub async fn users_online(
+    State(hub): State<Hub>,
+    query: Result<Query<UsersQuery>, QueryRejection>,
+    headers: HeaderMap,
+) -> ApiResult {
+    require_api_key(&hub, &headers)?;
+    let Query(query) = query.map_err(|e| bad_request(&e.body_text()))?;
+    let users: Vec<String> = query
+        .ids
+        .split(',')
+        .map(str::trim)
+        .filter(|u| !u.is_empty())
+        .map(str::to_owned)
+        .collect();
+    if users.is_empty() || users.len() > MAX_STATUS_USERS {
+        return Err(bad_request(&format!("`ids` must list 1-{MAX_STATUS_USERS} users")));
+    }
+    let online = hub.broker.users_online(&users).await.map_err(unavailable)?;
+    let map: serde_json::Map<String, serde_json::Value> = users
+        .into_iter()
+        .zip(online)
+        .map(|(user, online)| (user, json!(online)))
+        .collect();
+    Ok(Json(json!({"users": map})).into_response())
+}
+
+fn unavailable(error: crate::broker::BrokerError) -> ApiError {
+    ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", error.to_string())
+}
+
 pub async fn health() -> Response {
     Json(json!({"status": "ok"})).into_response()
 }
@@ -548,7 +610,8 @@ pub async fn stats(State(hub): State<Hub>) -> Response {
         "messages_published": metrics.messages_published.get("http") + metrics.messages_published.get("client"),
         "messages_delivered": metrics.messages_delivered.load(Relaxed),
         "messages_dropped": metrics.messages_dropped.get("slow_client"),
-        "draining": hub.shutdown.is_draining(),
+                "draining": hub.shutdown.is_draining(),
+        "cluster": *crate::hub::lock(&hub.cluster),
     }))
     .into_response()
 }

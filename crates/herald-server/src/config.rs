@@ -99,6 +99,7 @@ pub struct RawRedis {
     pub subscribe_timeout: Option<String>,
     pub streams: Option<bool>,
     pub claim_idle: Option<String>,
+    pub node_timeout: Option<String>,
     #[serde(default)]
     pub routes: Vec<crate::broker::redis::routes::RawRoute>,
 }
@@ -606,6 +607,15 @@ fn redis_config(raw: RawRedis) -> Result<Option<RedisConfig>, ConfigError> {
         subscribe_timeout: duration("redis.subscribe_timeout", raw.subscribe_timeout, "2s")?,
         streams,
         routes,
+        node_timeout: match duration("redis.node_timeout", raw.node_timeout, "10s")? {
+            timeout if timeout < crate::broker::redis::presence::MIN_NODE_TIMEOUT => {
+                return Err(invalid(
+                    "redis.node_timeout",
+                    "must be at least 3s (nodes heartbeat every second)",
+                ));
+            }
+            timeout => timeout,
+        },
     }))
 }
 

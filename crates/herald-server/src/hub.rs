@@ -44,6 +44,17 @@ pub struct HubInner {
     /// Users with at least one connection on this node (maintained from the
     /// registry's edges on `user:` channels).
     users_online: AtomicUsize,
+    /// The live nodes' stats from the last heartbeat (Redis mode).
+    pub cluster: Mutex<Option<ClusterStats>>,
+}
+
+/// Totals over the live nodes of a cluster.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct ClusterStats {
+    pub nodes: usize,
+    pub connections: i64,
+    /// Summed per node: a user connected to two nodes counts twice.
+    pub users_online: i64,
 }
 
 impl std::ops::Deref for Hub {
@@ -151,6 +162,7 @@ impl Hub {
             next_message_id: AtomicU64::new(1),
             connections_per_ip: Mutex::new(HashMap::new()),
             users_online: AtomicUsize::new(0),
+            cluster: Mutex::new(None),
         }))
     }
 
@@ -227,6 +239,52 @@ impl Hub {
 
     pub fn users_online(&self) -> usize {
         self.users_online.load(Ordering::Relaxed)
+    }
+
+    /// Whether presence is recorded for `channel`: personal channels (for
+    /// online status) and namespaces with presence or join/leave events.
+    pub fn tracks_presence(&self, channel: &ChannelName) -> bool {
+        channel.namespace() == Some("user")
+            || self
+                .policies()
+                .policy(channel)
+                .is_ok_and(|p| p.presence || p.join_leave)
+    }
+
+    /// Records a connection joining or leaving `channel` (already applied to
+    /// the registry) and, on the user's first or last connection in the
+    /// channel cluster-wide, publishes `join` or `leave` where the namespace
+    /// asks for them.
+    pub async fn presence_changed(&self, channel: ChannelName, user: String, connection: u64, joined: bool) {
+        let count = match self.broker.presence_track(&channel, &user, connection, joined).await {
+            Ok(count) => count,
+            Err(error) => {
+                tracing::debug!(%channel, %error, "presence not recorded");
+                return;
+            }
+        };
+        if (joined && count == 1) || (!joined && count == 0) {
+            self.announce(&channel, &user, joined).await;
+        }
+    }
+
+    /// Publishes a `join` or `leave` event if `channel`'s namespace wants them.
+    pub async fn announce(&self, channel: &ChannelName, user: &str, joined: bool) {
+        if !self.policies().policy(channel).is_ok_and(|p| p.join_leave) {
+            return;
+        }
+        let data = serde_json::json!({"user_id": user}).to_string();
+        let request = PublishRequest {
+            channel: channel.clone(),
+            message_type: Some(if joined { "join" } else { "leave" }.to_owned()),
+            message_id: None,
+            payload: Payload::Json(serde_json::value::RawValue::from_string(data).expect("json! is valid JSON")),
+            from: None,
+            exclude_user: Some(user.to_owned()),
+            exclude_connection: None,
+            ephemeral: true,
+        };
+        let _ = self.publish(request, Source::Client).await;
     }
 
     /// Publishes through the broker, once per `(channel, message_id)` within

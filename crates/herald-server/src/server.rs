@@ -49,6 +49,7 @@ pub async fn start(config: Config) -> std::io::Result<RunningServer> {
     let shutdown = Shutdown::default();
     let node_id = crate::config::random_token(6);
     let mut stream_consumer = None;
+    let mut redis_broker = None;
     let broker: Arc<dyn Broker> = match &config.redis {
         None => Arc::new(MemoryBroker::new(fanout.clone(), config.policies.clone())),
         Some(redis) => {
@@ -72,11 +73,18 @@ pub async fn start(config: Config) -> std::io::Result<RunningServer> {
                 stopped,
                 services,
             );
-            Arc::new(broker)
+            let broker = Arc::new(broker);
+            redis_broker = Some(broker.clone());
+            broker
         }
     };
     let verifier = Arc::new(JwtVerifier::new(&config.jwt));
     let hub = Hub::new(config.clone(), fanout, broker, verifier, metrics, shutdown, node_id);
+    if let Some(broker) = redis_broker {
+        hub.shutdown
+            .services
+            .spawn(crate::broker::redis::presence::heartbeat_loop(hub.clone(), broker));
+    }
     if let Some((link, key, streams)) = stream_consumer {
         hub.shutdown
             .services
@@ -122,6 +130,8 @@ pub fn router(hub: Hub) -> Router {
         .route("/api/v1/channels/{channel}/history", get(api::channel_history))
         .route("/api/v1/inbox", get(api::inbox))
         .route("/api/v1/unread", get(api::unread))
+        .route("/api/v1/channels/{channel}/presence", get(api::channel_presence))
+        .route("/api/v1/presence/users", get(api::users_online))
         .route(
             "/api/v1/users/{user_id}/subscriptions/{channel}",
             axum::routing::delete(api::unsubscribe_user),

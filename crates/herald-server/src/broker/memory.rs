@@ -18,6 +18,7 @@ use herald_core::{ChannelName, Publication};
 use super::{BoxFuture, Broker, BrokerError, HistoryPage, Placement, ReadCursor};
 use crate::fanout::Fanout;
 use crate::hub::{lock, unix_millis};
+use herald_core::registry::Presence;
 
 const SHARDS: usize = 64;
 
@@ -155,5 +156,35 @@ impl Broker for MemoryBroker {
     fn read_cursors(&self, user: &str) -> BoxFuture<'_, Result<HashMap<String, ReadCursor>, BrokerError>> {
         let cursors = lock(&self.cursors).get(user).cloned().unwrap_or_default();
         Box::pin(std::future::ready(Ok(cursors)))
+    }
+
+    fn presence_track(
+        &self,
+        channel: &ChannelName,
+        user: &str,
+        _connection: u64,
+        _joined: bool,
+    ) -> BoxFuture<'_, Result<usize, BrokerError>> {
+        let count = self
+            .fanout
+            .registry
+            .presence(channel)
+            .users
+            .iter()
+            .find(|(u, _)| u == user)
+            .map_or(0, |(_, n)| *n);
+        Box::pin(std::future::ready(Ok(count)))
+    }
+
+    fn presence(&self, channel: &ChannelName) -> BoxFuture<'_, Result<Presence, BrokerError>> {
+        Box::pin(std::future::ready(Ok(self.fanout.registry.presence(channel))))
+    }
+
+    fn users_online(&self, users: &[String]) -> BoxFuture<'_, Result<Vec<bool>, BrokerError>> {
+        let online = users
+            .iter()
+            .map(|user| ChannelName::user(user).is_ok_and(|c| self.fanout.registry.subscriber_count(&c) > 0))
+            .collect();
+        Box::pin(std::future::ready(Ok(online)))
     }
 }

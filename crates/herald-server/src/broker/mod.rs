@@ -14,6 +14,7 @@ use std::future::Future;
 use std::pin::Pin;
 
 use herald_core::history::Position;
+use herald_core::registry::Presence;
 use herald_core::{ChannelName, Publication};
 
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
@@ -100,4 +101,22 @@ pub trait Broker: Send + Sync + 'static {
 
     /// All of `user`'s read cursors, by channel name.
     fn read_cursors(&self, user: &str) -> BoxFuture<'_, Result<HashMap<String, ReadCursor>, BrokerError>>;
+
+    /// Records that connection `connection` of `user` joined (or left)
+    /// `channel`'s presence; returns how many live connections the user has
+    /// in the channel afterwards, cluster-wide (the registry already holds
+    /// this node's change).
+    fn presence_track(
+        &self,
+        channel: &ChannelName,
+        user: &str,
+        connection: u64,
+        joined: bool,
+    ) -> BoxFuture<'_, Result<usize, BrokerError>>;
+
+    /// Who is in `channel`, cluster-wide.
+    fn presence(&self, channel: &ChannelName) -> BoxFuture<'_, Result<Presence, BrokerError>>;
+
+    /// Whether each user has at least one live connection, cluster-wide.
+    fn users_online(&self, users: &[String]) -> BoxFuture<'_, Result<Vec<bool>, BrokerError>>;
 }

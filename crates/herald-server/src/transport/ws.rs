@@ -267,8 +267,24 @@ struct Session<'a> {
 /// Unsubscribes everything when the session ends, however it ends.
 impl Drop for Session<'_> {
     fn drop(&mut self) {
+        let id = self.handle.id();
         for channel in &self.subscriptions {
-            self.hub.unsubscribe(channel, self.handle.id());
+            self.hub.unsubscribe(channel, id);
+        }
+        // Presence lives in the broker (maybe Redis): record the departures
+        // in a task of their own.
+        let tracked: Vec<ChannelName> = self
+            .subscriptions
+            .drain()
+            .filter(|channel| self.hub.tracks_presence(channel))
+            .collect();
+        if !tracked.is_empty() {
+            let (hub, user) = (self.hub.clone(), self.identity.user_id.clone());
+            self.hub.shutdown.services.spawn(async move {
+                for channel in tracked {
+                    hub.presence_changed(channel, user.clone(), id, false).await;
+                }
+            });
         }
     }
 }
@@ -321,6 +337,8 @@ impl<'a> Session<'a> {
         tracing::debug!(user_id = %session.identity.user_id, connection_id = id, "connection authenticated");
         // `auth_success` goes out once the personal channel is live.
         hub.broker.subscribed(&session.user_channel).await;
+        let (user_channel, user) = (session.user_channel.clone(), session.identity.user_id.clone());
+        hub.presence_changed(user_channel, user, id, true).await;
         session.serve(socket, queue).await
     }
 
@@ -455,17 +473,14 @@ impl<'a> Session<'a> {
                 }
             }
             Outbound::Subscribe(channel) => {
-                self.subscriptions.insert(channel.clone());
                 self.granted_by_server.insert(channel.clone());
-                self.hub.subscribe(&channel, self.handle.clone());
+                self.add_subscription(&channel).await;
                 Message::Text(server_frame("subscribed", None, json!({"channel": channel})).into())
             }
             Outbound::Unsubscribe(channel) => {
-                if channel == self.user_channel || !self.subscriptions.remove(&channel) {
+                if channel == self.user_channel || !self.remove_subscription(&channel).await {
                     return;
                 }
-                self.granted_by_server.remove(&channel);
-                self.hub.unsubscribe(&channel, self.handle.id());
                 let data = json!({"channel": channel, "reason": "server"});
                 Message::Text(server_frame("unsubscribed", None, data).into())
             }
@@ -567,6 +582,7 @@ impl<'a> Session<'a> {
                 .map(|data| ack(&message_id, data)),
             Command::Unsubscribe { channel } => self
                 .unsubscribe(&channel)
+                .await
                 .map(|()| ack(&message_id, json!({"channel": channel}))),
             Command::JoinGroup { group_id } => {
                 let channel = ChannelName::group(&group_id).expect("the parser validated the group id");
@@ -578,6 +594,7 @@ impl<'a> Session<'a> {
             Command::LeaveGroup { group_id } => {
                 let channel = ChannelName::group(&group_id).expect("the parser validated the group id");
                 self.unsubscribe(&channel)
+                    .await
                     .map(|()| ack(&message_id, json!({"group_id": group_id, "channel": channel})))
             }
             Command::Publish {
@@ -608,12 +625,12 @@ impl<'a> Session<'a> {
                 .mark_read(channel, read_message_id, offset)
                 .await
                 .map(|data| ack(&message_id, data)),
-            Command::Presence { channel } => self.presence(&channel).map(|data| ack(&message_id, data)),
+            Command::Presence { channel } => self.presence(&channel).await.map(|data| ack(&message_id, data)),
             Command::History { channel, since, limit } => self
                 .history(&channel, since, limit)
                 .await
                 .map(|data| ack(&message_id, data)),
-            Command::Refresh { token } => self.refresh(&token).map(|data| ack(&message_id, data)),
+            Command::Refresh { token } => self.refresh(&token).await.map(|data| ack(&message_id, data)),
         };
         match outcome {
             Ok(frame) => {
@@ -666,8 +683,7 @@ impl<'a> Session<'a> {
             (true, None) => Some(self.read_position(channel).await?),
             _ => None,
         };
-        self.subscriptions.insert(channel.clone());
-        self.hub.subscribe(channel, self.handle.clone());
+        self.add_subscription(channel).await;
         // Ack only once messages published from now on will arrive here.
         self.hub.broker.subscribed(channel).await;
         let mut data = json!({"channel": channel});
@@ -847,17 +863,47 @@ impl<'a> Session<'a> {
         Ok(crate::api::history_json(channel, &page))
     }
 
-    fn unsubscribe(&mut self, channel: &ChannelName) -> Result<(), (ErrorCode, String)> {
+    async fn unsubscribe(&mut self, channel: &ChannelName) -> Result<(), (ErrorCode, String)> {
         if *channel == self.user_channel {
             return Err(err(ErrorCode::Forbidden, "the personal channel cannot be left"));
         }
-        if !self.subscriptions.remove(channel) {
+        if !self.remove_subscription(channel).await {
             return Err(err(ErrorCode::NotSubscribed, &format!("not subscribed to `{channel}`")));
+        }
+        Ok(())
+    }
+
+    /// Registers a subscription and its presence; false if it existed.
+    async fn add_subscription(&mut self, channel: &ChannelName) -> bool {
+        if !self.subscriptions.insert(channel.clone()) {
+            // Re-subscribing (e.g. to recover) keeps the registration.
+            return false;
+        }
+        self.hub.subscribe(channel, self.handle.clone());
+        if self.hub.tracks_presence(channel) {
+            let user = self.identity.user_id.clone();
+            self.hub
+                .presence_changed(channel.clone(), user, self.handle.id(), true)
+                .await;
+        }
+        true
+    }
+
+    /// Removes a subscription and its presence; false if there was none.
+    async fn remove_subscription(&mut self, channel: &ChannelName) -> bool {
+        if !self.subscriptions.remove(channel) {
+            return false;
         }
         self.positions.remove(channel);
         self.granted_by_server.remove(channel);
         self.hub.unsubscribe(channel, self.handle.id());
-        Ok(())
+        if self.hub.tracks_presence(channel) {
+            let user = self.identity.user_id.clone();
+            self.hub
+                .presence_changed(channel.clone(), user, self.handle.id(), false)
+                .await;
+        }
+        true
     }
 
     async fn publish(
@@ -884,21 +930,16 @@ impl<'a> Session<'a> {
         self.hub.publish(request, Source::Client).await.map_err(publish_error)
     }
 
-    fn presence(&self, channel: &ChannelName) -> Result<serde_json::Value, (ErrorCode, String)> {
+    async fn presence(&self, channel: &ChannelName) -> Result<serde_json::Value, (ErrorCode, String)> {
         self.hub
             .policies()
             .check_presence(&self.subject(), channel)
             .map_err(policy_error)?;
-        let presence = self.hub.fanout.registry.presence(channel);
-        let users: Vec<_> = presence
-            .users
-            .iter()
-            .map(|(user, connections)| json!({"user_id": user, "connections": connections}))
-            .collect();
-        Ok(json!({"channel": channel, "users": users, "connections": presence.connections}))
+        let presence = self.hub.broker.presence(channel).await.map_err(broker_error)?;
+        Ok(crate::api::presence_json(channel, &presence))
     }
 
-    fn refresh(&mut self, token: &str) -> Result<serde_json::Value, (ErrorCode, String)> {
+    async fn refresh(&mut self, token: &str) -> Result<serde_json::Value, (ErrorCode, String)> {
         let identity = self
             .hub
             .verifier
@@ -920,9 +961,7 @@ impl<'a> Session<'a> {
             .cloned()
             .collect();
         for channel in &revoked {
-            self.subscriptions.remove(channel);
-            self.positions.remove(channel);
-            self.hub.unsubscribe(channel, self.handle.id());
+            self.remove_subscription(channel).await;
         }
         if revoked.is_empty() {
             Ok(json!({"expires_at": expires_at}))

@@ -10,5 +10,6 @@ mod http_api;
 mod lifecycle;
 mod limits;
 mod messaging;
+mod presence;
 mod protocol_fuzz;
 mod redis;

@@ -15,6 +15,7 @@
 
 pub mod history;
 pub mod link;
+pub mod presence;
 pub mod pubsub;
 pub mod routes;
 pub mod streams;
@@ -29,6 +30,8 @@ use bytes::Bytes;
 use herald_core::frame::validate_message_type;
 use herald_core::policy::Policies;
 use herald_core::publication::{CONTROL_SUBSCRIBE, CONTROL_UNSUBSCRIBE, DEFAULT_MESSAGE_TYPE};
+use herald_core::registry::Presence;
+use herald_core::resp::Value;
 use herald_core::{ChannelName, Payload, Publication};
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
@@ -54,6 +57,9 @@ pub struct RedisConfig {
     /// Streams ingest, when enabled.
     pub streams: Option<streams::StreamsConfig>,
     pub routes: Vec<Route>,
+    /// A node whose heartbeat is older than this counts as gone: its
+    /// connections leave presence.
+    pub node_timeout: Duration,
 }
 
 impl RedisConfig {
@@ -159,6 +165,9 @@ pub fn decode_wire(
 
 pub struct RedisBroker {
     config: Arc<RedisConfig>,
+    /// Set by the first successful heartbeat: until then this node's
+    /// connections would not count in presence.
+    heartbeat_ok: std::sync::atomic::AtomicBool,
     policies: Policies,
     node_id: String,
     link: RedisLink,
@@ -194,6 +203,7 @@ impl RedisBroker {
         let pubsub = PubSub::start(config.address.clone(), patterns, handler, metrics, shutdown, tracker);
         RedisBroker {
             config,
+            heartbeat_ok: std::sync::atomic::AtomicBool::new(false),
             policies,
             node_id,
             link,
@@ -241,6 +251,78 @@ fn inbound_handler(
             }
         }
     })
+}
+
+impl RedisBroker {
+    fn nodes_key(&self) -> String {
+        format!("{}nodes", self.config.prefix)
+    }
+
+    fn node_timeout_ms(&self) -> String {
+        self.config.node_timeout.as_millis().to_string()
+    }
+
+    /// Live presence entries of `channel` as (field, user), and the users
+    /// whose last entry this call removed because their node died.
+    pub async fn presence_sweep(
+        &self,
+        channel: &ChannelName,
+    ) -> Result<(Vec<(String, String)>, Vec<String>), BrokerError> {
+        let key = format!("{}presence:{channel}", self.config.prefix);
+        let (nodes, now, timeout) = (self.nodes_key(), unix_millis().to_string(), self.node_timeout_ms());
+        let args = ["EVAL", presence::QUERY_SCRIPT, "2", &key, &nodes, &now, &timeout];
+        let reply = self
+            .link
+            .call(&args)
+            .await
+            .map_err(|e| BrokerError::Unavailable(e.to_string()))?;
+        let parts = reply.as_array().unwrap_or_default();
+        let strings = |value: Option<&Value>| -> Vec<String> {
+            value
+                .and_then(Value::as_array)
+                .unwrap_or_default()
+                .iter()
+                .filter_map(|v| v.as_str().map(str::to_owned))
+                .collect()
+        };
+        let flat = strings(parts.first());
+        let entries = flat
+            .chunks(2)
+            .filter_map(|pair| Some((pair.first()?.clone(), pair.get(1)?.clone())))
+            .collect();
+        Ok((entries, strings(parts.get(1))))
+    }
+
+    /// Records this node's heartbeat with its stats; returns every live
+    /// node's stats.
+    pub async fn heartbeat(&self, stats: &serde_json::Value) -> Result<Vec<serde_json::Value>, BrokerError> {
+        let stats_key = format!("{}nodestats", self.config.prefix);
+        let (nodes, now, timeout) = (self.nodes_key(), unix_millis().to_string(), self.node_timeout_ms());
+        let stats = stats.to_string();
+        let args = [
+            "EVAL",
+            presence::HEARTBEAT_SCRIPT,
+            "2",
+            &nodes,
+            &stats_key,
+            &self.node_id,
+            &now,
+            &stats,
+            &timeout,
+        ];
+        let reply = self
+            .link
+            .call(&args)
+            .await
+            .map_err(|e| BrokerError::Unavailable(e.to_string()))?;
+        self.heartbeat_ok.store(true, Ordering::Relaxed);
+        Ok(reply
+            .as_array()
+            .unwrap_or_default()
+            .iter()
+            .filter_map(|v| serde_json::from_slice(v.as_bytes()?).ok())
+            .collect())
+    }
 }
 
 impl Broker for RedisBroker {
@@ -307,7 +389,7 @@ impl Broker for RedisBroker {
     }
 
     fn is_ready(&self) -> bool {
-        self.link.is_up() && self.pubsub.is_up()
+        self.link.is_up() && self.pubsub.is_up() && self.heartbeat_ok.load(Ordering::Relaxed)
     }
 
     fn history(
@@ -383,6 +465,75 @@ impl Broker for RedisBroker {
                     Some((channel, cursor))
                 })
                 .collect())
+        })
+    }
+
+    fn presence_track(
+        &self,
+        channel: &ChannelName,
+        user: &str,
+        connection: u64,
+        joined: bool,
+    ) -> BoxFuture<'_, Result<usize, BrokerError>> {
+        let key = format!("{}presence:{channel}", self.config.prefix);
+        let field = format!("{}:{connection}", self.node_id);
+        let user = user.to_owned();
+        Box::pin(async move {
+            let nodes = self.nodes_key();
+            let (now, timeout) = (unix_millis().to_string(), self.node_timeout_ms());
+            let joined = if joined { "1" } else { "0" };
+            let args = [
+                "EVAL",
+                presence::TRACK_SCRIPT,
+                "2",
+                &key,
+                &nodes,
+                &field,
+                &user,
+                joined,
+                &now,
+                &timeout,
+            ];
+            let reply = self
+                .link
+                .call(&args)
+                .await
+                .map_err(|e| BrokerError::Unavailable(e.to_string()))?;
+            Ok(reply.as_integer().unwrap_or(0).max(0) as usize)
+        })
+    }
+
+    fn presence(&self, channel: &ChannelName) -> BoxFuture<'_, Result<Presence, BrokerError>> {
+        let channel = channel.clone();
+        Box::pin(async move {
+            let (entries, _gone) = self.presence_sweep(&channel).await?;
+            let mut users: HashMap<String, usize> = HashMap::new();
+            for (_, user) in &entries {
+                *users.entry(user.clone()).or_default() += 1;
+            }
+            let mut users: Vec<(String, usize)> = users.into_iter().collect();
+            users.sort();
+            Ok(Presence {
+                users,
+                connections: entries.len(),
+            })
+        })
+    }
+
+    fn users_online(&self, users: &[String]) -> BoxFuture<'_, Result<Vec<bool>, BrokerError>> {
+        let channels: Vec<Option<ChannelName>> = users.iter().map(|u| ChannelName::user(u).ok()).collect();
+        Box::pin(async move {
+            // Issued together, the reads share one pipelined write.
+            let reads = channels.iter().map(|channel| async move {
+                match channel {
+                    Some(channel) => self
+                        .presence_sweep(channel)
+                        .await
+                        .map(|(entries, _)| !entries.is_empty()),
+                    None => Ok(false),
+                }
+            });
+            futures_util::future::join_all(reads).await.into_iter().collect()
         })
     }
 }

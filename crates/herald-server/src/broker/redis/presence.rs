@@ -1,0 +1,121 @@
+//! Presence in Redis, correct across nodes.
+//!
+//! Each connection in a presence-tracked channel is one field of
+//! `{prefix}presence:{channel}`: `{node_id}:{connection_id}` → user id.
+//! Every node records a heartbeat in `{prefix}nodes` (a sorted set scored by
+//! time) every [`HEARTBEAT`]; an entry counts only while its node's heartbeat
+//! is younger than `node_timeout`. So a node that crashes has its users leave
+//! presence within `node_timeout`, and the sweep below removes its entries
+//! (publishing `leave` events exactly once: the script that deletes an entry
+//! reports it to one caller only).
+
+use std::time::Duration;
+
+/// How often a node records its heartbeat and sweeps dead nodes' entries.
+pub const HEARTBEAT: Duration = Duration::from_secs(1);
+
+/// The shortest `redis.node_timeout` accepted: a few missed heartbeats.
+pub const MIN_NODE_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// KEYS: presence hash, nodes zset. ARGV: field, user, '1' join / '0' leave,
+/// now ms, node timeout ms. Returns the user's live connections afterwards.
+pub const TRACK_SCRIPT: &str = r#"
+if ARGV[3] == '1' then
+  redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+  redis.call('PEXPIRE', KEYS[1], 86400000)
+else
+  redis.call('HDEL', KEYS[1], ARGV[1])
+end
+local live = {}
+for _, node in ipairs(redis.call('ZRANGEBYSCORE', KEYS[2], tonumber(ARGV[4]) - tonumber(ARGV[5]), '+inf')) do
+  live[node] = true
+end
+local entries = redis.call('HGETALL', KEYS[1])
+local count = 0
+for i = 1, #entries, 2 do
+  local node = string.match(entries[i], '^(.*):%d+$')
+  if node and live[node] and entries[i + 1] == ARGV[2] then count = count + 1 end
+end
+return count
+"#;
+
+/// KEYS: presence hash, nodes zset. ARGV: now ms, node timeout ms.
+/// Deletes entries of dead nodes. Returns {live entries as field, user, …;
+/// users whose last live entry was just deleted}.
+pub const QUERY_SCRIPT: &str = r#"
+local live = {}
+for _, node in ipairs(redis.call('ZRANGEBYSCORE', KEYS[2], tonumber(ARGV[1]) - tonumber(ARGV[2]), '+inf')) do
+  live[node] = true
+end
+local entries = redis.call('HGETALL', KEYS[1])
+local kept, dead, alive_users = {}, {}, {}
+for i = 1, #entries, 2 do
+  local node = string.match(entries[i], '^(.*):%d+$')
+  if node and live[node] then
+    table.insert(kept, entries[i]); table.insert(kept, entries[i + 1])
+    alive_users[entries[i + 1]] = true
+  else
+    redis.call('HDEL', KEYS[1], entries[i])
+    dead[entries[i + 1]] = true
+  end
+end
+local gone = {}
+for user, _ in pairs(dead) do
+  if not alive_users[user] then table.insert(gone, user) end
+end
+return {kept, gone}
+"#;
+
+/// KEYS: nodes zset, node stats hash. ARGV: node id, now ms, stats JSON,
+/// node timeout ms. Records the heartbeat; returns the stats of live nodes.
+pub const HEARTBEAT_SCRIPT: &str = r#"
+redis.call('ZADD', KEYS[1], ARGV[2], ARGV[1])
+redis.call('HSET', KEYS[2], ARGV[1], ARGV[3])
+local cutoff = tonumber(ARGV[2]) - tonumber(ARGV[4])
+for _, node in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', '(' .. cutoff)) do
+  redis.call('HDEL', KEYS[2], node)
+end
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', '(' .. cutoff)
+return redis.call('HVALS', KEYS[2])
+"#;
+
+/// Records this node's heartbeat every [`HEARTBEAT`] (keeping the cluster
+/// totals of `/stats` fresh) and sweeps dead nodes' entries from the
+/// channels this node serves, announcing their users' `leave`.
+pub async fn heartbeat_loop(hub: crate::hub::Hub, broker: std::sync::Arc<super::RedisBroker>) {
+    use std::sync::atomic::Ordering::Relaxed;
+    let stopped = hub.shutdown.stopped.clone();
+    let mut tick = tokio::time::interval(HEARTBEAT);
+    loop {
+        tokio::select! {
+            _ = stopped.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let stats = serde_json::json!({
+            "connections": hub.metrics.connections_current.load(Relaxed),
+            "users_online": hub.users_online(),
+        });
+        if let Ok(nodes) = broker.heartbeat(&stats).await {
+            let total = |key: &str| nodes.iter().filter_map(|n| n[key].as_i64()).sum();
+            let cluster = crate::hub::ClusterStats {
+                nodes: nodes.len(),
+                connections: total("connections"),
+                users_online: total("users_online"),
+            };
+            *crate::hub::lock(&hub.cluster) = Some(cluster);
+        }
+        let announced = hub
+            .fanout
+            .registry
+            .channels()
+            .into_iter()
+            .filter(|channel| hub.policies().policy(channel).is_ok_and(|p| p.join_leave));
+        for channel in announced {
+            if let Ok((_, gone)) = broker.presence_sweep(&channel).await {
+                for user in gone {
+                    hub.announce(&channel, &user, false).await;
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,182 @@
+//! Presence, join/leave events and online status, across nodes.
+
+use std::process::Stdio;
+
+use serde_json::{Value, json};
+use tokio::io::{AsyncBufReadExt, BufReader};
+
+use crate::harness::{API_KEY, Client, DEADLINE, RedisServer, SECRET, TestServer, wait_until};
+
+const ROOM: &str = "[namespaces.room]\nsubscribe = \"authenticated\"\npresence = true\njoin_leave = true";
+
+async fn ready_node(redis: &RedisServer) -> TestServer {
+    let server = TestServer::start_with(&format!("{ROOM}\n{}", redis.toml("node_timeout = \"3s\""))).await;
+    let addr = server.addr;
+    wait_until("the node is ready", || async move {
+        herald_server::http_client::request("GET", &format!("http://{addr}/ready"), None, None)
+            .await
+            .is_ok_and(|(status, _)| status == 200)
+    })
+    .await;
+    server
+}
+
+/// The users in `channel`'s presence, as seen by `server`.
+async fn present(server: &TestServer, channel: &str) -> Vec<String> {
+    let (status, body) = server
+        .http(
+            "GET",
+            &format!("/api/v1/channels/{channel}/presence"),
+            Some(API_KEY),
+            None,
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let body: Value = serde_json::from_str(&body).unwrap();
+    body["users"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|u| u["user_id"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+/// The next `join` or `leave` on `channel`, skipping other frames.
+async fn next_event(client: &mut Client) -> (String, String) {
+    loop {
+        let frame = client.next_frame().await;
+        if let Some(kind @ ("join" | "leave")) = frame["type"].as_str() {
+            return (kind.to_owned(), frame["data"]["user_id"].as_str().unwrap().to_owned());
+        }
+    }
+}
+
+/// Publishes a marker and asserts it is the next frame: nothing came before.
+async fn expect_only_marker(server: &TestServer, client: &mut Client, channel: &str) {
+    server.publish_ok(channel, json!({"marker": true})).await;
+    assert_eq!(client.next_frame().await["data"], json!({"marker": true}));
+}
+
+#[tokio::test]
+async fn presence_and_join_leave_are_right_across_two_nodes() {
+    let redis = RedisServer::start().await;
+    let (a, b) = (ready_node(&redis).await, ready_node(&redis).await);
+    let mut alice = a.connect("alice").await;
+    alice.subscribe("room:1").await;
+    let mut bob_on_b = b.connect("bob").await;
+    bob_on_b.subscribe("room:1").await;
+    assert_eq!(next_event(&mut alice).await, ("join".into(), "bob".into()));
+    expect_only_marker(&a, &mut bob_on_b, "room:1").await; // no echo of his own join
+    alice.next_frame().await;
+    for node in [&a, &b] {
+        assert_eq!(present(node, "room:1").await, ["alice", "bob"]);
+    }
+    let reply = alice.command("presence", "p", json!({"channel": "room:1"})).await;
+    assert_eq!(reply["data"]["connections"], 2, "{reply}");
+
+    // A second tab is not a second join; closing one of two is not a leave.
+    let mut bob_on_a = a.connect("bob").await;
+    bob_on_a.subscribe("room:1").await;
+    bob_on_b.command("unsubscribe", "u", json!({"channel": "room:1"})).await;
+    expect_only_marker(&a, &mut alice, "room:1").await;
+    drop(bob_on_a);
+    assert_eq!(next_event(&mut alice).await, ("leave".into(), "bob".into()));
+
+    let (status, body) = a
+        .http("GET", "/api/v1/presence/users?ids=alice,bob,zed", Some(API_KEY), None)
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let online: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(
+        online["users"],
+        json!({"alice": true, "bob": true, "zed": false}),
+        "bob still has a tab on b"
+    );
+    // Cluster totals come from the nodes' heartbeats (every second).
+    wait_until("/stats shows both nodes and both connections", || async {
+        let (_, stats) = b.http("GET", "/stats", None, None).await;
+        let stats: Value = serde_json::from_str(&stats).unwrap();
+        stats["cluster"]["nodes"] == 2 && stats["cluster"]["connections"] == 2
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_killed_nodes_users_leave_within_the_node_timeout() {
+    let redis = RedisServer::start().await;
+    let a = ready_node(&redis).await;
+    let mut alice = a.connect("alice").await;
+    alice.subscribe("room:9").await;
+
+    // A second node in its own process, so that it can be killed outright.
+    let config = std::env::temp_dir().join(format!("herald-presence-{}.toml", redis.port));
+    std::fs::write(&config, format!("{ROOM}\n{}", redis.toml("node_timeout = \"3s\""))).unwrap();
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_herald"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--config", config.to_str().unwrap()])
+        .env("HERALD_JWT_SECRET", SECRET)
+        .env("HERALD_API_KEY", API_KEY)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let banner = tokio::time::timeout(DEADLINE, lines.next_line())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    let addr = banner
+        .split("http://")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .unwrap()
+        .to_owned();
+    let view = TestServer {
+        running: None,
+        addr: addr.parse().unwrap(),
+        config: a.config.clone(),
+    };
+    wait_until("the second node is ready", || async {
+        herald_server::http_client::request("GET", &format!("http://{addr}/ready"), None, None)
+            .await
+            .is_ok_and(|(status, _)| status == 200)
+    })
+    .await;
+    let mut carol = view.connect("carol").await;
+    carol.subscribe("room:9").await;
+    assert_eq!(next_event(&mut alice).await, ("join".into(), "carol".into()));
+
+    child.start_kill().unwrap();
+    child.wait().await.unwrap();
+    let killed_at = std::time::Instant::now();
+    // Detected within node_timeout (3 s) plus a heartbeat (1 s) of margin.
+    assert_eq!(next_event(&mut alice).await, ("leave".into(), "carol".into()));
+    assert!(
+        killed_at.elapsed() < std::time::Duration::from_secs(5),
+        "took {:?}",
+        killed_at.elapsed()
+    );
+    assert_eq!(present(&a, "room:9").await, ["alice"]);
+    let _ = std::fs::remove_file(config);
+}
+
+#[tokio::test]
+async fn join_leave_and_presence_in_memory() {
+    let server = TestServer::start_with(ROOM).await;
+    let mut alice = server.connect("alice").await;
+    alice.subscribe("room:2").await;
+    let mut bob = server.connect("bob").await;
+    bob.subscribe("room:2").await;
+    assert_eq!(next_event(&mut alice).await, ("join".into(), "bob".into()));
+    assert_eq!(present(&server, "room:2").await, ["alice", "bob"]);
+    drop(bob);
+    assert_eq!(next_event(&mut alice).await, ("leave".into(), "bob".into()));
+    let (_, body) = server
+        .http("GET", "/api/v1/presence/users?ids=alice,bob", Some(API_KEY), None)
+        .await;
+    assert_eq!(
+        serde_json::from_str::<Value>(&body).unwrap()["users"],
+        json!({"alice": true, "bob": false})
+    );
+}
