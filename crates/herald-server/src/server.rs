@@ -41,7 +41,7 @@ pub struct RunningServer {
 /// Binds `config.listen` and starts serving. `config` must be complete
 /// (secrets filled in; see [`Config::fill_ephemeral_secrets`]).
 pub async fn start(config: Config) -> std::io::Result<RunningServer> {
-        let listener = listen(config.listen)?;
+    let listener = listen(config.listen)?;
     let local_addr = listener.local_addr()?;
     let config = Arc::new(config);
     let metrics = Arc::new(Metrics::default());
@@ -126,7 +126,11 @@ impl RunningServer {
 const LISTEN_BACKLOG: u32 = 4096;
 
 fn listen(address: SocketAddr) -> std::io::Result<TcpListener> {
-    let socket = if address.is_ipv4() { tokio::net::TcpSocket::new_v4()? } else { tokio::net::TcpSocket::new_v6()? };
+    let socket = if address.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
     socket.set_reuseaddr(true)?;
     socket.bind(address)?;
     socket.listen(LISTEN_BACKLOG)

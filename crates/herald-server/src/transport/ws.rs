@@ -356,6 +356,10 @@ impl<'a> Session<'a> {
         let drain = tokio::time::sleep_until(far_future);
         tokio::pin!(drain);
         let mut draining = false;
+        // Created once: a fresh `cancelled()` per loop turn would register
+        // with the token (a lock) on every message.
+        let drain_signal = hub.shutdown.draining.clone().cancelled_owned();
+        tokio::pin!(drain_signal);
 
         loop {
             if !self.outbox.is_empty() {
@@ -384,7 +388,7 @@ impl<'a> Session<'a> {
             }
             tokio::select! {
                 biased;
-                _ = hub.shutdown.draining.cancelled(), if !draining => {
+                                _ = &mut drain_signal, if !draining => {
                     draining = true;
                     drain.as_mut().reset(Instant::now() + drain_delay(hub.config.shutdown.drain_window));
                 }
