@@ -71,7 +71,11 @@ pub enum Command {
         msg_type: String,
         content: Box<RawValue>,
     },
-        MarkRead { channel: ChannelName, read_message_id: String, offset: Option<u64> },
+    MarkRead {
+        channel: ChannelName,
+        read_message_id: String,
+        offset: Option<u64>,
+    },
 }
 
 impl Command {
@@ -293,7 +297,11 @@ pub fn parse_client_frame(text: &str) -> Result<ClientFrame, FrameError> {
                 _ => Err("`mark_read` needs exactly one of `data.group_id` and `data.channel`".to_owned()),
             }
             .map_err(|m| fail(ErrorCode::InvalidData, m))?;
-                        Command::MarkRead { channel, read_message_id: d.message_id, offset: d.offset }
+            Command::MarkRead {
+                channel,
+                read_message_id: d.message_id,
+                offset: d.offset,
+            }
         }
         other => {
             let shown: String = other.chars().take(64).collect();
@@ -423,7 +431,7 @@ struct MarkReadData {
     #[serde(default, deserialize_with = "optional_string_or_number")]
     group_id: Option<String>,
     channel: Option<String>,
-        #[serde(deserialize_with = "string_or_number")]
+    #[serde(deserialize_with = "string_or_number")]
     message_id: String,
     /// The read message's offset, when the client has it (saves a lookup).
     offset: Option<u64>,

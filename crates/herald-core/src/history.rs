@@ -41,9 +41,16 @@ pub fn recover(since: &Position, current: Position, kept: Vec<Publication>, limi
         return Recovery::Unrecoverable { current };
     }
     let missing = current.offset - since.offset;
-    let contiguous = kept.iter().zip(since.offset + 1..).all(|(p, expected)| p.offset == Some(expected));
+    let contiguous = kept
+        .iter()
+        .zip(since.offset + 1..)
+        .all(|(p, expected)| p.offset == Some(expected));
     let enough = kept.len() as u64 == missing || (kept.len() == limit && (limit as u64) < missing);
-    if contiguous && enough { Recovery::Recovered(kept) } else { Recovery::Unrecoverable { current } }
+    if contiguous && enough {
+        Recovery::Recovered(kept)
+    } else {
+        Recovery::Unrecoverable { current }
+    }
 }
 
 /// One channel's retained messages, in memory.
@@ -109,7 +116,11 @@ impl ChannelHistory {
 
     /// What recovering from `since` yields now, at most `limit` messages.
     pub fn recover(&self, since: &Position, limit: usize) -> Recovery {
-        let kept = if since.epoch == self.epoch { self.after(since.offset, limit) } else { Vec::new() };
+        let kept = if since.epoch == self.epoch {
+            self.after(since.offset, limit)
+        } else {
+            Vec::new()
+        };
         recover(since, self.position(), kept, limit)
     }
 }
@@ -179,11 +190,19 @@ mod tests {
             Some(vec![6, 7, 8, 9, 10]),
             "just within"
         );
-        assert_eq!(offsets(&history.recover(&at(10, "e1"), 100)), Some(vec![]), "nothing missed");
+        assert_eq!(
+            offsets(&history.recover(&at(10, "e1"), 100)),
+            Some(vec![]),
+            "nothing missed"
+        );
         assert_eq!(offsets(&history.recover(&at(4, "e1"), 100)), None, "beyond retention");
         assert_eq!(offsets(&history.recover(&at(7, "e0"), 100)), None, "another epoch");
         assert_eq!(offsets(&history.recover(&at(11, "e1"), 100)), None, "from the future");
-        assert_eq!(offsets(&history.recover(&at(5, "e1"), 2)), Some(vec![6, 7]), "a full first page");
+        assert_eq!(
+            offsets(&history.recover(&at(5, "e1"), 2)),
+            Some(vec![6, 7]),
+            "a full first page"
+        );
         match history.recover(&at(4, "e1"), 100) {
             Recovery::Unrecoverable { current } => assert_eq!(current, at(10, "e1")),
             other => panic!("{other:?}"),

@@ -70,7 +70,7 @@ pub struct Publication {
     /// Connections of this user do not receive the message (a chat sender
     /// gets an `ack`, not an echo).
     pub exclude_user: Option<String>,
-        /// This one connection does not receive the message.
+    /// This one connection does not receive the message.
     pub exclude_connection: Option<u64>,
     /// Delivered live but never kept in history (read receipts, join/leave
     /// events, control messages): an inbox holds messages, not chatter.

@@ -133,9 +133,12 @@ impl<S: Subscriber> Registry<S> {
         self.shards.iter().map(|shard| lock(shard).len()).sum()
     }
 
-        /// Every channel with at least one local subscriber.
+    /// Every channel with at least one local subscriber.
     pub fn channels(&self) -> Vec<ChannelName> {
-        self.shards.iter().flat_map(|shard| lock(shard).keys().cloned().collect::<Vec<_>>()).collect()
+        self.shards
+            .iter()
+            .flat_map(|shard| lock(shard).keys().cloned().collect::<Vec<_>>())
+            .collect()
     }
 
     pub fn presence(&self, channel: &ChannelName) -> Presence {
