@@ -7,7 +7,9 @@ use std::time::Duration;
 use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
-use crate::config::{self, BenchConfig, Scenario, Target, Url, parse_duration};
+use crate::config::{
+    self, BenchConfig, PublishVia, RedisTarget, RedisUrl, Scenario, Target, parse_duration, parse_url_list,
+};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -44,12 +46,33 @@ pub enum TargetKind {
     Peer,
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum PublishViaArg {
+    /// POST /api/v1/publish, round-robin over the nodes.
+    Http,
+    /// PUBLISH {prefix}ch:{channel} '{"data": PAYLOAD}' into Redis.
+    RedisPubsub,
+    /// XADD {prefix}publish * channel CHANNEL data PAYLOAD into Redis.
+    RedisStream,
+}
+
+impl From<PublishViaArg> for PublishVia {
+    fn from(value: PublishViaArg) -> Self {
+        match value {
+            PublishViaArg::Http => PublishVia::Http,
+            PublishViaArg::RedisPubsub => PublishVia::RedisPubsub,
+            PublishViaArg::RedisStream => PublishVia::RedisStream,
+        }
+    }
+}
+
 #[derive(Debug, Args)]
 pub struct CommonArgs {
     /// Which kind of server to drive.
     #[arg(long, value_enum, default_value = "herald")]
     pub target: TargetKind,
-    /// Herald's base URL.
+    /// Herald's base URL, or a comma-separated list of nodes' base URLs:
+    /// subscribers and HTTP publishes are spread over them round-robin.
     #[arg(long, default_value = "http://127.0.0.1:8081")]
     pub url: String,
     /// Herald's JWT secret (HS256 tokens are minted in-process).
@@ -85,9 +108,20 @@ pub struct CommonArgs {
     /// (e.g. 127.0.0.1,127.0.0.2), so ephemeral ports do not run out.
     #[arg(long, value_delimiter = ',')]
     pub source_ips: Vec<IpAddr>,
-    /// The server's process id: report its CPU and memory.
-    #[arg(long)]
-    pub server_pid: Option<u32>,
+    /// The server's process id, or a comma-separated list (one per node):
+    /// report their CPU and memory, summed (and per process in --json).
+    #[arg(long, value_delimiter = ',')]
+    pub server_pid: Vec<u32>,
+    /// How messages are published: Herald's HTTP API, or straight into
+    /// Redis (Pub/Sub or the Streams ingest) for nodes in Redis mode.
+    #[arg(long, value_enum, default_value = "http")]
+    pub publish_via: PublishViaArg,
+    /// The Redis the nodes share, for --publish-via redis-pubsub|redis-stream.
+    #[arg(long, env = "HERALD_REDIS_URL")]
+    pub redis_url: Option<String>,
+    /// The nodes' redis.prefix.
+    #[arg(long, env = "HERALD_REDIS_PREFIX", default_value = "herald:")]
+    pub redis_prefix: String,
     /// Print the result as JSON instead of a table.
     #[arg(long)]
     pub json: bool,
@@ -100,8 +134,9 @@ pub struct CommonArgs {
     /// After the last publish, how long to wait for outstanding deliveries.
     #[arg(long, default_value = "5s", value_parser = duration)]
     pub drain_timeout: Duration,
-    /// Keep-alive HTTP connections for publishing [default: one per 250
-    /// publishes/s, between 2 and 64].
+    /// Publisher connections: keep-alive HTTP connections in all, spread
+    /// over the nodes [default: one per 250 publishes/s, between 2 and 64,
+    /// at least one per node]; or pipelined Redis connections [default: 2].
     #[arg(long)]
     pub publish_connections: Option<usize>,
 }
@@ -125,7 +160,7 @@ impl CommonArgs {
     pub fn into_config(self, scenario: Scenario, slow_fraction: f64) -> anyhow::Result<BenchConfig> {
         let target = match self.target {
             TargetKind::Herald => Target::Herald {
-                base: Url::parse(&self.url).context("--url")?,
+                nodes: parse_url_list(&self.url).context("--url")?,
                 secret: self
                     .secret
                     .context("Herald needs its JWT secret: --secret or HERALD_JWT_SECRET")?,
@@ -138,9 +173,23 @@ impl CommonArgs {
                 pub_url: self.pub_url,
             },
         };
-        let publish_connections = self
-            .publish_connections
-            .unwrap_or_else(|| ((self.rate / 250.0).ceil() as usize).clamp(2, 64));
+        let publish_via = PublishVia::from(self.publish_via);
+        let redis = match (&self.redis_url, publish_via.uses_redis()) {
+            (Some(url), true) => Some(RedisTarget {
+                url: RedisUrl::parse(url).context("--redis-url")?,
+                prefix: self.redis_prefix.clone(),
+            }),
+            _ => None,
+        };
+        let publish_connections = self.publish_connections.unwrap_or_else(|| {
+            if publish_via.uses_redis() {
+                2
+            } else {
+                ((self.rate / 250.0).ceil() as usize)
+                    .clamp(2, 64)
+                    .max(target.node_count())
+            }
+        });
         let config = BenchConfig {
             scenario,
             target,
@@ -152,7 +201,9 @@ impl CommonArgs {
                 .workers
                 .unwrap_or_else(|| config::default_workers(self.connections)),
             source_ips: self.source_ips,
-            server_pid: self.server_pid,
+            server_pids: self.server_pid,
+            publish_via,
+            redis,
             slow_fraction,
             connect_concurrency: self.connect_concurrency,
             connect_timeout: self.connect_timeout,
@@ -249,5 +300,95 @@ mod tests {
         assert!(parse(&["notify", "--target", "peer", "--sub-url", "ws://127.0.0.1/sub/fixed"]).is_err());
         assert!(parse(&["idle", "--target", "peer", "--source-ips", "192.168.1.1"]).is_err());
         assert!(parse(&["idle", "--target", "peer", "--connections", "30000", "--workers", "1"]).is_err());
+    }
+
+    #[test]
+    fn nodes_pids_and_redis_paths() {
+        let (config, _) = parse(&[
+            "notify",
+            "--secret",
+            "s",
+            "--api-key",
+            "k",
+            "--url",
+            "http://127.0.0.1:18201,http://127.0.0.1:18202",
+            "--server-pid",
+            "11,12",
+            "--publish-via",
+            "redis-stream",
+            "--redis-url",
+            "redis://127.0.0.1:16400",
+            "--redis-prefix",
+            "bench:",
+        ])
+        .expect("valid");
+        let Target::Herald { nodes, .. } = &config.target else {
+            panic!("a Herald target")
+        };
+        assert_eq!(nodes.len(), 2);
+        assert_eq!((config.target.node_of(0), config.target.node_of(3)), (0, 1));
+        assert_eq!(config.server_pids, vec![11, 12]);
+        assert_eq!(config.publish_via, PublishVia::RedisStream);
+        let redis = config.redis.as_ref().expect("redis target");
+        assert_eq!((redis.url.address.port(), redis.prefix.as_str()), (16400, "bench:"));
+        assert_eq!(config.publish_connections, 2);
+
+        let (config, _) = parse(&["notify", "--secret", "s", "--api-key", "k"]).expect("valid");
+        assert_eq!(config.publish_via, PublishVia::Http);
+        assert!(config.server_pids.is_empty());
+        let (config, _) = parse(&[
+            "broadcast",
+            "--secret",
+            "s",
+            "--api-key",
+            "k",
+            "--rate",
+            "100",
+            "--url",
+            "http://127.0.0.1:1,http://127.0.0.1:2,http://127.0.0.1:3",
+        ])
+        .expect("valid");
+        assert_eq!(config.publish_connections, 3, "at least one per node");
+        if std::env::var_os("HERALD_REDIS_URL").is_none() {
+            assert!(
+                parse(&[
+                    "notify",
+                    "--secret",
+                    "s",
+                    "--api-key",
+                    "k",
+                    "--publish-via",
+                    "redis-pubsub"
+                ])
+                .is_err(),
+                "redis paths need a Redis URL"
+            );
+        }
+        assert!(
+            parse(&[
+                "notify",
+                "--target",
+                "peer",
+                "--publish-via",
+                "redis-pubsub",
+                "--redis-url",
+                "redis://127.0.0.1:1"
+            ])
+            .is_err()
+        );
+        assert!(
+            parse(&[
+                "notify",
+                "--secret",
+                "s",
+                "--api-key",
+                "k",
+                "--publish-via",
+                "redis-pubsub",
+                "--redis-url",
+                "redis://192.168.0.1:6379"
+            ])
+            .is_err()
+        );
     }
 }

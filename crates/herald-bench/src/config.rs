@@ -101,9 +101,11 @@ pub fn peer_channel_name(channel: &str) -> String {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "lowercase")]
 pub enum Target {
-    /// Herald: `/ws?token=` and `POST /api/v1/publish` under `base`.
+    /// Herald: `/ws?token=` and `POST /api/v1/publish` under each node's
+    /// base URL. Connection `i` goes to node `i % nodes.len()`.
     Herald {
-        base: Url,
+        /// At least one; several are nodes of one Redis-backed cluster.
+        nodes: Vec<Url>,
         /// Signs the connections' JWTs.
         secret: String,
         /// Authorizes publishes.
@@ -124,6 +126,121 @@ impl Target {
             Target::Herald { .. } => "herald",
             Target::Peer { .. } => "peer",
         }
+    }
+
+    /// How many servers the subscriber connections are spread over (a peer
+    /// counts as one).
+    pub fn node_count(&self) -> usize {
+        match self {
+            Target::Herald { nodes, .. } => nodes.len().max(1),
+            Target::Peer { .. } => 1,
+        }
+    }
+
+    /// The node connection `index` goes to.
+    pub fn node_of(&self, index: usize) -> usize {
+        index % self.node_count()
+    }
+}
+
+/// How the publisher gets messages into Herald.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum PublishVia {
+    /// `POST /api/v1/publish` (or a peer's publish URL), round-robin over the nodes.
+    #[default]
+    Http,
+    /// `PUBLISH {prefix}ch:{channel} '{"data": PAYLOAD}'` straight into Redis.
+    RedisPubsub,
+    /// `XADD {prefix}publish * channel CHANNEL data PAYLOAD` (Streams ingest).
+    RedisStream,
+}
+
+impl PublishVia {
+    pub fn name(self) -> &'static str {
+        match self {
+            PublishVia::Http => "http",
+            PublishVia::RedisPubsub => "redis-pubsub",
+            PublishVia::RedisStream => "redis-stream",
+        }
+    }
+
+    pub fn uses_redis(self) -> bool {
+        self != PublishVia::Http
+    }
+}
+
+/// The Redis the Herald nodes share, for publishing straight into it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RedisTarget {
+    pub url: RedisUrl,
+    /// Herald's `redis.prefix` (default `herald:`).
+    pub prefix: String,
+}
+
+/// A parsed `redis://[[user]:password@]host[:port][/db]` URL on a loopback
+/// address.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RedisUrl {
+    pub address: SocketAddr,
+    pub username: Option<String>,
+    pub password: Option<String>,
+    pub database: u32,
+}
+
+impl RedisUrl {
+    /// Parses `text`; the host must be a loopback IP address or localhost,
+    /// the port defaults to 6379.
+    pub fn parse(text: &str) -> anyhow::Result<RedisUrl> {
+        let rest = text
+            .strip_prefix("redis://")
+            .with_context(|| format!("Redis URL `{text}` must start with redis://"))?;
+        let (authority, path) = rest.split_once('/').unwrap_or((rest, ""));
+        let (credentials, host_port) = match authority.rsplit_once('@') {
+            Some((credentials, host_port)) => (Some(credentials), host_port),
+            None => (None, authority),
+        };
+        let (username, password) = match credentials {
+            None => (None, None),
+            Some(credentials) => match credentials.split_once(':') {
+                Some(("", password)) => (None, Some(password.to_owned())),
+                Some((user, password)) => (Some(user.to_owned()), Some(password.to_owned())),
+                None => (None, Some(credentials.to_owned())),
+            },
+        };
+        let url = Url::parse(&format!("http://{host_port}")).with_context(|| format!("Redis URL `{text}`"))?;
+        ensure!(
+            url.path_and_query == "/",
+            "Redis URL `{text}`: only a database number may follow the host"
+        );
+        let port = if host_port.ends_with(']') || !host_port.contains(':') {
+            6379
+        } else {
+            url.address.port()
+        };
+        let database = if path.is_empty() {
+            0
+        } else {
+            path.parse()
+                .with_context(|| format!("Redis URL `{text}`: database `{path}` is not a number"))?
+        };
+        Ok(RedisUrl {
+            address: SocketAddr::new(url.address.ip(), port),
+            username,
+            password,
+            database,
+        })
+    }
+}
+
+impl std::fmt::Display for RedisUrl {
+    /// The URL without its credentials.
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(formatter, "redis://{}", self.address)?;
+        if self.database != 0 {
+            write!(formatter, "/{}", self.database)?;
+        }
+        Ok(())
     }
 }
 
@@ -181,6 +298,23 @@ impl Url {
         let path = self.path_and_query.split('?').next().unwrap_or_default();
         path.trim_end_matches('/')
     }
+
+    /// The base URL as text, `http://host:port/base`.
+    pub fn base_url(&self) -> String {
+        format!("{}://{}{}", self.scheme, self.authority, self.base_path())
+    }
+}
+
+/// Parses a comma-separated list of Herald base URLs (the nodes).
+pub fn parse_url_list(text: &str) -> anyhow::Result<Vec<Url>> {
+    let nodes = text
+        .split(',')
+        .map(str::trim)
+        .filter(|part| !part.is_empty())
+        .map(Url::parse)
+        .collect::<anyhow::Result<Vec<Url>>>()?;
+    ensure!(!nodes.is_empty(), "no URL given");
+    Ok(nodes)
 }
 
 /// Fills `{channel}` into a URL template and parses the result.
@@ -203,7 +337,13 @@ pub struct BenchConfig {
     pub workers: usize,
     /// Local addresses client sockets bind to, round-robin; empty: the OS picks.
     pub source_ips: Vec<IpAddr>,
-    pub server_pid: Option<u32>,
+    /// Processes whose CPU and memory are sampled (and summed): typically
+    /// one per node.
+    pub server_pids: Vec<u32>,
+    /// How messages are published.
+    pub publish_via: PublishVia,
+    /// Where to publish with `publish_via` redis-pubsub or redis-stream.
+    pub redis: Option<RedisTarget>,
     /// Share of slow subscribers (slow scenario only, else 0).
     pub slow_fraction: f64,
     /// In-flight connects per worker.
@@ -212,7 +352,8 @@ pub struct BenchConfig {
     pub connect_timeout: Duration,
     /// After the last publish, how long workers wait for outstanding deliveries.
     pub drain_timeout: Duration,
-    /// Keep-alive HTTP connections the publisher uses.
+    /// Keep-alive HTTP connections (in all, spread over the nodes) or
+    /// pipelined Redis connections the publisher uses.
     pub publish_connections: usize,
 }
 
@@ -244,6 +385,30 @@ impl BenchConfig {
         ensure!(self.publish_connections > 0, "--publish-connections must be at least 1");
         for ip in &self.source_ips {
             ensure!(ip.is_loopback(), "--source-ips: {ip} is not a loopback address");
+        }
+        if let Target::Herald { nodes, .. } = &self.target {
+            ensure!(!nodes.is_empty(), "--url must name at least one node");
+        }
+        if self.publish_via.uses_redis() {
+            ensure!(
+                matches!(self.target, Target::Herald { .. }),
+                "--publish-via {} needs --target herald",
+                self.publish_via.name()
+            );
+            let redis = self.redis.as_ref().with_context(|| {
+                format!(
+                    "--publish-via {} needs --redis-url (or HERALD_REDIS_URL)",
+                    self.publish_via.name()
+                )
+            })?;
+            ensure!(
+                redis.url.address.ip().is_loopback(),
+                "--redis-url: only loopback addresses may be targeted"
+            );
+            ensure!(
+                !redis.prefix.contains([' ', '*', '?', '[', ']']),
+                "--redis-prefix must not contain spaces or glob characters"
+            );
         }
         if let Target::Peer { sub_url, pub_url } = &self.target {
             for (flag, template) in [("--sub-url", sub_url), ("--pub-url", pub_url)] {
@@ -347,6 +512,39 @@ mod tests {
         assert!(Url::parse("https://127.0.0.1").is_err());
         let url = render_template("ws://127.0.0.1:8090/sub/{channel}", "user:u17").expect("valid");
         assert_eq!(url.path_and_query, "/sub/u17");
+        assert_eq!(
+            Url::parse("http://127.0.0.1:9/base/").expect("valid").base_url(),
+            "http://127.0.0.1:9/base"
+        );
+    }
+
+    #[test]
+    fn url_lists_name_the_nodes() {
+        let nodes = parse_url_list("http://127.0.0.1:18201, http://127.0.0.1:18202").expect("valid");
+        assert_eq!(nodes.len(), 2);
+        assert_eq!(nodes[1].address.port(), 18202);
+        assert_eq!(parse_url_list("http://127.0.0.1:1").expect("valid").len(), 1);
+        assert!(parse_url_list("http://127.0.0.1:1,http://10.0.0.1:2").is_err());
+        assert!(parse_url_list(" , ").is_err());
+    }
+
+    #[test]
+    fn redis_urls() {
+        let url = RedisUrl::parse("redis://127.0.0.1:16400").expect("valid");
+        assert_eq!(url.address, "127.0.0.1:16400".parse().expect("address"));
+        assert_eq!((url.username, url.password, url.database), (None, None, 0));
+        assert_eq!(
+            RedisUrl::parse("redis://localhost").expect("valid").address.port(),
+            6379
+        );
+        let url = RedisUrl::parse("redis://:pw@127.0.0.1:1/3").expect("valid");
+        assert_eq!((url.password.as_deref(), url.database), (Some("pw"), 3));
+        assert_eq!(url.to_string(), "redis://127.0.0.1:1/3", "no credentials in the text");
+        let url = RedisUrl::parse("redis://bench:pw@[::1]").expect("valid");
+        assert_eq!((url.username.as_deref(), url.address.port()), (Some("bench"), 6379));
+        assert!(RedisUrl::parse("http://127.0.0.1:6379").is_err());
+        assert!(RedisUrl::parse("redis://10.0.0.1:6379").is_err());
+        assert!(RedisUrl::parse("redis://127.0.0.1:6379/x").is_err());
     }
 
     #[test]

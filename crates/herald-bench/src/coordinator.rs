@@ -19,7 +19,10 @@ use crate::accounting::{self, DeliveryTally, Percentiles};
 use crate::config::{BenchConfig, Scenario, Target};
 use crate::process_stats::{self, ProcessSample};
 use crate::publisher::{self, ChannelChoice, PublishOutcome, PublishPlan, PublishTarget};
-use crate::report::{ConnectSummary, DeliverySummary, PublishSummary, Report, ServerSummary, SlowSummary};
+use crate::redis;
+use crate::report::{
+    ConnectSummary, DeliverySummary, NodeSummary, ProcessSummary, PublishSummary, Report, ServerSummary, SlowSummary,
+};
 use crate::worker::{self, FromWorker, ToWorker, WorkerConfig, WorkerReady, WorkerResult};
 
 /// The Herald metric that counts slow-client disconnects.
@@ -42,14 +45,25 @@ pub enum WorkerLauncher {
 pub async fn run(config: &BenchConfig, launcher: &WorkerLauncher) -> anyhow::Result<Report> {
     config.validate()?;
     let own_cpu_start = process_stats::own_cpu_seconds();
-    let server_sample = || -> anyhow::Result<Option<ProcessSample>> {
+    let server_sample = || -> anyhow::Result<Option<Vec<ProcessSample>>> {
+        if config.server_pids.is_empty() {
+            return Ok(None);
+        }
         config
-            .server_pid
-            .map(|pid| process_stats::sample(&pid.to_string()))
-            .transpose()
-            .context("--server-pid")
+            .server_pids
+            .iter()
+            .map(|pid| process_stats::sample(&pid.to_string()).context("--server-pid"))
+            .collect::<anyhow::Result<Vec<_>>>()
+            .map(Some)
     };
     let before_connect = server_sample()?;
+    if let (Some(target), true) = (
+        &config.redis,
+        config.publish_via.uses_redis() && config.scenario.publishes(),
+    ) {
+        // Fail before opening thousands of connections, not after.
+        redis::ping(&target.url).await.context("--redis-url")?;
+    }
 
     let mut workers = Vec::with_capacity(config.workers);
     for index in 0..config.workers {
@@ -87,7 +101,7 @@ pub async fn run(config: &BenchConfig, launcher: &WorkerLauncher) -> anyhow::Res
                 channels: ChannelChoice::for_scenario(config.scenario, config.connections),
                 connections: config.publish_connections,
             };
-            publisher::publish(&PublishTarget::from_target(&config.target)?, &plan).await?
+            publisher::publish(&PublishTarget::from_config(config)?, &plan).await?
         }
         Scenario::Idle => {
             tokio::time::sleep(config.duration).await;
@@ -151,29 +165,35 @@ fn worker_config(config: &BenchConfig, index: usize) -> WorkerConfig {
     }
 }
 
-/// Herald's slow-client disconnect count, for the slow scenario; `None`
-/// elsewhere or when `/metrics` cannot be read (a warning says why).
+/// Herald's slow-client disconnect count summed over the nodes, for the
+/// slow scenario; `None` elsewhere or when a node's `/metrics` cannot be
+/// read (a warning says why).
 async fn slow_client_disconnects(config: &BenchConfig) -> Option<u64> {
-    let Target::Herald { base, .. } = &config.target else {
+    let Target::Herald { nodes, .. } = &config.target else {
         return None;
     };
     if config.scenario != Scenario::Slow {
         return None;
     }
-    match publisher::get(base, "/metrics").await {
-        Ok((_, text)) => Some(process_stats::metric_value(&text, SLOW_CLIENT_SERIES).unwrap_or(0.0) as u64),
-        Err(error) => {
-            eprintln!("herald-bench: cannot read /metrics: {error:#}");
-            None
+    let mut total = 0;
+    for node in nodes {
+        match publisher::get(node, "/metrics").await {
+            Ok((_, text)) => total += process_stats::metric_value(&text, SLOW_CLIENT_SERIES).unwrap_or(0.0) as u64,
+            Err(error) => {
+                eprintln!("herald-bench: cannot read {}/metrics: {error:#}", node.base_url());
+                return None;
+            }
         }
     }
+    Some(total)
 }
 
-/// The server's cost at the phase boundaries (with `--server-pid`).
+/// The servers' cost at the phase boundaries (with `--server-pid`), one
+/// sample per pid.
 struct ServerSamples {
-    before_connect: Option<ProcessSample>,
-    after_connect: Option<ProcessSample>,
-    end: Option<ProcessSample>,
+    before_connect: Option<Vec<ProcessSample>>,
+    after_connect: Option<Vec<ProcessSample>>,
+    end: Option<Vec<ProcessSample>>,
 }
 
 fn build_report(
@@ -219,38 +239,68 @@ fn build_report(
         .unwrap_or(0);
     let window_s = seconds_between(publish.started_unix_nanos, last_receive);
 
-    let server = match (
-        config.server_pid,
-        samples.before_connect,
-        samples.after_connect,
-        samples.end,
-    ) {
-        (Some(pid), Some(before), Some(connected_sample), Some(end)) => {
-            let cpu_measured_s = end.cpu_seconds - connected_sample.cpu_seconds;
-            let rss_growth_kib = connected_sample.rss_kib as i64 - before.rss_kib as i64;
+    let server = match (&samples.before_connect, &samples.after_connect, &samples.end) {
+        (Some(before), Some(connected_samples), Some(end)) => {
+            let per_pid: Vec<ProcessSummary> = config
+                .server_pids
+                .iter()
+                .zip(before.iter().zip(connected_samples).zip(end))
+                .map(|(&pid, ((before, connected), end))| ProcessSummary {
+                    pid,
+                    cpu_connect_s: connected.cpu_seconds - before.cpu_seconds,
+                    cpu_measured_s: end.cpu_seconds - connected.cpu_seconds,
+                    rss_before_kib: before.rss_kib,
+                    rss_after_connect_kib: connected.rss_kib,
+                    rss_end_kib: end.rss_kib,
+                    rss_growth_kib: connected.rss_kib as i64 - before.rss_kib as i64,
+                })
+                .collect();
+            let cpu_measured_s: f64 = per_pid.iter().map(|process| process.cpu_measured_s).sum();
+            let rss_growth_kib: i64 = per_pid.iter().map(|process| process.rss_growth_kib).sum();
             Some(ServerSummary {
-                pid,
-                cpu_connect_s: connected_sample.cpu_seconds - before.cpu_seconds,
+                pids: config.server_pids.clone(),
+                cpu_connect_s: per_pid.iter().map(|process| process.cpu_connect_s).sum(),
                 cpu_measured_s,
                 deliveries_per_cpu_s: (config.scenario.publishes() && cpu_measured_s > 0.0)
                     .then(|| tally.received as f64 / cpu_measured_s),
-                rss_before_kib: before.rss_kib,
-                rss_after_connect_kib: connected_sample.rss_kib,
-                rss_end_kib: end.rss_kib,
+                rss_before_kib: per_pid.iter().map(|process| process.rss_before_kib).sum(),
+                rss_after_connect_kib: per_pid.iter().map(|process| process.rss_after_connect_kib).sum(),
+                rss_end_kib: per_pid.iter().map(|process| process.rss_end_kib).sum(),
                 rss_growth_kib,
                 kib_per_connection: if connected > 0 {
                     rss_growth_kib as f64 / connected as f64
                 } else {
                     0.0
                 },
+                per_pid,
             })
         }
         _ => None,
     };
 
+    let nodes = match &config.target {
+        Target::Herald { nodes, .. } => nodes
+            .iter()
+            .enumerate()
+            .map(|(node, url)| NodeSummary {
+                url: url.base_url(),
+                connections: (0..config.connections)
+                    .filter(|&index| config.target.node_of(index) == node)
+                    .count(),
+                connected: readies
+                    .iter()
+                    .map(|ready| ready.connected_per_node.get(node).copied().unwrap_or(0))
+                    .sum(),
+                http_publishes: publish.per_node.get(node).copied().unwrap_or(0),
+            })
+            .collect(),
+        Target::Peer { .. } => Vec::new(),
+    };
+
     Ok(Report {
         scenario: config.scenario.name().to_owned(),
         target: config.target.name().to_owned(),
+        nodes,
         connections: config.connections,
         connected,
         connect_errors: readies.iter().map(|ready| ready.failed).sum(),
@@ -260,6 +310,13 @@ fn build_report(
         duration_s: config.duration.as_secs_f64(),
         payload_bytes: config.payload_bytes,
         publishes: PublishSummary {
+            via: config.publish_via.name().to_owned(),
+            redis_url: config
+                .redis
+                .as_ref()
+                .filter(|_| config.publish_via.uses_redis())
+                .map(|redis| redis.url.to_string()),
+            zero_receivers: publish.zero_receivers,
             sent: publish.sent,
             errors: publish.errors,
             first_error: publish.first_error.clone(),

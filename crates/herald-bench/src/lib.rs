@@ -8,6 +8,8 @@
 //! every delivery by per-channel sequence number and latency
 //! ([`accounting`]); the coordinator merges the workers' results and the
 //! server's CPU and memory ([`process_stats`]) into one [`report::Report`].
+//! Herald may be several nodes sharing a Redis; publishes then go through
+//! HTTP to the nodes in turn, or straight into Redis ([`redis`]).
 //!
 //! Only loopback addresses can be targeted.
 
@@ -19,11 +21,12 @@ pub mod net;
 pub mod payload;
 pub mod process_stats;
 pub mod publisher;
+pub mod redis;
 pub mod report;
 pub mod subscriber;
 pub mod token;
 pub mod worker;
 
-pub use config::{BenchConfig, Scenario, Target};
+pub use config::{BenchConfig, PublishVia, Scenario, Target};
 pub use coordinator::{WorkerLauncher, run};
 pub use report::Report;

@@ -1,7 +1,9 @@
 //! The open-loop publisher: message `i` is due at `t0 + i / rate` whatever
 //! happened to the messages before it, and carries that intended time in its
 //! payload, so a publisher that stalls shows up as latency instead of hiding
-//! it. Requests go over a small pool of keep-alive HTTP/1.1 connections.
+//! it. Requests go over a small pool of keep-alive HTTP/1.1 connections per
+//! node (message `i` to node `i % nodes`), or straight into Redis over a
+//! few pipelined connections ([`crate::redis`]).
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -18,12 +20,13 @@ use hyper_util::rt::TokioIo;
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 
-use crate::config::{Scenario, Target, Url, render_template};
+use crate::config::{BenchConfig, PublishVia, RedisTarget, Scenario, Target, Url, render_template};
 use crate::net::{tcp_connect, unix_nanos_now};
 use crate::payload;
+use crate::redis::{RedisCommand, RedisPool};
 
 /// A publish that takes longer than this counts as failed.
-const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 /// How far ahead of the first message the schedule starts, so that the
 /// first messages are not already late.
 const START_DELAY: Duration = Duration::from_millis(20);
@@ -37,7 +40,8 @@ pub type HttpConnection = SendRequest<Full<Bytes>>;
 #[derive(Debug, Clone)]
 pub enum PublishTarget {
     Herald {
-        base: Url,
+        /// Publishes go round-robin to these nodes.
+        nodes: Vec<Url>,
         api_key: String,
     },
     Peer {
@@ -46,13 +50,29 @@ pub enum PublishTarget {
         /// The template's server (the same for every channel).
         server: Url,
     },
+    /// Straight into the Redis that Herald nodes share.
+    Redis { redis: RedisTarget, command: RedisCommand },
 }
 
 impl PublishTarget {
+    /// Where `config` publishes.
+    pub fn from_config(config: &BenchConfig) -> anyhow::Result<Self> {
+        if let Some(command) = RedisCommand::for_via(config.publish_via) {
+            let redis = config
+                .redis
+                .clone()
+                .with_context(|| format!("--publish-via {} needs --redis-url", config.publish_via.name()))?;
+            return Ok(PublishTarget::Redis { redis, command });
+        }
+        debug_assert_eq!(config.publish_via, PublishVia::Http);
+        Self::from_target(&config.target)
+    }
+
+    /// HTTP publishing to `target`.
     pub fn from_target(target: &Target) -> anyhow::Result<Self> {
         Ok(match target {
-            Target::Herald { base, api_key, .. } => PublishTarget::Herald {
-                base: base.clone(),
+            Target::Herald { nodes, api_key, .. } => PublishTarget::Herald {
+                nodes: nodes.clone(),
                 api_key: api_key.clone(),
             },
             Target::Peer { pub_url, .. } => PublishTarget::Peer {
@@ -62,10 +82,12 @@ impl PublishTarget {
         })
     }
 
-    fn address(&self) -> SocketAddr {
+    /// The HTTP servers publishes go to, round-robin.
+    fn http_servers(&self) -> Vec<SocketAddr> {
         match self {
-            PublishTarget::Herald { base, .. } => base.address,
-            PublishTarget::Peer { server, .. } => server.address,
+            PublishTarget::Herald { nodes, .. } => nodes.iter().map(|node| node.address).collect(),
+            PublishTarget::Peer { server, .. } => vec![server.address],
+            PublishTarget::Redis { .. } => Vec::new(),
         }
     }
 }
@@ -95,7 +117,8 @@ pub struct PublishPlan {
     pub total: u64,
     pub payload_bytes: usize,
     pub channels: ChannelChoice,
-    /// Size of the connection pool.
+    /// Size of the connection pool: HTTP connections in all (at least one
+    /// per node), or Redis connections.
     pub connections: usize,
 }
 
@@ -120,18 +143,23 @@ pub struct PublishOutcome {
     pub started_unix_nanos: u64,
     /// The largest delay between a message's due time and its send.
     pub max_lag: Duration,
+    /// HTTP publishes sent to each node (empty when publishing into Redis).
+    pub per_node: Vec<u64>,
+    /// Redis Pub/Sub only: publishes that `PUBLISH` said reached no
+    /// subscriber (not errors, but nobody could deliver them).
+    pub zero_receivers: Option<u64>,
 }
 
 /// Failures recorded by the in-flight requests.
 #[derive(Default)]
-struct Failures {
-    errors: u64,
-    samples: Vec<String>,
-    failed: BTreeMap<String, Vec<u64>>,
+pub(crate) struct Failures {
+    pub(crate) errors: u64,
+    pub(crate) samples: Vec<String>,
+    pub(crate) failed: BTreeMap<String, Vec<u64>>,
 }
 
 impl Failures {
-    fn record(&mut self, channel: &str, sequence: u64, error: String) {
+    pub(crate) fn record(&mut self, channel: &str, sequence: u64, error: String) {
         self.errors += 1;
         if self.samples.len() < ERROR_SAMPLES {
             self.samples.push(error);
@@ -140,19 +168,73 @@ impl Failures {
     }
 }
 
+/// The shared record of failed publishes.
+pub(crate) type SharedFailures = Arc<Mutex<Failures>>;
+
+pub(crate) fn lock_failures(failures: &SharedFailures) -> std::sync::MutexGuard<'_, Failures> {
+    failures.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+type SlotSender = mpsc::Sender<Option<HttpConnection>>;
+type SlotReceiver = mpsc::Receiver<Option<HttpConnection>>;
+
+/// HTTP connection pools, one per server; a slot is a connection (or
+/// `None`: open a new one when used).
+struct HttpPools {
+    servers: Vec<SocketAddr>,
+    idle: Vec<(SlotSender, SlotReceiver)>,
+    /// Slots per server.
+    sizes: Vec<usize>,
+}
+
+impl HttpPools {
+    /// Opens `connections` connections in all, connection `j` to server
+    /// `j % servers`, at least one per server.
+    async fn open(servers: Vec<SocketAddr>, connections: usize) -> anyhow::Result<HttpPools> {
+        let total = connections.max(servers.len());
+        let sizes: Vec<usize> = (0..servers.len())
+            .map(|server| (server..total).step_by(servers.len()).count())
+            .collect();
+        let mut idle = Vec::with_capacity(servers.len());
+        for (address, &size) in servers.iter().zip(&sizes) {
+            let (sender, receiver) = mpsc::channel(size);
+            for _ in 0..size {
+                let connection = connect(*address)
+                    .await
+                    .with_context(|| format!("publisher connection to {address}"))?;
+                sender
+                    .send(Some(connection))
+                    .await
+                    .expect("the pool has room for every connection");
+            }
+            idle.push((sender, receiver));
+        }
+        Ok(HttpPools { servers, idle, sizes })
+    }
+
+    /// Waits until every slot is back: nothing is in flight any more.
+    async fn drain(&mut self) {
+        for ((_, receiver), &size) in self.idle.iter_mut().zip(&self.sizes) {
+            for _ in 0..size {
+                receiver.recv().await.expect("the pool holds a sender");
+            }
+        }
+    }
+}
+
 /// Publishes `plan` to `target` on its schedule and waits for every request
 /// to be answered.
 pub async fn publish(target: &PublishTarget, plan: &PublishPlan) -> anyhow::Result<PublishOutcome> {
-    let address = target.address();
-    let (idle_sender, mut idle) = mpsc::channel::<Option<HttpConnection>>(plan.connections);
-    for _ in 0..plan.connections {
-        let connection = connect(address).await.context("publisher connection")?;
-        idle_sender
-            .send(Some(connection))
-            .await
-            .expect("the pool has room for every connection");
+    let failures = SharedFailures::default();
+    let mut http = None;
+    let mut redis = None;
+    match target {
+        PublishTarget::Redis { redis: server, command } => {
+            redis = Some(RedisPool::open(server, *command, plan.connections, failures.clone()).await?);
+        }
+        _ => http = Some(HttpPools::open(target.http_servers(), plan.connections).await?),
     }
-    let failures = Arc::new(Mutex::new(Failures::default()));
+    let mut per_node = vec![0u64; http.as_ref().map_or(0, |pools| pools.servers.len())];
     let mut sequences = ChannelSequences::new(&plan.channels);
     let mut paths: BTreeMap<String, String> = BTreeMap::new();
     let mut max_lag = Duration::ZERO;
@@ -161,32 +243,46 @@ pub async fn publish(target: &PublishTarget, plan: &PublishPlan) -> anyhow::Resu
     for index in 0..plan.total {
         let offset = Duration::from_secs_f64(index as f64 / plan.rate);
         tokio::time::sleep_until((start + offset).into()).await;
-        let slot = idle.recv().await.expect("the publisher holds a sender");
-        max_lag = max_lag.max(Instant::now().saturating_duration_since(start + offset));
-        let (channel, sequence) = sequences.next();
         let intended = started_unix_nanos + offset.as_nanos() as u64;
+        if let Some(pool) = &redis {
+            // Waits only while the connection's queue is full.
+            let permit = pool.reserve(index).await;
+            max_lag = max_lag.max(Instant::now().saturating_duration_since(start + offset));
+            let (channel, sequence) = sequences.next();
+            let body = payload::build(sequence, intended, plan.payload_bytes);
+            pool.send(permit, channel, sequence, &body);
+            continue;
+        }
+        let pools = http.as_mut().expect("HTTP when not Redis");
+        let node = (index % pools.servers.len() as u64) as usize;
+        let address = pools.servers[node];
+        let slot = pools.idle[node].1.recv().await.expect("the publisher holds a sender");
+        max_lag = max_lag.max(Instant::now().saturating_duration_since(start + offset));
+        per_node[node] += 1;
+        let (channel, sequence) = sequences.next();
         let body = payload::build(sequence, intended, plan.payload_bytes);
-        let request = build_request(target, &channel, body, &mut paths)?;
-        let idle_sender = idle_sender.clone();
+        let request = build_request(target, node, &channel, body, &mut paths)?;
+        let idle_sender = pools.idle[node].0.clone();
         let failures = failures.clone();
         tokio::spawn(async move {
             let (connection, result) = send(slot, address, request).await;
             if let Err(error) = result {
-                failures
-                    .lock()
-                    .unwrap_or_else(PoisonError::into_inner)
-                    .record(&channel, sequence, error);
+                lock_failures(&failures).record(&channel, sequence, error);
             }
-            // The pool holds exactly `connections` slots, so this never waits.
+            // The pool holds exactly its size in slots, so this never waits.
             let _ = idle_sender.send(connection).await;
         });
     }
-    // Every request gives its slot back when answered: holding all of them
-    // means none is in flight.
-    for _ in 0..plan.connections {
-        idle.recv().await.expect("the publisher holds a sender");
-    }
-    let failures = std::mem::take(&mut *failures.lock().unwrap_or_else(PoisonError::into_inner));
+    // Every request gives its slot back when answered (every Redis
+    // connection ends once its replies are in): then none is in flight.
+    let zero_receivers = match redis {
+        Some(pool) => pool.finish().await,
+        None => {
+            http.as_mut().expect("HTTP when not Redis").drain().await;
+            None
+        }
+    };
+    let failures = std::mem::take(&mut *lock_failures(&failures));
     Ok(PublishOutcome {
         counts: Published {
             published: sequences.published(),
@@ -197,6 +293,8 @@ pub async fn publish(target: &PublishTarget, plan: &PublishPlan) -> anyhow::Resu
         first_error: failures.samples.into_iter().next(),
         started_unix_nanos,
         max_lag,
+        per_node,
+        zero_receivers,
     })
 }
 
@@ -227,18 +325,21 @@ async fn send(
 
 fn build_request(
     target: &PublishTarget,
+    node: usize,
     channel: &str,
     payload: String,
     paths: &mut BTreeMap<String, String>,
 ) -> anyhow::Result<Request<Full<Bytes>>> {
     let request = match target {
-        PublishTarget::Herald { base, api_key } => Request::post(format!("{}/api/v1/publish", base.base_path()))
-            .header(HOST, &base.authority)
-            .header(AUTHORIZATION, format!("Bearer {api_key}"))
-            .header(CONTENT_TYPE, "application/json")
-            .body(Full::new(Bytes::from(format!(
-                "{{\"channel\":\"{channel}\",\"data\":{payload}}}"
-            )))),
+        PublishTarget::Herald { nodes, api_key } => {
+            Request::post(format!("{}/api/v1/publish", nodes[node].base_path()))
+                .header(HOST, &nodes[node].authority)
+                .header(AUTHORIZATION, format!("Bearer {api_key}"))
+                .header(CONTENT_TYPE, "application/json")
+                .body(Full::new(Bytes::from(format!(
+                    "{{\"channel\":\"{channel}\",\"data\":{payload}}}"
+                ))))
+        }
         PublishTarget::Peer { pub_url, server } => {
             if !paths.contains_key(channel) {
                 let url = render_template(pub_url, channel)?;
@@ -249,6 +350,7 @@ fn build_request(
                 .header(CONTENT_TYPE, "application/json")
                 .body(Full::new(Bytes::from(payload)))
         }
+        PublishTarget::Redis { .. } => bail!("Redis publishes are not HTTP requests"),
     };
     request.context("building a publish request")
 }

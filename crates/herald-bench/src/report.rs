@@ -12,6 +12,9 @@ pub struct Report {
     pub scenario: String,
     /// `herald` or `peer`.
     pub target: String,
+    /// Per Herald node (one for a single node; empty for a peer): how
+    /// connections and HTTP publishes were spread.
+    pub nodes: Vec<NodeSummary>,
     /// Connections asked for.
     pub connections: usize,
     /// Connections that connected (and subscribed).
@@ -28,7 +31,7 @@ pub struct Report {
     /// Receive time minus intended send time, first deliveries only.
     pub latency_ms: Percentiles,
     pub connect: ConnectSummary,
-    /// With `--server-pid` only.
+    /// With `--server-pid` only: summed over the listed processes.
     pub server: Option<ServerSummary>,
     /// In the slow scenario only.
     pub slow: Option<SlowSummary>,
@@ -37,15 +40,36 @@ pub struct Report {
     pub bench_cpu_s: f64,
 }
 
+/// One Herald node.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct NodeSummary {
+    /// The node's base URL.
+    pub url: String,
+    /// Subscriber connections assigned to it (round-robin).
+    pub connections: usize,
+    /// Of those, connected and subscribed.
+    pub connected: usize,
+    /// HTTP publishes sent to it (0 when publishing into Redis).
+    pub http_publishes: u64,
+}
+
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct PublishSummary {
+    /// `http`, `redis-pubsub` or `redis-stream`.
+    pub via: String,
+    /// The Redis published into (without credentials), for the Redis paths.
+    pub redis_url: Option<String>,
     pub sent: u64,
-    /// Transport failures and non-2xx answers.
+    /// Transport failures, non-2xx answers, Redis error replies and
+    /// messages in flight on a Redis connection that broke.
     pub errors: u64,
     pub first_error: Option<String>,
     /// The largest delay between a message's due time and its send: how far
     /// the open-loop schedule slipped.
     pub max_lag_ms: f64,
+    /// redis-pubsub only: `PUBLISH`es that reached no Redis subscriber (no
+    /// node listened on the channel). Not errors; their messages are lost.
+    pub zero_receivers: Option<u64>,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -76,9 +100,10 @@ pub struct ConnectSummary {
     pub latency_ms: Percentiles,
 }
 
+/// The cost of the server processes (`--server-pid`), summed over them.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ServerSummary {
-    pub pid: u32,
+    pub pids: Vec<u32>,
     /// CPU the server used while the connections were opened.
     pub cpu_connect_s: f64,
     /// CPU the server used in the measured phase (publishing and draining,
@@ -92,6 +117,20 @@ pub struct ServerSummary {
     /// RSS after connecting minus before.
     pub rss_growth_kib: i64,
     pub kib_per_connection: f64,
+    /// The same per process, in `pids` order.
+    pub per_pid: Vec<ProcessSummary>,
+}
+
+/// The cost of one server process.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ProcessSummary {
+    pub pid: u32,
+    pub cpu_connect_s: f64,
+    pub cpu_measured_s: f64,
+    pub rss_before_kib: u64,
+    pub rss_after_connect_kib: u64,
+    pub rss_end_kib: u64,
+    pub rss_growth_kib: i64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -120,6 +159,19 @@ impl Report {
         if let Some(error) = &self.first_connect_error {
             row("first failure", error.clone());
         }
+        if self.nodes.len() > 1 {
+            let nodes: Vec<String> = self
+                .nodes
+                .iter()
+                .map(|node| {
+                    format!(
+                        "{}: {}/{} connected, {} HTTP publishes",
+                        node.url, node.connected, node.connections, node.http_publishes
+                    )
+                })
+                .collect();
+            row("nodes", nodes.join("; "));
+        }
         let connect = &self.connect;
         row(
             "connect",
@@ -145,6 +197,16 @@ impl Report {
                     self.payload_bytes
                 ),
             );
+            let redis = self
+                .publishes
+                .redis_url
+                .as_ref()
+                .map_or_else(String::new, |url| format!(" ({url})"));
+            let zero = self
+                .publishes
+                .zero_receivers
+                .map_or_else(String::new, |count| format!("; {count} reached no subscriber"));
+            row("published via", format!("{}{redis}{zero}", self.publishes.via));
             if let Some(error) = &self.publishes.first_error {
                 row("first error", error.clone());
             }
@@ -209,6 +271,19 @@ impl Report {
                     server.rss_before_kib, server.rss_after_connect_kib, server.rss_end_kib, server.kib_per_connection
                 ),
             );
+            if server.per_pid.len() > 1 {
+                let processes: Vec<String> = server
+                    .per_pid
+                    .iter()
+                    .map(|process| {
+                        format!(
+                            "{}: {:.2} s CPU, {} KiB",
+                            process.pid, process.cpu_measured_s, process.rss_end_kib
+                        )
+                    })
+                    .collect();
+                row("per process", processes.join("; "));
+            }
         }
         row("bench CPU", format!("{:.2} s", self.bench_cpu_s));
         format!("{header}\n{out}")

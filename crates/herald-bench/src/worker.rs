@@ -79,6 +79,8 @@ pub struct WorkerConfig {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct WorkerReady {
     pub connected: usize,
+    /// Connected per node (see [`Target::node_of`]).
+    pub connected_per_node: Vec<usize>,
     pub failed: usize,
     /// Slow subscribers among the connected.
     pub slow: usize,
@@ -130,6 +132,7 @@ where
     };
     let specs = subscriber_specs(&config)?;
     let channels: BTreeMap<usize, Vec<String>> = specs.iter().map(|spec| (spec.index, spec.channels.clone())).collect();
+    let node_count = config.target.node_count();
     let slow: BTreeSet<usize> = specs.iter().filter(|spec| spec.slow).map(|spec| spec.index).collect();
 
     let deliveries = Arc::new(Deliveries::default());
@@ -174,11 +177,16 @@ where
         }
     }
     let connect_finished_unix_nanos = unix_nanos_now();
+    let mut connected_per_node = vec![0; node_count];
+    for &index in &connected {
+        connected_per_node[config.target.node_of(index)] += 1;
+    }
     let slow_connected = connected.iter().filter(|index| slow.contains(*index)).count();
     send_message(
         &mut output,
         &FromWorker::Ready(WorkerReady {
             connected: connected.len(),
+            connected_per_node,
             failed,
             slow: slow_connected,
             first_error,
@@ -326,7 +334,8 @@ pub fn subscriber_specs(config: &WorkerConfig) -> anyhow::Result<Vec<SubscriberS
             let source_ip = (!config.source_ips.is_empty()).then(|| config.source_ips[index % config.source_ips.len()]);
             let slow = is_slow(index, config.total_connections, config.slow_count);
             let spec = match &config.target {
-                Target::Herald { base, secret, .. } => {
+                Target::Herald { nodes, secret, .. } => {
+                    let base = &nodes[config.target.node_of(index)];
                     let user = Scenario::user(index);
                     let token = token::mint(secret.as_bytes(), &user, config.token_expires_at);
                     let subscribe = config.scenario.extra_channels(index);

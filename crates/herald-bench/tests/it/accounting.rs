@@ -72,7 +72,7 @@ async fn run_worker_against_script(framing: Framing) -> WorkerResult {
 
     let target = match framing {
         Framing::Herald => Target::Herald {
-            base: Url::parse(&format!("http://{address}")).expect("loopback URL"),
+            nodes: vec![Url::parse(&format!("http://{address}")).expect("loopback URL")],
             secret: "scripted-secret".into(),
             api_key: "unused".into(),
         },

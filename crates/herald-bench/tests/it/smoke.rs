@@ -5,7 +5,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use herald_bench::config::{Scenario, Target, Url};
+use herald_bench::config::{PublishVia, Scenario, Target, Url};
 use herald_bench::{BenchConfig, Report, WorkerLauncher};
 use herald_server::config::{Config, RawConfig};
 use herald_server::server::RunningServer;
@@ -13,12 +13,12 @@ use herald_server::server::RunningServer;
 use crate::DEADLINE;
 use crate::peer::MiniPeer;
 
-const SECRET: &str = "bench-smoke-test-secret-0123456789";
-const API_KEY: &str = "bench-smoke-test-api-key-0123456789";
-const CONNECTIONS: usize = 20;
+pub const SECRET: &str = "bench-smoke-test-secret-0123456789";
+pub const API_KEY: &str = "bench-smoke-test-api-key-0123456789";
+pub const CONNECTIONS: usize = 20;
 const RATE: f64 = 50.0;
 /// `RATE` for one second.
-const MESSAGES: u64 = 50;
+pub const MESSAGES: u64 = 50;
 
 /// Starts a Herald node on port 0; the returned target points at it.
 async fn herald() -> (RunningServer, Target) {
@@ -27,14 +27,14 @@ async fn herald() -> (RunningServer, Target) {
     let config = Config::from_raw(raw).expect("test config is valid");
     let running = herald_server::server::start(config).await.expect("server starts");
     let target = Target::Herald {
-        base: Url::parse(&format!("http://{}", running.local_addr)).expect("loopback URL"),
+        nodes: vec![Url::parse(&format!("http://{}", running.local_addr)).expect("loopback URL")],
         secret: SECRET.into(),
         api_key: API_KEY.into(),
     };
     (running, target)
 }
 
-fn config(scenario: Scenario, target: Target) -> BenchConfig {
+pub fn config(scenario: Scenario, target: Target) -> BenchConfig {
     BenchConfig {
         scenario,
         target,
@@ -45,7 +45,9 @@ fn config(scenario: Scenario, target: Target) -> BenchConfig {
         // Two workers, so that merging their results is exercised too.
         workers: 2,
         source_ips: Vec::new(),
-        server_pid: None,
+        server_pids: Vec::new(),
+        publish_via: PublishVia::Http,
+        redis: None,
         slow_fraction: 0.0,
         connect_concurrency: 8,
         connect_timeout: Duration::from_secs(10),
@@ -55,7 +57,7 @@ fn config(scenario: Scenario, target: Target) -> BenchConfig {
 }
 
 /// Runs `config` with real worker subprocesses (this package's binary).
-async fn run(config: &BenchConfig) -> Report {
+pub async fn run(config: &BenchConfig) -> Report {
     let launcher = WorkerLauncher::Subprocess(PathBuf::from(env!("CARGO_BIN_EXE_herald-bench")));
     let report = tokio::time::timeout(DEADLINE, herald_bench::run(config, &launcher))
         .await
@@ -70,7 +72,7 @@ async fn run(config: &BenchConfig) -> Report {
     report
 }
 
-fn assert_connected(report: &Report) {
+pub fn assert_connected(report: &Report) {
     assert_eq!(report.connected, CONNECTIONS, "{:?}", report.first_connect_error);
     assert_eq!(report.connect_errors, 0);
     assert_eq!(report.connect.latency_ms.count, CONNECTIONS as u64);
@@ -84,7 +86,7 @@ fn assert_connected(report: &Report) {
     assert!(report.bench_cpu_s > 0.0);
 }
 
-fn assert_delivered(report: &Report, expected: u64) {
+pub fn assert_delivered(report: &Report, expected: u64) {
     assert_eq!(report.publishes.sent, MESSAGES);
     assert_eq!(report.publishes.errors, 0, "{:?}", report.publishes.first_error);
     let deliveries = &report.deliveries;
@@ -118,7 +120,9 @@ fn assert_delivered(report: &Report, expected: u64) {
 /// the numbers mean little, but every field must be there.
 fn assert_server_sampled(report: &Report) {
     let server = report.server.as_ref().expect("server stats with --server-pid");
-    assert_eq!(server.pid, std::process::id());
+    assert_eq!(server.pids, vec![std::process::id()]);
+    assert_eq!(server.per_pid.len(), 1);
+    assert_eq!(server.per_pid[0].rss_end_kib, server.rss_end_kib);
     assert!(server.rss_before_kib > 0 && server.rss_after_connect_kib > 0 && server.rss_end_kib > 0);
     assert!(server.cpu_connect_s >= 0.0 && server.cpu_measured_s >= 0.0);
     assert!(server.kib_per_connection.is_finite());
@@ -128,7 +132,7 @@ fn assert_server_sampled(report: &Report) {
 async fn broadcast_against_herald() {
     let (_herald, target) = herald().await;
     let mut config = config(Scenario::Broadcast, target);
-    config.server_pid = Some(std::process::id());
+    config.server_pids = vec![std::process::id()];
     let report = run(&config).await;
     assert_eq!(
         (report.scenario.as_str(), report.target.as_str()),
@@ -149,6 +153,13 @@ async fn notify_against_herald() {
     assert_connected(&report);
     assert_delivered(&report, MESSAGES);
     assert!(report.server.is_none(), "no --server-pid, no server stats");
+    assert_eq!(report.nodes.len(), 1);
+    assert_eq!(
+        (report.nodes[0].connected, report.nodes[0].http_publishes),
+        (CONNECTIONS, MESSAGES)
+    );
+    assert_eq!(report.publishes.via, "http");
+    assert_eq!(report.publishes.zero_receivers, None);
 }
 
 #[tokio::test]
@@ -172,7 +183,7 @@ async fn idle_against_herald() {
     let (_herald, target) = herald().await;
     let mut config = config(Scenario::Idle, target);
     config.duration = Duration::from_millis(200);
-    config.server_pid = Some(std::process::id());
+    config.server_pids = vec![std::process::id()];
     let report = run(&config).await;
     assert_connected(&report);
     assert_server_sampled(&report);
@@ -204,6 +215,7 @@ async fn broadcast_against_a_peer() {
     let peer = MiniPeer::start().await;
     let report = run(&config(Scenario::Broadcast, peer_target(&peer))).await;
     assert_eq!(report.target, "peer");
+    assert!(report.nodes.is_empty());
     assert_connected(&report);
     assert_delivered(&report, MESSAGES * CONNECTIONS as u64);
 }
