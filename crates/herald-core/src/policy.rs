@@ -6,6 +6,7 @@ use std::collections::HashMap;
 use serde::Deserialize;
 
 use crate::channel::{ChannelName, pattern_matches};
+use crate::publication::Publication;
 
 /// Who may subscribe to the channels of a namespace.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -137,6 +138,16 @@ impl Policies {
                 .get(namespace)
                 .ok_or_else(|| PolicyError::UnknownNamespace(namespace.to_owned())),
         }
+    }
+
+    /// The policy under which `publication` is kept in history, if it is.
+    pub fn history_for(&self, publication: &Publication) -> Option<&NamespacePolicy> {
+        if publication.ephemeral {
+            return None;
+        }
+        self.policy(&publication.channel)
+            .ok()
+            .filter(|policy| policy.keeps_history())
     }
 
     /// Whether `subject` may subscribe to `channel` from a client connection.

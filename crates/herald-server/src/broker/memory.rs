@@ -52,12 +52,7 @@ impl MemoryBroker {
 impl Broker for MemoryBroker {
     fn publish(&self, mut publication: Publication) -> BoxFuture<'_, Result<Placement, BrokerError>> {
         let accepted_at = Instant::now();
-        let policy = self
-            .policies
-            .policy(&publication.channel)
-            .ok()
-            .filter(|p| p.keeps_history() && !publication.ephemeral)
-            .copied();
+        let policy = self.policies.history_for(&publication).copied();
         match policy {
             None => {
                 self.fanout.deliver(&publication, accepted_at);

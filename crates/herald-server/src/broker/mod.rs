@@ -60,6 +60,12 @@ pub enum BrokerError {
     Unavailable(String),
 }
 
+impl From<redis::link::RedisError> for BrokerError {
+    fn from(error: redis::link::RedisError) -> Self {
+        BrokerError::Unavailable(error.to_string())
+    }
+}
+
 pub trait Broker: Send + Sync + 'static {
     /// Publishes to every node (this one included). Resolves once the broker
     /// has accepted the message.

@@ -119,6 +119,23 @@ pub fn encode_wire(publication: &Publication, node_id: &str) -> Vec<u8> {
     serde_json::to_vec(&wire).expect("a wire message always serializes")
 }
 
+/// The payload of a message that came through Redis (Pub/Sub or Streams):
+/// exactly one of JSON text and base64.
+pub fn payload(data: Option<&str>, data_base64: Option<&str>) -> Result<Payload, String> {
+    match (data, data_base64) {
+        (Some(data), None) => Ok(Payload::Json(
+            RawValue::from_string(data.to_owned()).map_err(|e| format!("`data` is not JSON: {e}"))?,
+        )),
+        (None, Some(encoded)) => Ok(Payload::Binary(
+            base64::engine::general_purpose::STANDARD
+                .decode(encoded)
+                .map_err(|_| "`data_base64` is not base64")?
+                .into(),
+        )),
+        _ => Err("needs exactly one of `data` and `data_base64`".into()),
+    }
+}
+
 /// Decodes a message received on `channel`. `next_id` numbers messages
 /// that arrive without an id (published straight into Redis).
 pub fn decode_wire(
@@ -128,16 +145,7 @@ pub fn decode_wire(
     next_id: impl FnOnce() -> String,
 ) -> Result<Publication, String> {
     let wire: WireMessage<'_> = serde_json::from_slice(payload).map_err(|e| format!("not a Herald message: {e}"))?;
-    let payload = match (wire.data, wire.data_base64) {
-        (Some(data), None) => Payload::Json(data.to_owned()),
-        (None, Some(encoded)) => Payload::Binary(
-            base64::engine::general_purpose::STANDARD
-                .decode(encoded)
-                .map_err(|_| "`data_base64` is not base64")?
-                .into(),
-        ),
-        _ => return Err("needs exactly one of `data` and `data_base64`".into()),
-    };
+    let payload = self::payload(wire.data.map(RawValue::get), wire.data_base64.as_deref())?;
     let message_type = wire.message_type.unwrap_or(DEFAULT_MESSAGE_TYPE);
     if ![CONTROL_SUBSCRIBE, CONTROL_UNSUBSCRIBE].contains(&message_type) {
         validate_message_type(message_type)?;
@@ -271,11 +279,7 @@ impl RedisBroker {
         let key = format!("{}presence:{channel}", self.config.prefix);
         let (nodes, now, timeout) = (self.nodes_key(), unix_millis().to_string(), self.node_timeout_ms());
         let args = ["EVAL", presence::QUERY_SCRIPT, "2", &key, &nodes, &now, &timeout];
-        let reply = self
-            .link
-            .call(&args)
-            .await
-            .map_err(|e| BrokerError::Unavailable(e.to_string()))?;
+        let reply = self.link.call(&args).await?;
         let parts = reply.as_array().unwrap_or_default();
         let strings = |value: Option<&Value>| -> Vec<String> {
             value
@@ -310,11 +314,7 @@ impl RedisBroker {
             &stats,
             &timeout,
         ];
-        let reply = self
-            .link
-            .call(&args)
-            .await
-            .map_err(|e| BrokerError::Unavailable(e.to_string()))?;
+        let reply = self.link.call(&args).await?;
         self.heartbeat_ok.store(true, Ordering::Relaxed);
         Ok(reply
             .as_array()
@@ -329,12 +329,7 @@ impl Broker for RedisBroker {
     fn publish(&self, publication: Publication) -> BoxFuture<'_, Result<Placement, BrokerError>> {
         let key = self.config.channel_key(&publication.channel);
         let payload = encode_wire(&publication, &self.node_id);
-        let policy = self
-            .policies
-            .policy(&publication.channel)
-            .ok()
-            .filter(|p| p.keeps_history() && !publication.ephemeral)
-            .copied();
+        let policy = self.policies.history_for(&publication).copied();
         Box::pin(async move {
             let unavailable = |e: link::RedisError| BrokerError::Unavailable(e.to_string());
             let Some(policy) = policy else {
@@ -418,11 +413,7 @@ impl Broker for RedisBroker {
                 &after,
                 &count,
             ];
-            let reply = self
-                .link
-                .call(&args)
-                .await
-                .map_err(|e| BrokerError::Unavailable(e.to_string()))?;
+            let reply = self.link.call(&args).await?;
             history::page(&channel, &reply, since, limit, ttl.as_millis() as u64, &self.node_id)
                 .map_err(BrokerError::Unavailable)
         })
@@ -440,10 +431,7 @@ impl Broker for RedisBroker {
             serde_json::to_string(&cursor).expect("cursors serialize"),
         );
         Box::pin(async move {
-            self.link
-                .call(&["HSET", &key, &field, &value])
-                .await
-                .map_err(|e| BrokerError::Unavailable(e.to_string()))?;
+            self.link.call(&["HSET", &key, &field, &value]).await?;
             Ok(())
         })
     }
@@ -451,11 +439,7 @@ impl Broker for RedisBroker {
     fn read_cursors(&self, user: &str) -> BoxFuture<'_, Result<HashMap<String, ReadCursor>, BrokerError>> {
         let key = format!("{}read:{user}", self.config.prefix);
         Box::pin(async move {
-            let reply = self
-                .link
-                .call(&["HGETALL", &key])
-                .await
-                .map_err(|e| BrokerError::Unavailable(e.to_string()))?;
+            let reply = self.link.call(&["HGETALL", &key]).await?;
             let items = reply.as_array().unwrap_or_default();
             Ok(items
                 .chunks(2)
@@ -494,11 +478,7 @@ impl Broker for RedisBroker {
                 &now,
                 &timeout,
             ];
-            let reply = self
-                .link
-                .call(&args)
-                .await
-                .map_err(|e| BrokerError::Unavailable(e.to_string()))?;
+            let reply = self.link.call(&args).await?;
             Ok(reply.as_integer().unwrap_or(0).max(0) as usize)
         })
     }

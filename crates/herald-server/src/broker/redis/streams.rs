@@ -17,11 +17,9 @@ use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use base64::Engine;
+use herald_core::ChannelName;
 use herald_core::frame::validate_message_type;
 use herald_core::resp::Value;
-use herald_core::{ChannelName, Payload};
-use serde_json::value::RawValue;
 
 use super::link::{RedisError, RedisLink};
 use crate::hub::{Hub, PublishRequest, Source};
@@ -192,18 +190,7 @@ async fn process(hub: &Hub, link: &RedisLink, stream_key: &str, entries: &Value)
 fn request(id: &str, fields: &HashMap<&str, &str>) -> Result<PublishRequest, String> {
     let channel = fields.get("channel").ok_or("no `channel` field")?;
     let channel = ChannelName::parse(channel).map_err(|e| format!("channel: {e}"))?;
-    let payload = match (fields.get("data"), fields.get("data_base64")) {
-        (Some(data), None) => {
-            Payload::Json(RawValue::from_string((*data).to_owned()).map_err(|e| format!("`data` is not JSON: {e}"))?)
-        }
-        (None, Some(encoded)) => Payload::Binary(
-            base64::engine::general_purpose::STANDARD
-                .decode(encoded)
-                .map_err(|_| "`data_base64` is not base64")?
-                .into(),
-        ),
-        _ => return Err("needs exactly one of `data` and `data_base64`".into()),
-    };
+    let payload = super::payload(fields.get("data").copied(), fields.get("data_base64").copied())?;
     let message_type = fields.get("type").map(|t| (*t).to_owned());
     if let Some(t) = &message_type {
         validate_message_type(t)?;
