@@ -62,6 +62,7 @@ impl PubSub {
             desired: HashSet::new(),
             confirmed: HashSet::new(),
             sent: HashSet::new(),
+            dirty: HashSet::new(),
             waiters: HashMap::new(),
         };
         tracker.spawn(task.run(receiver, shutdown));
@@ -102,6 +103,8 @@ struct Task {
     confirmed: HashSet<Bytes>,
     /// What has been asked of Redis on the current connection.
     sent: HashSet<Bytes>,
+    /// Channels whose desired state changed since the last reconcile.
+    dirty: HashSet<Bytes>,
     waiters: HashMap<Bytes, Vec<oneshot::Sender<()>>>,
 }
 
@@ -143,6 +146,8 @@ impl Task {
             backoff.reset();
             self.sent.clear();
             self.confirmed.clear();
+            // A new connection has nothing: everything desired must be sent.
+            self.dirty.extend(self.desired.iter().cloned());
             let error = self.serve(&mut stream, &mut changes, &shutdown).await;
             self.up.store(false, Ordering::Relaxed);
             match error {
@@ -155,10 +160,12 @@ impl Task {
     fn apply(&mut self, change: Change) {
         match change {
             Change::Subscribe(channel) => {
-                self.desired.insert(channel);
+                self.desired.insert(channel.clone());
+                self.dirty.insert(channel);
             }
             Change::Unsubscribe(channel) => {
                 self.desired.remove(&channel);
+                self.dirty.insert(channel);
             }
             Change::Wait(channel, sender) => {
                 if self.confirmed.contains(&channel) || !self.desired.contains(&channel) {
@@ -228,8 +235,23 @@ impl Task {
 
     /// Encodes the commands that move Redis from `sent` to `desired`.
     fn reconcile(&mut self, out: &mut BytesMut) {
-        let to_subscribe: Vec<Bytes> = self.desired.difference(&self.sent).cloned().collect();
-        let to_unsubscribe: Vec<Bytes> = self.sent.difference(&self.desired).cloned().collect();
+        // Only channels changed since the last call can differ: the work is
+        // proportional to the changes, not to every channel the node holds.
+        let (mut to_subscribe, mut to_unsubscribe) = (Vec::new(), Vec::new());
+        for channel in self.dirty.drain() {
+            let desired = self.desired.contains(&channel);
+            if !desired {
+                // Whoever waits for a channel no longer wanted need not wait.
+                for sender in self.waiters.remove(&channel).into_iter().flatten() {
+                    let _ = sender.send(());
+                }
+            }
+            match (desired, self.sent.contains(&channel)) {
+                (true, false) => to_subscribe.push(channel),
+                (false, true) => to_unsubscribe.push(channel),
+                _ => {}
+            }
+        }
         for (verb, channels) in [
             (&b"SUBSCRIBE"[..], &to_subscribe),
             (&b"UNSUBSCRIBE"[..], &to_unsubscribe),
@@ -247,16 +269,6 @@ impl Task {
             self.sent.remove(channel);
             self.confirmed.remove(channel);
         }
-        // Waiters for channels no longer desired need not wait.
-        self.waiters.retain(|channel, senders| {
-            if self.desired.contains(channel) {
-                return true;
-            }
-            for sender in senders.drain(..) {
-                let _ = sender.send(());
-            }
-            false
-        });
     }
 
     fn on_value(&mut self, value: Value) {

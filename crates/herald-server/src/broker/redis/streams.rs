@@ -147,11 +147,14 @@ pub async fn run(hub: Hub, link: RedisLink, stream_key: String, config: StreamsC
 
 /// Publishes and acknowledges a list of `[id, [field, value, …]]` entries;
 /// returns how many entries there were and how many could not be published.
+/// The publishes go out together (the link pipelines them, in order), then
+/// one `XACK` covers every entry that was published or was invalid.
 async fn process(hub: &Hub, link: &RedisLink, stream_key: &str, entries: &Value) -> (usize, usize) {
     let Some(entries) = entries.as_array() else {
         return (0, 0);
     };
-    let mut failed = 0;
+    let mut acknowledged: Vec<&str> = Vec::with_capacity(entries.len());
+    let mut publishes = Vec::with_capacity(entries.len());
     for entry in entries {
         let Some([id, fields]) = entry.as_array().and_then(|e| <&[Value; 2]>::try_from(e).ok()) else {
             continue;
@@ -163,26 +166,33 @@ async fn process(hub: &Hub, link: &RedisLink, stream_key: &str, entries: &Value)
             .chunks(2)
             .filter_map(|pair| Some((pair.first()?.as_str()?, pair.get(1)?.as_str()?)))
             .collect();
-        let acknowledge = match request(id, &fields) {
-            Ok(request) => match hub.publish(request, Source::Stream).await {
-                Ok(_) => true,
-                Err(error) => {
-                    // Stays pending: retried after a reconnect or claimed by another node.
-                    tracing::debug!(entry = id, %error, "stream entry not published yet");
-                    failed += 1;
-                    false
-                }
-            },
+        match request(id, &fields) {
+            Ok(request) => publishes.push(async move { (id, hub.publish(request, Source::Stream).await) }),
             Err(problem) => {
                 hub.metrics.messages_dropped.add("invalid", 1);
                 tracing::warn!(entry = id, %problem, "dropped an invalid stream entry");
-                true
+                acknowledged.push(id);
             }
-        };
-        if acknowledge {
-            let _ = link.call(&["XACK", stream_key, GROUP, id]).await;
-            hub.metrics.stream_entries.fetch_add(1, Ordering::Relaxed);
         }
+    }
+    let mut failed = 0;
+    for (id, outcome) in futures_util::future::join_all(publishes).await {
+        match outcome {
+            Ok(_) => {
+                acknowledged.push(id);
+                hub.metrics.stream_entries.fetch_add(1, Ordering::Relaxed);
+            }
+            Err(error) => {
+                // Stays pending: retried after a reconnect or claimed by another node.
+                tracing::debug!(entry = id, %error, "stream entry not published yet");
+                failed += 1;
+            }
+        }
+    }
+    if !acknowledged.is_empty() {
+        let mut command = vec!["XACK", stream_key, GROUP];
+        command.extend(acknowledged);
+        let _ = link.call(&command).await;
     }
     (entries.len(), failed)
 }
