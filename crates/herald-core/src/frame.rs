@@ -325,11 +325,12 @@ pub const SERVER_FRAME_TYPES: &[&str] = &[
     "disconnect",
     "subscribed",
     "unsubscribed",
+    "resync",
 ];
 
 /// Types whose `data` carries identities the server vouches for
 /// (`from_user_id`); only the server and API-key publishers may use them.
-pub const SERVER_VOUCHED_TYPES: &[&str] = &["new_message", "read"];
+pub const SERVER_VOUCHED_TYPES: &[&str] = &["new_message", "read", "join", "leave"];
 
 /// A publisher-chosen `type`: 1–64 of `a-z A-Z 0-9 _ - .`, not starting
 /// with `_` (reserved for the hub's internal control messages) and not the
@@ -592,6 +593,18 @@ mod tests {
             r#"{"type":"publish","data":{"channel":"n","data":1,"type":"a b"}}"#,
             "err invalid_data - message `type`",
         );
+        for (message_type, fragment) in [
+            ("", "message `type`"),
+            ("_x", "message `type`"),
+            ("ack", "message `type` `ack` is reserved"),
+            ("resync", "message `type` `resync` is reserved"),
+            ("new_message", "clients may not publish"),
+            ("join", "clients may not publish"),
+            ("leave", "clients may not publish"),
+        ] {
+            let frame = format!(r#"{{"type":"publish","data":{{"channel":"n","data":1,"type":"{message_type}"}}}}"#);
+            check(&frame, &format!("err invalid_data - {fragment}"));
+        }
         check(
             r#"{"type":"join_group","data":{"group_id":true}}"#,
             "err invalid_data - invalid `data` for `join_group`: expected a string or a number",

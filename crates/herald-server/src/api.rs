@@ -421,7 +421,10 @@ pub async fn unread(
         let channel = ChannelName::parse(&name).map_err(|e| bad_request(&format!("channel `{name}`: {e}")))?;
         hub.policies()
             .check_subscribe(&subject, &channel)
-            .map_err(|e| ApiError::new(StatusCode::FORBIDDEN, "forbidden", e.to_string()))?;
+            .map_err(|e| match e {
+                herald_core::policy::PolicyError::UnknownNamespace(_) => bad_request(&e.to_string()),
+                _ => ApiError::new(StatusCode::FORBIDDEN, "forbidden", e.to_string()),
+            })?;
         let cursor = cursors.get(channel.as_str());
         let mut entry = json!({"channel": channel, "last_read": cursor});
         if hub.policies().policy(&channel).is_ok_and(|p| p.keeps_history()) {
@@ -454,7 +457,8 @@ async fn read_history(hub: &Hub, channel: &ChannelName, query: HistoryQuery) -> 
         let message = format!("history is not enabled for `{channel}`");
         return Err(ApiError::new(StatusCode::NOT_FOUND, "not_available", message));
     }
-    let limit = query.limit.unwrap_or(100).clamp(1, crate::broker::MAX_HISTORY_PAGE);
+    // A limit of 0 reads only the position, as over WebSocket.
+    let limit = query.limit.unwrap_or(100).min(crate::broker::MAX_HISTORY_PAGE);
     let since = match (query.offset, query.epoch) {
         (None, _) => None,
         (Some(offset), Some(epoch)) => Some(Position { offset, epoch }),
@@ -523,6 +527,13 @@ pub async fn channel_presence(
     require_api_key(&hub, &headers)?;
     let Path(channel) = path.map_err(|e| bad_request(&e.body_text()))?;
     let channel = ChannelName::parse(&channel).map_err(|e| bad_request(&format!("channel: {e}")))?;
+    hub.policies()
+        .policy(&channel)
+        .map_err(|e| bad_request(&e.to_string()))?;
+    if !hub.tracks_presence(&channel) {
+        let message = format!("presence is not enabled for `{channel}`");
+        return Err(ApiError::new(StatusCode::NOT_FOUND, "not_available", message));
+    }
     let presence = hub.broker.presence(&channel).await.map_err(unavailable)?;
     Ok(Json(presence_json(&channel, &presence)).into_response())
 }

@@ -118,6 +118,7 @@ pub struct RawLimits {
     pub queue_messages: Option<usize>,
     pub queue_bytes: Option<usize>,
     pub max_subscriptions: Option<usize>,
+    pub send_buffer: Option<usize>,
     pub write_timeout: Option<String>,
 }
 
@@ -308,6 +309,10 @@ pub struct Limits {
     pub queue_bytes: usize,
     /// Channels one connection may be subscribed to (its personal channel included).
     pub max_subscriptions: usize,
+    /// The kernel's send buffer per connection (SO_SNDBUF), when set. The
+    /// kernel otherwise grows it to megabytes, which a client that stopped
+    /// reading fills before Herald's own queue (and its 4008) comes into play.
+    pub send_buffer: Option<usize>,
     /// How long one write to a socket may take before the client counts as slow.
     pub write_timeout: Duration,
 }
@@ -420,6 +425,10 @@ impl Config {
             queue_messages: positive("limits.queue_messages", l.queue_messages, 1024)?,
             queue_bytes: positive("limits.queue_bytes", l.queue_bytes, 4 * 1024 * 1024)?,
             max_subscriptions: positive("limits.max_subscriptions", l.max_subscriptions, 256)?,
+            send_buffer: match l.send_buffer {
+                Some(size) if size < 4096 => return Err(invalid("limits.send_buffer", "must be at least 4096 bytes")),
+                other => other,
+            },
             write_timeout: duration("limits.write_timeout", l.write_timeout, "10s")?,
         };
         if limits.queue_bytes < limits.max_message_size {

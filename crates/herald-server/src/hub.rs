@@ -256,14 +256,21 @@ impl Hub {
     /// channel cluster-wide, publishes `join` or `leave` where the namespace
     /// asks for them.
     pub async fn presence_changed(&self, channel: ChannelName, user: String, connection: u64, joined: bool) {
-        let count = match self.broker.presence_track(&channel, &user, connection, joined).await {
+        let announces = self.policies().policy(&channel).is_ok_and(|p| p.join_leave);
+        let count = match self
+            .broker
+            .presence_track(&channel, &user, connection, joined, announces)
+            .await
+        {
             Ok(count) => count,
             Err(error) => {
                 tracing::debug!(%channel, %error, "presence not recorded");
                 return;
             }
         };
-        if (joined && count == 1) || (!joined && count == 0) {
+        if let Some(count) = count
+            && ((joined && count == 1) || (!joined && count == 0))
+        {
             self.announce(&channel, &user, joined).await;
         }
     }

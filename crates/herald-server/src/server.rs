@@ -171,6 +171,7 @@ pub fn router(hub: Hub) -> Router {
 async fn accept_loop(listener: TcpListener, router: Router, hub: Hub) {
     let shutdown = hub.shutdown.clone();
     let handshake_timeout = hub.limits().handshake_timeout;
+    let send_buffer = hub.limits().send_buffer;
     loop {
         let (stream, peer) = tokio::select! {
             _ = shutdown.draining.cancelled() => break,
@@ -185,6 +186,9 @@ async fn accept_loop(listener: TcpListener, router: Router, hub: Hub) {
             },
         };
         let _ = stream.set_nodelay(true);
+        if let Some(size) = send_buffer {
+            let _ = socket2::SockRef::from(&stream).set_send_buffer_size(size);
+        }
         let router = router.clone();
         let draining = shutdown.draining.clone();
         shutdown.tracker.spawn(async move {

@@ -159,15 +159,10 @@ impl Broker for MemoryBroker {
         user: &str,
         _connection: u64,
         _joined: bool,
-    ) -> BoxFuture<'_, Result<usize, BrokerError>> {
-        let count = self
-            .fanout
-            .registry
-            .presence(channel)
-            .users
-            .iter()
-            .find(|(u, _)| u == user)
-            .map_or(0, |(_, n)| *n);
+        count: bool,
+    ) -> BoxFuture<'_, Result<Option<usize>, BrokerError>> {
+        // Presence is the registry itself; only the count costs anything.
+        let count = count.then(|| self.fanout.registry.user_connections(channel, user));
         Box::pin(std::future::ready(Ok(count)))
     }
 

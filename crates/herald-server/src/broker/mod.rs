@@ -109,16 +109,18 @@ pub trait Broker: Send + Sync + 'static {
     fn read_cursors(&self, user: &str) -> BoxFuture<'_, Result<HashMap<String, ReadCursor>, BrokerError>>;
 
     /// Records that connection `connection` of `user` joined (or left)
-    /// `channel`'s presence; returns how many live connections the user has
-    /// in the channel afterwards, cluster-wide (the registry already holds
-    /// this node's change).
+    /// `channel`'s presence (the registry already holds this node's change).
+    /// With `count`, returns how many live connections the user has in the
+    /// channel afterwards, cluster-wide; counting walks the channel's
+    /// members, so it is asked only where join/leave events need it.
     fn presence_track(
         &self,
         channel: &ChannelName,
         user: &str,
         connection: u64,
         joined: bool,
-    ) -> BoxFuture<'_, Result<usize, BrokerError>>;
+        count: bool,
+    ) -> BoxFuture<'_, Result<Option<usize>, BrokerError>>;
 
     /// Who is in `channel`, cluster-wide.
     fn presence(&self, channel: &ChannelName) -> BoxFuture<'_, Result<Presence, BrokerError>>;

@@ -477,6 +477,21 @@ impl<'a> Session<'a> {
                 }
             }
             Outbound::Subscribe(channel) => {
+                let limit = self.hub.limits().max_subscriptions;
+                if !self.subscriptions.contains(&channel) && self.subscriptions.len() >= limit {
+                    let message =
+                        format!("cannot add `{channel}`: a connection may hold at most {limit} subscriptions");
+                    self.reply(error_frame(None, ErrorCode::LimitExceeded, &message));
+                    return;
+                }
+                // As a plain subscribe: the position is read before registering.
+                let keeps_history = self.hub.policies().policy(&channel).is_ok_and(|p| p.keeps_history());
+                if keeps_history
+                    && !self.positions.contains_key(&channel)
+                    && let Ok(position) = self.read_position(&channel).await
+                {
+                    self.positions.insert(channel.clone(), position);
+                }
                 self.granted_by_server.insert(channel.clone());
                 self.add_subscription(&channel).await;
                 Message::Text(server_frame("subscribed", None, json!({"channel": channel})).into())
@@ -490,6 +505,17 @@ impl<'a> Session<'a> {
             }
         };
         self.outbox.push(message);
+    }
+
+    /// Advances the position past a message this connection will not
+    /// receive (its own, excluded), when it is the next one.
+    fn step_over(&mut self, channel: &ChannelName, offset: Option<u64>, epoch: Option<&str>) {
+        if let (Some(offset), Some(epoch), Some(position)) = (offset, epoch, self.positions.get_mut(channel))
+            && position.epoch == epoch
+            && offset == position.offset + 1
+        {
+            position.offset = offset;
+        }
     }
 
     /// Delivers what was missed between `position` and the live message at
@@ -520,8 +546,12 @@ impl<'a> Session<'a> {
         self.reply(server_frame("resync", None, data));
     }
 
-    /// Queues one publication encoded for this connection alone (recovery).
+    /// Queues one publication encoded for this connection alone (recovery),
+    /// unless it was not meant for this connection (a sender's own message).
     fn push_publication(&mut self, publication: &herald_core::Publication) {
+        if !publication.is_for(self.handle.id(), &self.identity.user_id) {
+            return;
+        }
         self.outbox.push(match Frame::from(publication.encode()) {
             Frame::Text(text) => Message::Text(text),
             Frame::Binary(bytes) => Message::Binary(bytes),
@@ -617,9 +647,15 @@ impl<'a> Session<'a> {
                 let channel = ChannelName::group(&group_id).expect("the parser validated the group id");
                 let data = chat_message(&group_id, &self.identity.user_id, &msg_type, &content);
                 let exclude = Some(self.identity.user_id.clone());
-                self.publish(channel, Some("new_message".into()), data, exclude)
-                    .await
-                    .map(|receipt| ack(&message_id, receipt))
+                let published = self
+                    .publish(channel.clone(), Some("new_message".into()), data, exclude)
+                    .await;
+                if let Ok(receipt) = &published {
+                    // The sender is excluded from its own message: step over
+                    // its offset here rather than repair a "gap" later.
+                    self.step_over(&channel, receipt.offset, receipt.epoch.as_deref());
+                }
+                published.map(|receipt| ack(&message_id, receipt))
             }
             Command::MarkRead {
                 channel,
@@ -679,6 +715,13 @@ impl<'a> Session<'a> {
             ));
         }
         let keeps_history = self.hub.policies().policy(channel).is_ok_and(|p| p.keeps_history());
+        // Subscribed already and not asking to recover: nothing changes, and
+        // the position stands (resetting it could skip queued messages).
+        if recover.is_none()
+            && let Some(position) = self.positions.get(channel)
+        {
+            return Ok(json!({"channel": channel, "epoch": position.epoch, "offset": position.offset}));
+        }
         // Without recovery the client starts from "now": read "now" before
         // registering, so a message published in between is either queued
         // or repaired as a gap. With recovery, register first; the overlap
@@ -700,17 +743,27 @@ impl<'a> Session<'a> {
         let position = match (baseline, recover) {
             (Some(baseline), _) => baseline,
             (None, Some(recover)) => {
-                let since = match recover.epoch {
-                    Some(epoch) => Position {
-                        offset: recover.offset,
-                        epoch,
-                    },
-                    None => Position {
-                        offset: recover.offset,
-                        epoch: self.read_position(channel).await?.epoch,
-                    },
+                let read = async {
+                    let since = match recover.epoch {
+                        Some(epoch) => Position {
+                            offset: recover.offset,
+                            epoch,
+                        },
+                        None => Position {
+                            offset: recover.offset,
+                            epoch: self.read_position(channel).await?.epoch,
+                        },
+                    };
+                    self.read_since(channel, since).await
                 };
-                let (recovered, missed, current) = self.read_since(channel, since).await?;
+                let (recovered, missed, current) = match read.await {
+                    Ok(read) => read,
+                    Err(error) => {
+                        // Not half-subscribed: the client is told, and may retry.
+                        self.remove_subscription(channel).await;
+                        return Err(error);
+                    }
+                };
                 data["recovered"] = json!(recovered);
                 let position = match missed.last() {
                     Some(last) if recovered => Position {

@@ -272,6 +272,7 @@ async fn a_message_lost_on_the_way_to_a_node_is_recovered() {
             "5000",
             "600000",
             "unused-epoch",
+            herald_server::broker::redis::history::POSITION_TTL_MS,
         ]);
         assert!(
             reply.starts_with(&(seq + 1).to_string()),
@@ -449,4 +450,123 @@ async fn read_cursors_in_memory() {
 #[tokio::test]
 async fn read_cursors_with_redis() {
     read_cursors_follow_the_user(Setup::RedisTwoNodes).await;
+}
+
+/// Chat in a group with history: a sender never gets its own message back,
+/// neither through gap repair nor through recovery.
+async fn senders_never_get_their_own_messages_back(setup: Setup) {
+    let nodes = Nodes::start(setup, INBOX).await;
+    let mut alice = nodes.publisher.connect("alice").await;
+    let mut bob = nodes.subscriber().connect("bob").await;
+    alice.subscribe("group:h").await;
+    let ack = bob.command("subscribe", "s", json!({"channel": "group:h"})).await;
+    let epoch = ack["data"]["epoch"].as_str().unwrap().to_owned();
+    alice
+        .command("send_message", "a1", json!({"group_id": "h", "content": "from alice"}))
+        .await;
+    assert_eq!(bob.expect_type("new_message").await["data"]["content"], "from alice");
+    bob.command("send_message", "b1", json!({"group_id": "h", "content": "from bob"}))
+        .await;
+    let frame = alice.expect_type("new_message").await;
+    assert_eq!(
+        frame["data"]["content"], "from bob",
+        "{setup:?}: alice must not get her own message"
+    );
+    // Recovering from before both messages replays only bob's to alice.
+    let mut alice_again = nodes.subscriber().connect("alice").await;
+    let ack = alice_again
+        .command(
+            "subscribe",
+            "r",
+            json!({"channel": "group:h", "offset": 0, "epoch": epoch}),
+        )
+        .await;
+    assert_eq!(ack["data"]["recovered"], true, "{ack}");
+    assert_eq!(
+        alice_again.expect_type("new_message").await["data"]["content"],
+        "from bob"
+    );
+    expect_marker(&nodes, &mut alice_again, "group:h").await;
+    assert_eq!(nodes.subscriber().metric("herald_gaps_unrecovered_total").await, 0.0);
+}
+
+async fn expect_marker(nodes: &Nodes, client: &mut Client, channel: &str) {
+    nodes.publisher.publish_ok(channel, json!({"marker": true})).await;
+    assert_eq!(client.next_frame().await["data"], json!({"marker": true}));
+}
+
+#[tokio::test]
+async fn senders_never_get_their_own_messages_back_in_memory() {
+    senders_never_get_their_own_messages_back(Setup::Memory).await;
+}
+
+#[tokio::test]
+async fn senders_never_get_their_own_messages_back_with_redis() {
+    senders_never_get_their_own_messages_back(Setup::RedisTwoNodes).await;
+}
+
+#[tokio::test]
+async fn resubscribing_keeps_the_position_and_loses_nothing() {
+    let nodes = Nodes::start(Setup::Memory, "").await;
+    let mut client = nodes.publisher.connect("reader").await;
+    client.subscribe("feed:again").await;
+    for seq in 0..3 {
+        publish_seq(&nodes.publisher, "feed:again", seq).await;
+    }
+    // Subscribing again before reading must not skip what is queued.
+    client
+        .send(json!({"type": "subscribe", "message_id": "again", "data": {"channel": "feed:again"}}))
+        .await;
+    let mut seqs = Vec::new();
+    while seqs.len() < 3 {
+        let frame = client.next_frame().await;
+        if frame["channel"] == "feed:again" {
+            seqs.push(frame["data"]["seq"].as_u64().unwrap());
+        }
+    }
+    assert_eq!(seqs, [0, 1, 2]);
+}
+
+#[tokio::test]
+async fn server_managed_subscriptions_track_positions_and_limits() {
+    let nodes = Nodes::start(Setup::Memory, "[limits]\nmax_subscriptions = 2").await;
+    let mut client = nodes.publisher.connect("alice").await;
+    let body = json!({"channel": "feed:managed"}).to_string();
+    let (status, _) = nodes
+        .publisher
+        .http("POST", "/api/v1/users/alice/subscriptions", Some(API_KEY), Some(body))
+        .await;
+    assert_eq!(status, 200);
+    client.expect_type("subscribed").await;
+    for seq in 0..3 {
+        publish_seq(&nodes.publisher, "feed:managed", seq).await;
+    }
+    assert_eq!(read_until(&mut client, "feed:managed", 2).await, [0, 1, 2]);
+    let body = json!({"channel": "feed:other"}).to_string();
+    nodes
+        .publisher
+        .http("POST", "/api/v1/users/alice/subscriptions", Some(API_KEY), Some(body))
+        .await;
+    let error = client.expect_type("error").await;
+    assert_eq!(error["data"]["code"], "limit_exceeded", "{error}");
+}
+
+#[tokio::test]
+async fn presence_over_http_names_what_is_wrong() {
+    let nodes = Nodes::start(Setup::Memory, "").await;
+    let (status, _) = nodes
+        .publisher
+        .http("GET", "/api/v1/channels/nope:x/presence", Some(API_KEY), None)
+        .await;
+    assert_eq!(status, 400, "unknown namespace");
+    let (status, body) = nodes
+        .publisher
+        .http("GET", "/api/v1/channels/feed:x/presence", Some(API_KEY), None)
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let (status, body) = nodes
+        .publisher
+        .http("GET", "/api/v1/channels/secret/presence", Some(API_KEY), None)
+        .await;
+    assert_eq!(status, 200, "bare names have presence by default: {body}");
 }

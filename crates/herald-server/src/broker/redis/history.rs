@@ -17,7 +17,10 @@ use crate::broker::HistoryPage;
 use crate::hub::unix_millis;
 
 /// KEYS: history, offset, epoch, pubsub channel. ARGV: wire message (a JSON
-/// object), max length, retention in ms, a fresh epoch in case none exists.
+/// object), max length, retention in ms, a fresh epoch in case none exists,
+/// how long the offset and epoch outlive a quiet channel (ms). They outlive
+/// the messages so that a channel quiet past its retention keeps its epoch:
+/// connected clients see no false gap, and old positions are still judged.
 /// The published message is the wire message with `offset` and `epoch` added.
 pub const PUBLISH_SCRIPT: &str = r#"
 local epoch = redis.call('GET', KEYS[3])
@@ -28,12 +31,17 @@ end
 local offset = redis.call('INCR', KEYS[2])
 local message = '{"offset":' .. offset .. ',"epoch":"' .. epoch .. '",' .. string.sub(ARGV[1], 2)
 redis.call('XADD', KEYS[1], 'MAXLEN', ARGV[2], offset .. '-1', 'm', message)
-for i = 1, 3 do redis.call('PEXPIRE', KEYS[i], ARGV[3]) end
+redis.call('PEXPIRE', KEYS[1], ARGV[3])
+redis.call('PEXPIRE', KEYS[2], ARGV[5])
+redis.call('PEXPIRE', KEYS[3], ARGV[5])
 redis.call('PUBLISH', KEYS[4], message)
 return {offset, epoch}
 "#;
 
-/// KEYS: history, offset, epoch. ARGV: a fresh epoch, retention in ms,
+/// How long a channel's offset and epoch outlive its last message.
+pub const POSITION_TTL_MS: &str = "2592000000"; // 30 days
+
+/// KEYS: history, offset, epoch. ARGV: a fresh epoch, its lifetime in ms,
 /// the offset to read after ('' for the latest entries), count.
 /// Returns {latest offset, epoch, entries}.
 pub const READ_SCRIPT: &str = r#"

@@ -275,10 +275,21 @@ impl RedisBroker {
     pub async fn presence_sweep(
         &self,
         channel: &ChannelName,
+        delete_dead: bool,
     ) -> Result<(Vec<(String, String)>, Vec<String>), BrokerError> {
         let key = format!("{}presence:{channel}", self.config.prefix);
         let (nodes, now, timeout) = (self.nodes_key(), unix_millis().to_string(), self.node_timeout_ms());
-        let args = ["EVAL", presence::QUERY_SCRIPT, "2", &key, &nodes, &now, &timeout];
+        let delete = if delete_dead { "1" } else { "0" };
+        let args = [
+            "EVAL",
+            presence::QUERY_SCRIPT,
+            "2",
+            &key,
+            &nodes,
+            &now,
+            &timeout,
+            delete,
+        ];
         let reply = self.link.call(&args).await?;
         let parts = reply.as_array().unwrap_or_default();
         let strings = |value: Option<&Value>| -> Vec<String> {
@@ -345,7 +356,7 @@ impl Broker for RedisBroker {
                 policy.history_ttl.as_millis().to_string(),
             );
             let fresh_epoch = crate::config::random_token(6);
-            let args: [&[u8]; 11] = [
+            let args: [&[u8]; 12] = [
                 b"EVAL",
                 history::PUBLISH_SCRIPT.as_bytes(),
                 b"4",
@@ -357,6 +368,7 @@ impl Broker for RedisBroker {
                 max_len.as_bytes(),
                 ttl.as_bytes(),
                 fresh_epoch.as_bytes(),
+                history::POSITION_TTL_MS.as_bytes(),
             ];
             let reply = self.link.call(&args).await.map_err(unavailable)?;
             let (offset, epoch) = history::placement(&reply)
@@ -398,7 +410,7 @@ impl Broker for RedisBroker {
         Box::pin(async move {
             let [history, offset, epoch] = history::keys(&self.config, &channel);
             let fresh_epoch = crate::config::random_token(6);
-            let ttl_ms = ttl.as_millis().max(1).to_string();
+            let ttl_ms = history::POSITION_TTL_MS.to_owned();
             let after = since.as_ref().map(|s| s.offset.to_string()).unwrap_or_default();
             let count = limit.to_string();
             let args = [
@@ -458,7 +470,8 @@ impl Broker for RedisBroker {
         user: &str,
         connection: u64,
         joined: bool,
-    ) -> BoxFuture<'_, Result<usize, BrokerError>> {
+        count: bool,
+    ) -> BoxFuture<'_, Result<Option<usize>, BrokerError>> {
         let key = format!("{}presence:{channel}", self.config.prefix);
         let field = format!("{}:{connection}", self.node_id);
         let user = user.to_owned();
@@ -466,6 +479,7 @@ impl Broker for RedisBroker {
             let nodes = self.nodes_key();
             let (now, timeout) = (unix_millis().to_string(), self.node_timeout_ms());
             let joined = if joined { "1" } else { "0" };
+            let counted = if count { "1" } else { "0" };
             let args = [
                 "EVAL",
                 presence::TRACK_SCRIPT,
@@ -477,16 +491,17 @@ impl Broker for RedisBroker {
                 joined,
                 &now,
                 &timeout,
+                counted,
             ];
             let reply = self.link.call(&args).await?;
-            Ok(reply.as_integer().unwrap_or(0).max(0) as usize)
+            Ok(count.then(|| reply.as_integer().unwrap_or(0).max(0) as usize))
         })
     }
 
     fn presence(&self, channel: &ChannelName) -> BoxFuture<'_, Result<Presence, BrokerError>> {
         let channel = channel.clone();
         Box::pin(async move {
-            let (entries, _gone) = self.presence_sweep(&channel).await?;
+            let (entries, _) = self.presence_sweep(&channel, false).await?;
             let mut users: HashMap<String, usize> = HashMap::new();
             for (_, user) in &entries {
                 *users.entry(user.clone()).or_default() += 1;
@@ -507,7 +522,7 @@ impl Broker for RedisBroker {
             let reads = channels.iter().map(|channel| async move {
                 match channel {
                     Some(channel) => self
-                        .presence_sweep(channel)
+                        .presence_sweep(channel, false)
                         .await
                         .map(|(entries, _)| !entries.is_empty()),
                     None => Ok(false),

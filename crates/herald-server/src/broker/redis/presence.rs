@@ -18,14 +18,16 @@ pub const HEARTBEAT: Duration = Duration::from_secs(1);
 pub const MIN_NODE_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// KEYS: presence hash, nodes zset. ARGV: field, user, '1' join / '0' leave,
-/// now ms, node timeout ms. Returns the user's live connections afterwards.
+/// now ms, node timeout ms, '1' to count. Returns the user's live
+/// connections afterwards when counting (a walk of the channel's members,
+/// so only for join/leave events), else 0.
 pub const TRACK_SCRIPT: &str = r#"
 if ARGV[3] == '1' then
   redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
-  redis.call('PEXPIRE', KEYS[1], 86400000)
 else
   redis.call('HDEL', KEYS[1], ARGV[1])
 end
+if ARGV[6] ~= '1' then return 0 end
 local live = {}
 for _, node in ipairs(redis.call('ZRANGEBYSCORE', KEYS[2], tonumber(ARGV[4]) - tonumber(ARGV[5]), '+inf')) do
   live[node] = true
@@ -39,9 +41,11 @@ end
 return count
 "#;
 
-/// KEYS: presence hash, nodes zset. ARGV: now ms, node timeout ms.
-/// Deletes entries of dead nodes. Returns {live entries as field, user, …;
-/// users whose last live entry was just deleted}.
+/// KEYS: presence hash, nodes zset. ARGV: now ms, node timeout ms, '1' to
+/// delete dead nodes' entries (the sweep) or '0' to only skip them (reads,
+/// so that a read never swallows the `leave` the sweep announces).
+/// Returns {live entries as field, user, …; users whose last live entry
+/// was just deleted}.
 pub const QUERY_SCRIPT: &str = r#"
 local live = {}
 for _, node in ipairs(redis.call('ZRANGEBYSCORE', KEYS[2], tonumber(ARGV[1]) - tonumber(ARGV[2]), '+inf')) do
@@ -54,7 +58,7 @@ for i = 1, #entries, 2 do
   if node and live[node] then
     table.insert(kept, entries[i]); table.insert(kept, entries[i + 1])
     alive_users[entries[i + 1]] = true
-  else
+    elseif ARGV[3] == '1' then
     redis.call('HDEL', KEYS[1], entries[i])
     dead[entries[i + 1]] = true
   end
@@ -111,7 +115,7 @@ pub async fn heartbeat_loop(hub: crate::hub::Hub, broker: std::sync::Arc<super::
             .into_iter()
             .filter(|channel| hub.policies().policy(channel).is_ok_and(|p| p.join_leave));
         for channel in announced {
-            if let Ok((_, gone)) = broker.presence_sweep(&channel).await {
+            if let Ok((_, gone)) = broker.presence_sweep(&channel, true).await {
                 for user in gone {
                     hub.announce(&channel, &user, false).await;
                 }
