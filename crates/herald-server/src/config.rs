@@ -747,6 +747,10 @@ mod tests {
             "`limits.max_connections`: must be greater than 0",
         );
         check_error(
+            "[limits]\nsend_buffer = 100",
+            "`limits.send_buffer`: must be at least 4096 bytes",
+        );
+        check_error(
             "[jwt]\nalgorithms = [\"none\"]",
             "`jwt.algorithms`: `none` is not supported",
         );

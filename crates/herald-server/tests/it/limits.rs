@@ -110,7 +110,9 @@ async fn subscriptions_per_connection_are_limited() {
 /// while a normal subscriber on the same channel receives every message.
 #[tokio::test]
 async fn a_subscriber_that_never_reads_is_cut_off_without_hurting_others() {
-    let server = TestServer::start_with("[limits]\nqueue_messages = 16\nqueue_bytes = 131072").await;
+    // A small kernel send buffer, so the stalled client is found quickly.
+    let server =
+        TestServer::start_with("[limits]\nqueue_messages = 16\nqueue_bytes = 131072\nsend_buffer = 16384").await;
     // The stalled client asks for a tiny receive buffer so the kernel does
     // not absorb megabytes on its behalf.
     let socket = tokio::net::TcpSocket::new_v4().unwrap();
