@@ -12,6 +12,7 @@ use herald_core::ChannelName;
 use herald_core::history::{Position, recover};
 use herald_core::resp::Value;
 
+use super::link::Script;
 use super::{RedisConfig, decode_wire};
 use crate::broker::HistoryPage;
 use crate::hub::unix_millis;
@@ -59,6 +60,9 @@ else
 end
 return {offset, epoch, entries}
 "#;
+
+pub static PUBLISH_LUA: Script = Script::new(PUBLISH_SCRIPT);
+pub static READ_LUA: Script = Script::new(READ_SCRIPT);
 
 /// The keys of one channel: history, offset, epoch.
 pub fn keys(config: &RedisConfig, channel: &ChannelName) -> [String; 3] {

@@ -179,6 +179,27 @@ impl Default for Backoff {
     }
 }
 
+/// A Lua script, run with `EVALSHA` once Redis knows it, so that its text
+/// is not sent with every call. After Redis lost its script cache (a
+/// restart) the call falls back to `EVAL`, which loads it again.
+pub struct Script {
+    source: &'static str,
+    sha: std::sync::OnceLock<String>,
+}
+
+impl Script {
+    pub const fn new(source: &'static str) -> Self {
+        Script {
+            source,
+            sha: std::sync::OnceLock::new(),
+        }
+    }
+
+    pub fn source(&self) -> &'static str {
+        self.source
+    }
+}
+
 struct Request {
     command: BytesMut,
     reply: oneshot::Sender<Result<Value, RedisError>>,
@@ -208,6 +229,32 @@ impl RedisLink {
 
     pub fn is_up(&self) -> bool {
         self.up.load(Ordering::Relaxed)
+    }
+
+    /// Runs `script` with its keys (the first `keys` of `args`) and arguments.
+    pub async fn eval<A: AsRef<[u8]>>(&self, script: &Script, keys: usize, args: &[A]) -> Result<Value, RedisError> {
+        let sha = match script.sha.get() {
+            Some(sha) => sha,
+            None => {
+                let reply = self.call(&["SCRIPT", "LOAD", script.source]).await?;
+                let sha = reply
+                    .as_str()
+                    .ok_or_else(|| RedisError::Reply("SCRIPT LOAD gave no digest".into()))?;
+                script.sha.get_or_init(|| sha.to_owned())
+            }
+        };
+        let keys = keys.to_string();
+        let mut command: Vec<&[u8]> = Vec::with_capacity(args.len() + 3);
+        command.extend([&b"EVALSHA"[..], sha.as_bytes(), keys.as_bytes()]);
+        command.extend(args.iter().map(AsRef::as_ref));
+        match self.call(&command).await {
+            Err(RedisError::Reply(message)) if message.starts_with("NOSCRIPT") => {
+                command[0] = b"EVAL";
+                command[1] = script.source.as_bytes();
+                self.call(&command).await
+            }
+            other => other,
+        }
     }
 
     /// Sends one command and waits for its reply. An error reply is

@@ -280,17 +280,8 @@ impl RedisBroker {
         let key = format!("{}presence:{channel}", self.config.prefix);
         let (nodes, now, timeout) = (self.nodes_key(), unix_millis().to_string(), self.node_timeout_ms());
         let delete = if delete_dead { "1" } else { "0" };
-        let args = [
-            "EVAL",
-            presence::QUERY_SCRIPT,
-            "2",
-            &key,
-            &nodes,
-            &now,
-            &timeout,
-            delete,
-        ];
-        let reply = self.link.call(&args).await?;
+        let args: Vec<&str> = vec![&key, &nodes, &now, &timeout, delete];
+        let reply = self.link.eval(&presence::QUERY_LUA, 2, &args).await?;
         let parts = reply.as_array().unwrap_or_default();
         let strings = |value: Option<&Value>| -> Vec<String> {
             value
@@ -314,18 +305,8 @@ impl RedisBroker {
         let stats_key = format!("{}nodestats", self.config.prefix);
         let (nodes, now, timeout) = (self.nodes_key(), unix_millis().to_string(), self.node_timeout_ms());
         let stats = stats.to_string();
-        let args = [
-            "EVAL",
-            presence::HEARTBEAT_SCRIPT,
-            "2",
-            &nodes,
-            &stats_key,
-            &self.node_id,
-            &now,
-            &stats,
-            &timeout,
-        ];
-        let reply = self.link.call(&args).await?;
+        let args: Vec<&str> = vec![&nodes, &stats_key, &self.node_id, &now, &stats, &timeout];
+        let reply = self.link.eval(&presence::HEARTBEAT_LUA, 2, &args).await?;
         self.heartbeat_ok.store(true, Ordering::Relaxed);
         Ok(reply
             .as_array()
@@ -356,10 +337,7 @@ impl Broker for RedisBroker {
                 policy.history_ttl.as_millis().to_string(),
             );
             let fresh_epoch = crate::config::random_token(6);
-            let args: [&[u8]; 12] = [
-                b"EVAL",
-                history::PUBLISH_SCRIPT.as_bytes(),
-                b"4",
+            let args: Vec<&[u8]> = vec![
                 history.as_bytes(),
                 offset.as_bytes(),
                 epoch.as_bytes(),
@@ -370,7 +348,11 @@ impl Broker for RedisBroker {
                 fresh_epoch.as_bytes(),
                 history::POSITION_TTL_MS.as_bytes(),
             ];
-            let reply = self.link.call(&args).await.map_err(unavailable)?;
+            let reply = self
+                .link
+                .eval(&history::PUBLISH_LUA, 4, &args)
+                .await
+                .map_err(unavailable)?;
             let (offset, epoch) = history::placement(&reply)
                 .ok_or_else(|| BrokerError::Unavailable("unexpected history reply".into()))?;
             Ok(Placement {
@@ -413,19 +395,8 @@ impl Broker for RedisBroker {
             let ttl_ms = history::POSITION_TTL_MS.to_owned();
             let after = since.as_ref().map(|s| s.offset.to_string()).unwrap_or_default();
             let count = limit.to_string();
-            let args = [
-                "EVAL",
-                history::READ_SCRIPT,
-                "3",
-                &history,
-                &offset,
-                &epoch,
-                &fresh_epoch,
-                &ttl_ms,
-                &after,
-                &count,
-            ];
-            let reply = self.link.call(&args).await?;
+            let args: Vec<&str> = vec![&history, &offset, &epoch, &fresh_epoch, &ttl_ms, &after, &count];
+            let reply = self.link.eval(&history::READ_LUA, 3, &args).await?;
             history::page(&channel, &reply, since, limit, ttl.as_millis() as u64, &self.node_id)
                 .map_err(BrokerError::Unavailable)
         })
@@ -480,20 +451,8 @@ impl Broker for RedisBroker {
             let (now, timeout) = (unix_millis().to_string(), self.node_timeout_ms());
             let joined = if joined { "1" } else { "0" };
             let counted = if count { "1" } else { "0" };
-            let args = [
-                "EVAL",
-                presence::TRACK_SCRIPT,
-                "2",
-                &key,
-                &nodes,
-                &field,
-                &user,
-                joined,
-                &now,
-                &timeout,
-                counted,
-            ];
-            let reply = self.link.call(&args).await?;
+            let args: Vec<&str> = vec![&key, &nodes, &field, &user, joined, &now, &timeout, counted];
+            let reply = self.link.eval(&presence::TRACK_LUA, 2, &args).await?;
             Ok(count.then(|| reply.as_integer().unwrap_or(0).max(0) as usize))
         })
     }

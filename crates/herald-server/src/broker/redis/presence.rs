@@ -11,6 +11,8 @@
 
 use std::time::Duration;
 
+use super::link::Script;
+
 /// How often a node records its heartbeat and sweeps dead nodes' entries.
 pub const HEARTBEAT: Duration = Duration::from_secs(1);
 
@@ -69,6 +71,10 @@ for user, _ in pairs(dead) do
 end
 return {kept, gone}
 "#;
+
+pub static TRACK_LUA: Script = Script::new(TRACK_SCRIPT);
+pub static QUERY_LUA: Script = Script::new(QUERY_SCRIPT);
+pub static HEARTBEAT_LUA: Script = Script::new(HEARTBEAT_SCRIPT);
 
 /// KEYS: nodes zset, node stats hash. ARGV: node id, now ms, stats JSON,
 /// node timeout ms. Records the heartbeat; returns the stats of live nodes.
