@@ -316,6 +316,28 @@ impl Hub {
                 receipt.duplicate = true;
                 return Ok(receipt);
             }
+            // Other nodes may have taken the same id (a retry sent elsewhere).
+            let window = self.config.idempotency.window;
+            match self
+                .broker
+                .claim_message_id(&request.channel, &message_id, window)
+                .await
+            {
+                Ok(true) => {}
+                Ok(false) => {
+                    self.metrics.duplicates_suppressed.fetch_add(1, Ordering::Relaxed);
+                    return Ok(Receipt {
+                        message_id,
+                        offset: None,
+                        epoch: None,
+                        duplicate: true,
+                    });
+                }
+                Err(error) => {
+                    lock(&self.dedup).release(&request.channel, &message_id);
+                    return Err(error.into());
+                }
+            }
         }
         let channel = request.channel.clone();
         let publication = Publication {
@@ -353,6 +375,7 @@ impl Hub {
             Err(error) => {
                 if given_id {
                     lock(&self.dedup).release(&channel, &message_id);
+                    self.broker.release_message_id(&channel, &message_id).await;
                 }
                 Err(error.into())
             }

@@ -12,6 +12,7 @@ pub mod redis;
 use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
+use std::time::Duration;
 
 use herald_core::history::Position;
 use herald_core::registry::Presence;
@@ -86,6 +87,23 @@ pub trait Broker: Send + Sync + 'static {
 
     /// Whether publishes can succeed now (`/ready`).
     fn is_ready(&self) -> bool;
+
+    /// Claims a publisher-chosen `message_id` on `channel` for `window`,
+    /// cluster-wide: false if another node claimed it first. The memory
+    /// broker has no other nodes (the hub's own window suffices).
+    fn claim_message_id(
+        &self,
+        _channel: &ChannelName,
+        _id: &str,
+        _window: Duration,
+    ) -> BoxFuture<'_, Result<bool, BrokerError>> {
+        Box::pin(std::future::ready(Ok(true)))
+    }
+
+    /// Gives back a claim whose publish failed, so that a retry goes through.
+    fn release_message_id(&self, _channel: &ChannelName, _id: &str) -> BoxFuture<'_, ()> {
+        Box::pin(std::future::ready(()))
+    }
 
     /// Reads `channel`'s history: the messages after `since` (exactly, or
     /// `recovered: false`), or without `since` the latest ones; at most

@@ -345,3 +345,19 @@ async fn nodes_survive_redis_being_killed_and_restarted() {
     assert!(a.metric("herald_broker_reconnects_total").await >= 1.0);
     assert_eq!(b.metric("herald_broker_up").await, 1.0);
 }
+
+/// A publish retried on another node (same `message_id`) is delivered once.
+#[tokio::test]
+async fn a_message_id_is_deduplicated_across_nodes() {
+    let redis = RedisServer::start().await;
+    let (a, b) = (node(&redis, "").await, node(&redis, "").await);
+    let mut alice = b.connect("alice").await;
+    let body = json!({"channel": "user:alice", "data": {"order": 9}, "message_id": "order-9"});
+    let (status, first) = a.publish(body.clone()).await;
+    assert_eq!((status, first.get("duplicate")), (200, None), "{first}");
+    let (status, again) = b.publish(body).await;
+    assert_eq!((status, again["duplicate"].clone()), (200, json!(true)), "{again}");
+    assert_eq!(alice.next_frame().await["message_id"], "order-9");
+    expect_only_marker(&a, &mut alice, "user:alice").await;
+    assert_eq!(b.metric("herald_duplicates_suppressed_total").await, 1.0);
+}

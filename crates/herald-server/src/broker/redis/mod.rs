@@ -262,6 +262,10 @@ fn inbound_handler(
 }
 
 impl RedisBroker {
+    fn dedup_key(&self, channel: &ChannelName, id: &str) -> String {
+        format!("{}dedup:{channel}:{id}", self.config.prefix)
+    }
+
     fn nodes_key(&self) -> String {
         format!("{}nodes", self.config.prefix)
     }
@@ -488,6 +492,27 @@ impl Broker for RedisBroker {
                 }
             });
             futures_util::future::join_all(reads).await.into_iter().collect()
+        })
+    }
+
+    fn claim_message_id(
+        &self,
+        channel: &ChannelName,
+        id: &str,
+        window: Duration,
+    ) -> BoxFuture<'_, Result<bool, BrokerError>> {
+        let key = self.dedup_key(channel, id);
+        let window = window.as_millis().max(1).to_string();
+        Box::pin(async move {
+            let reply = self.link.call(&["SET", &key, "1", "NX", "PX", &window]).await?;
+            Ok(!reply.is_null())
+        })
+    }
+
+    fn release_message_id(&self, channel: &ChannelName, id: &str) -> BoxFuture<'_, ()> {
+        let key = self.dedup_key(channel, id);
+        Box::pin(async move {
+            let _ = self.link.call(&["DEL", &key]).await;
         })
     }
 }
