@@ -511,7 +511,8 @@ pub fn publication_json(publication: &Publication) -> serde_json::Value {
             "message_id": publication.message_id,
             "offset": publication.offset,
             "epoch": publication.epoch,
-            "timestamp": publication.timestamp_ms,
+                        "timestamp": publication.timestamp_ms,
+            "from": publication.from,
             "data_base64": base64::engine::general_purpose::STANDARD.encode(bytes),
         }),
     }
@@ -618,9 +619,13 @@ pub async fn stats(State(hub): State<Hub>) -> Response {
         "connections": metrics.connections_current.load(Relaxed),
         "users_online": hub.users_online(),
         "channels": hub.fanout.registry.channel_count(),
-        "messages_published": metrics.messages_published.get("http") + metrics.messages_published.get("client"),
+                "messages_published": metrics.messages_published.get("http")
+            + metrics.messages_published.get("client")
+            + metrics.messages_published.get("stream"),
         "messages_delivered": metrics.messages_delivered.load(Relaxed),
-        "messages_dropped": metrics.messages_dropped.get("slow_client"),
+                "messages_dropped": metrics.messages_dropped.get("slow_client"),
+        "messages_invalid": metrics.messages_dropped.get("invalid"),
+        "stream_entries": metrics.stream_entries.load(Relaxed),
                 "draining": hub.shutdown.is_draining(),
         "cluster": *crate::hub::lock(&hub.cluster),
     }))
