@@ -192,43 +192,16 @@ impl RedisUrl {
     /// Parses `text`; the host must be a loopback IP address or localhost,
     /// the port defaults to 6379.
     pub fn parse(text: &str) -> anyhow::Result<RedisUrl> {
-        let rest = text
-            .strip_prefix("redis://")
-            .with_context(|| format!("Redis URL `{text}` must start with redis://"))?;
-        let (authority, path) = rest.split_once('/').unwrap_or((rest, ""));
-        let (credentials, host_port) = match authority.rsplit_once('@') {
-            Some((credentials, host_port)) => (Some(credentials), host_port),
-            None => (None, authority),
-        };
-        let (username, password) = match credentials {
-            None => (None, None),
-            Some(credentials) => match credentials.split_once(':') {
-                Some(("", password)) => (None, Some(password.to_owned())),
-                Some((user, password)) => (Some(user.to_owned()), Some(password.to_owned())),
-                None => (None, Some(credentials.to_owned())),
-            },
-        };
-        let url = Url::parse(&format!("http://{host_port}")).with_context(|| format!("Redis URL `{text}`"))?;
-        ensure!(
-            url.path_and_query == "/",
-            "Redis URL `{text}`: only a database number may follow the host"
-        );
-        let port = if host_port.ends_with(']') || !host_port.contains(':') {
-            6379
-        } else {
-            url.address.port()
-        };
-        let database = if path.is_empty() {
-            0
-        } else {
-            path.parse()
-                .with_context(|| format!("Redis URL `{text}`: database `{path}` is not a number"))?
-        };
+        let parsed = herald_core::resp::RedisAddress::parse(text)
+            .map_err(|problem| anyhow::anyhow!("Redis URL `{text}` {problem}"))?;
+        // The loopback check and the address itself come from the same
+        // parser as every other URL the bench accepts.
+        let url = Url::parse(&format!("http://{}", parsed.host_port)).with_context(|| format!("Redis URL `{text}`"))?;
         Ok(RedisUrl {
-            address: SocketAddr::new(url.address.ip(), port),
-            username,
-            password,
-            database,
+            address: url.address,
+            username: parsed.username,
+            password: parsed.password,
+            database: parsed.database,
         })
     }
 }

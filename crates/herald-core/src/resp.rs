@@ -1,5 +1,6 @@
 //! RESP2, the Redis protocol: encoding commands and incrementally parsing
-//! replies. Pure functions over byte slices; the server owns the sockets.
+//! replies, and `redis://` URLs. Pure functions; the server and the bench
+//! own the sockets.
 //!
 //! Parsing is bounded: bulk strings longer than [`MAX_BULK`], arrays longer
 //! than [`MAX_ARRAY`] and nesting deeper than [`MAX_DEPTH`] are errors, so a
@@ -63,6 +64,59 @@ impl Value {
 
     pub fn is_null(&self) -> bool {
         matches!(self, Value::Bulk(None) | Value::Array(None))
+    }
+}
+
+/// Where and how to connect, parsed from `redis://[:password@]host:port[/db]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RedisAddress {
+    pub host_port: String,
+    pub password: Option<String>,
+    pub username: Option<String>,
+    pub database: u32,
+}
+
+impl RedisAddress {
+    pub fn parse(url: &str) -> Result<Self, String> {
+        let rest = url.strip_prefix("redis://").ok_or("must start with redis://")?;
+        let (authority, path) = rest.split_once('/').unwrap_or((rest, ""));
+        let (credentials, host_port) = match authority.rsplit_once('@') {
+            Some((credentials, host_port)) => (Some(credentials), host_port),
+            None => (None, authority),
+        };
+        if host_port.is_empty() {
+            return Err("has no host".into());
+        }
+        // The port is optional, also after a bracketed IPv6 address.
+        let has_port = if host_port.starts_with('[') {
+            host_port.contains("]:")
+        } else {
+            host_port.contains(':')
+        };
+        let host_port = if has_port {
+            host_port.to_owned()
+        } else {
+            format!("{host_port}:6379")
+        };
+        let (username, password) = match credentials {
+            None => (None, None),
+            Some(credentials) => match credentials.split_once(':') {
+                Some(("", password)) => (None, Some(password.to_owned())),
+                Some((user, password)) => (Some(user.to_owned()), Some(password.to_owned())),
+                None => (None, Some(credentials.to_owned())),
+            },
+        };
+        let database = if path.is_empty() {
+            0
+        } else {
+            path.parse().map_err(|_| format!("database `{path}` is not a number"))?
+        };
+        Ok(RedisAddress {
+            host_port,
+            password,
+            username,
+            database,
+        })
     }
 }
 
@@ -232,6 +286,32 @@ mod tests {
         check(b"$-5\r\n", Err("bulk length"));
         let deep = "*1\r\n".repeat(MAX_DEPTH + 2);
         check(deep.as_bytes(), Err("nested deeper"));
+    }
+
+    #[test]
+    fn addresses() {
+        let parse = |url| RedisAddress::parse(url);
+        assert_eq!(
+            parse("redis://127.0.0.1:6390/2").unwrap(),
+            RedisAddress {
+                host_port: "127.0.0.1:6390".into(),
+                password: None,
+                username: None,
+                database: 2
+            }
+        );
+        assert_eq!(parse("redis://:pw@host").unwrap().password.as_deref(), Some("pw"));
+        assert_eq!(parse("redis://host").unwrap().host_port, "host:6379");
+        let with_user = parse("redis://user:pw@host:1").unwrap();
+        assert_eq!(
+            (with_user.username.as_deref(), with_user.password.as_deref()),
+            (Some("user"), Some("pw"))
+        );
+        assert_eq!(parse("redis://[::1]").unwrap().host_port, "[::1]:6379");
+        assert_eq!(parse("redis://[::1]:7000").unwrap().host_port, "[::1]:7000");
+        assert!(parse("http://host").is_err());
+        assert!(parse("redis://host/x").is_err());
+        assert!(parse("redis://").is_err());
     }
 
     #[test]

@@ -38,52 +38,7 @@ pub enum RedisError {
     Reply(String),
 }
 
-/// Where and how to connect, parsed from `redis://[:password@]host:port[/db]`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct RedisAddress {
-    pub host_port: String,
-    pub password: Option<String>,
-    pub username: Option<String>,
-    pub database: u32,
-}
-
-impl RedisAddress {
-    pub fn parse(url: &str) -> Result<Self, String> {
-        let rest = url.strip_prefix("redis://").ok_or("must start with redis://")?;
-        let (authority, path) = rest.split_once('/').unwrap_or((rest, ""));
-        let (credentials, host_port) = match authority.rsplit_once('@') {
-            Some((credentials, host_port)) => (Some(credentials), host_port),
-            None => (None, authority),
-        };
-        if host_port.is_empty() {
-            return Err("has no host".into());
-        }
-        let host_port = if host_port.contains(':') {
-            host_port.to_owned()
-        } else {
-            format!("{host_port}:6379")
-        };
-        let (username, password) = match credentials {
-            None => (None, None),
-            Some(credentials) => match credentials.split_once(':') {
-                Some(("", password)) => (None, Some(password.to_owned())),
-                Some((user, password)) => (Some(user.to_owned()), Some(password.to_owned())),
-                None => (None, Some(credentials.to_owned())),
-            },
-        };
-        let database = if path.is_empty() {
-            0
-        } else {
-            path.parse().map_err(|_| format!("database `{path}` is not a number"))?
-        };
-        Ok(RedisAddress {
-            host_port,
-            password,
-            username,
-            database,
-        })
-    }
-}
+pub use herald_core::resp::RedisAddress;
 
 /// Opens a TCP connection and runs AUTH/SELECT as configured.
 pub async fn connect(address: &RedisAddress) -> Result<TcpStream, RedisError> {
@@ -395,30 +350,6 @@ fn fail_all(in_flight: &mut VecDeque<oneshot::Sender<Result<Value, RedisError>>>
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn addresses() {
-        let parse = |url| RedisAddress::parse(url);
-        assert_eq!(
-            parse("redis://127.0.0.1:6390/2").unwrap(),
-            RedisAddress {
-                host_port: "127.0.0.1:6390".into(),
-                password: None,
-                username: None,
-                database: 2
-            }
-        );
-        assert_eq!(parse("redis://:pw@host").unwrap().password.as_deref(), Some("pw"));
-        assert_eq!(parse("redis://host").unwrap().host_port, "host:6379");
-        let with_user = parse("redis://user:pw@host:1").unwrap();
-        assert_eq!(
-            (with_user.username.as_deref(), with_user.password.as_deref()),
-            (Some("user"), Some("pw"))
-        );
-        assert!(parse("http://host").is_err());
-        assert!(parse("redis://host/x").is_err());
-        assert!(parse("redis://").is_err());
-    }
 
     #[test]
     fn backoff_grows_with_jitter_and_caps() {
