@@ -428,12 +428,7 @@ pub async fn unread(
         let cursor = cursors.get(channel.as_str());
         let mut entry = json!({"channel": channel, "last_read": cursor});
         if hub.policies().policy(&channel).is_ok_and(|p| p.keeps_history()) {
-            let current = hub
-                .broker
-                .history(&channel, None, 0)
-                .await
-                .map_err(unavailable)?
-                .current;
+            let current = hub.position(&channel).await.map_err(unavailable)?;
             let read = cursor
                 .filter(|c| c.epoch.as_deref() == Some(current.epoch.as_str()))
                 .and_then(|c| c.offset);
@@ -462,13 +457,10 @@ async fn read_history(hub: &Hub, channel: &ChannelName, query: HistoryQuery) -> 
     let since = match (query.offset, query.epoch) {
         (None, _) => None,
         (Some(offset), Some(epoch)) => Some(Position { offset, epoch }),
-        (Some(offset), None) => {
-            let current = hub.broker.history(channel, None, 0).await.map_err(unavailable)?.current;
-            Some(Position {
-                offset,
-                epoch: current.epoch,
-            })
-        }
+        (Some(offset), None) => Some(Position {
+            offset,
+            epoch: hub.position(channel).await.map_err(unavailable)?.epoch,
+        }),
     };
     let page = hub.broker.history(channel, since, limit).await.map_err(unavailable)?;
     let mut body = history_json(channel, &page);

@@ -206,12 +206,23 @@ impl Hub {
     pub fn subscribe(&self, channel: &ChannelName, connection: ConnectionHandle) -> Change {
         let change = self.fanout.registry.subscribe(channel, connection);
         if change == Change::ChannelEdge {
-            if channel.namespace() == Some("user") {
-                self.users_online.fetch_add(1, Ordering::Relaxed);
-            }
-            self.broker.channel_added(channel);
+            self.channel_gained(channel);
         }
         change
+    }
+
+    /// The first local subscriber of `channel` arrived.
+    fn channel_gained(&self, channel: &ChannelName) {
+        if channel.namespace() == Some("user") {
+            self.users_online.fetch_add(1, Ordering::Relaxed);
+        }
+        self.broker.channel_added(channel);
+    }
+
+    /// `channel`'s current position in its history (offset 0 before the
+    /// first message); only for channels that keep history.
+    pub async fn position(&self, channel: &ChannelName) -> Result<herald_core::history::Position, BrokerError> {
+        Ok(self.broker.history(channel, None, 0).await?.current)
     }
 
     /// Subscribes a new connection to its personal channel, unless the user
@@ -220,8 +231,7 @@ impl Hub {
         let max = self.limits().max_connections_per_user;
         let change = self.fanout.registry.subscribe_bounded(user_channel, connection, max)?;
         if change == Change::ChannelEdge {
-            self.users_online.fetch_add(1, Ordering::Relaxed);
-            self.broker.channel_added(user_channel);
+            self.channel_gained(user_channel);
         }
         Some(change)
     }

@@ -471,10 +471,7 @@ impl<'a> Session<'a> {
                     };
                     self.positions.insert(delivery.channel.clone(), position);
                 }
-                match &delivery.frame {
-                    Frame::Text(text) => Message::Text(text.clone()),
-                    Frame::Binary(bytes) => Message::Binary(bytes.clone()),
-                }
+                Message::from(delivery.frame.clone())
             }
             Outbound::Subscribe(channel) => {
                 let limit = self.hub.limits().max_subscriptions;
@@ -552,10 +549,7 @@ impl<'a> Session<'a> {
         if !publication.is_for(self.handle.id(), &self.identity.user_id) {
             return;
         }
-        self.outbox.push(match Frame::from(publication.encode()) {
-            Frame::Text(text) => Message::Text(text),
-            Frame::Binary(bytes) => Message::Binary(bytes),
-        });
+        self.outbox.push(Message::from(Frame::from(publication.encode())));
     }
 
     fn reply(&mut self, frame: String) {
@@ -785,8 +779,7 @@ impl<'a> Session<'a> {
 
     /// The channel's current position.
     async fn read_position(&self, channel: &ChannelName) -> Result<Position, (ErrorCode, String)> {
-        let page = self.hub.broker.history(channel, None, 0).await.map_err(broker_error)?;
-        Ok(page.current)
+        self.hub.position(channel).await.map_err(broker_error)
     }
 
     /// Everything after `since`, page by page (bounded): whether it could be
@@ -1034,6 +1027,15 @@ fn err(code: ErrorCode, message: &str) -> (ErrorCode, String) {
 
 fn ack(message_id: &Option<serde_json::Value>, data: impl Serialize) -> String {
     ack_frame(message_id.as_ref(), data)
+}
+
+impl From<Frame> for Message {
+    fn from(frame: Frame) -> Self {
+        match frame {
+            Frame::Text(text) => Message::Text(text),
+            Frame::Binary(bytes) => Message::Binary(bytes),
+        }
+    }
 }
 
 fn broker_error(error: crate::broker::BrokerError) -> (ErrorCode, String) {
