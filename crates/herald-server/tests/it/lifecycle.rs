@@ -18,6 +18,15 @@ struct Process {
     banner: Vec<String>,
 }
 
+/// The next line a child process printed, within the deadline.
+async fn next_line<R: tokio::io::AsyncBufRead + Unpin>(lines: &mut tokio::io::Lines<R>) -> String {
+    tokio::time::timeout(DEADLINE, lines.next_line())
+        .await
+        .expect("a line within the deadline")
+        .expect("the pipe is readable")
+        .expect("the process printed a line before exiting")
+}
+
 /// Starts `herald serve` on a free port and reads its banner.
 async fn spawn(args: &[&str], env: &[(&str, &str)]) -> Process {
     let mut command = Command::new(BIN);
@@ -126,11 +135,7 @@ async fn embedded_default_prints_a_token_and_publish_line_that_work() {
         .spawn()
         .unwrap();
     let mut listener_out = BufReader::new(listener.stdout.take().unwrap()).lines();
-    let hello = tokio::time::timeout(DEADLINE, listener_out.next_line())
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
+    let hello = next_line(&mut listener_out).await;
     assert!(hello.contains("auth_success"), "{hello}");
     // The printed curl line's request, sent with the printed key.
     let (status, body) = herald_server::http_client::request(
@@ -142,11 +147,7 @@ async fn embedded_default_prints_a_token_and_publish_line_that_work() {
     .await
     .unwrap();
     assert_eq!(status, 200, "{body}");
-    let delivered = tokio::time::timeout(DEADLINE, listener_out.next_line())
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
+    let delivered = next_line(&mut listener_out).await;
     let frame: serde_json::Value = serde_json::from_str(&delivered).unwrap();
     assert_eq!(frame["data"], json!({"hello": "world"}));
     let status = tokio::time::timeout(DEADLINE, listener.wait()).await.unwrap().unwrap();
@@ -195,19 +196,8 @@ async fn cli_token_publish_and_listen_work_together() {
         .spawn()
         .unwrap();
     let mut out = BufReader::new(listener.stdout.take().unwrap()).lines();
-    assert!(
-        tokio::time::timeout(DEADLINE, out.next_line())
-            .await
-            .unwrap()
-            .unwrap()
-            .unwrap()
-            .contains("auth_success")
-    );
-    let ack = tokio::time::timeout(DEADLINE, out.next_line())
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
+    assert!(next_line(&mut out).await.contains("auth_success"));
+    let ack = next_line(&mut out).await;
     assert!(ack.contains("\"ack\""), "subscribed: {ack}");
     let published = Command::new(BIN)
         .args([
@@ -228,14 +218,7 @@ async fn cli_token_publish_and_listen_work_together() {
         "{}",
         String::from_utf8_lossy(&published.stdout)
     );
-    let frame: serde_json::Value = serde_json::from_str(
-        &tokio::time::timeout(DEADLINE, out.next_line())
-            .await
-            .unwrap()
-            .unwrap()
-            .unwrap(),
-    )
-    .unwrap();
+    let frame: serde_json::Value = serde_json::from_str(&next_line(&mut out).await).unwrap();
     assert_eq!(
         (frame["type"].clone(), frame["data"].clone()),
         (json!("update"), json!({"a": 1}))
