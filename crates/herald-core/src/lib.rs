@@ -6,8 +6,8 @@
 //! model (`publication`), channel history and recovery (`history`), the
 //! subscription registry and fan-out filter
 //! (`registry`), idempotency (`dedup`), the command rate limiter
-//! (`rate_limit`), human-readable durations (`duration`) and the Redis
-//! wire protocol (`resp`).
+//! (`rate_limit`), human-readable durations (`duration`), the Redis wire
+//! protocol (`resp`) and WebSocket framing (`websocket`).
 
 pub mod channel;
 pub mod dedup;
@@ -19,6 +19,7 @@ pub mod publication;
 pub mod rate_limit;
 pub mod registry;
 pub mod resp;
+pub mod websocket;
 
 pub use channel::{ChannelError, ChannelName};
 pub use publication::{Payload, Publication};
