@@ -1,39 +1,43 @@
-//! Local fan-out: from one publication to the outgoing queue of every local
+//! Local fan-out: from one publication to the socket of every local
 //! subscriber.
 //!
-//! The frame is encoded once; each subscriber's queue receives a clone of the
-//! same buffer (a reference-count increment). Queues are bounded in messages
-//! and bytes; a subscriber whose queue is full is marked slow and its
-//! connection closes with 4008. Fan-out never waits on a subscriber.
+//! A publication is encoded once, as a complete WebSocket frame, and every
+//! subscriber is handed the same buffer (a reference-count increment).
+//! When nothing waits ahead of it, fan-out writes the frame straight to the
+//! connection's socket with one non-blocking `write`: a delivery to a
+//! connection that keeps up wakes no task. Whatever the socket does not take
+//! at once waits, in order, in the connection's queue for its task, which
+//! writes it as the socket drains. Entries that need the connection's own
+//! judgement (positions in channels with history, subscriptions made by the
+//! server API) always go through the task, and while the task holds the
+//! connection (answering a command, working through such entries) fan-out
+//! queues behind it instead of writing around it.
+//!
+//! Queues are bounded in messages and bytes; a subscriber whose queue is
+//! full is marked slow and its connection closes with 4008. Fan-out never
+//! waits on a subscriber.
 
 use std::collections::VecDeque;
+use std::io::{self, IoSlice};
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Instant;
 
-use axum::extract::ws::Utf8Bytes;
 use bytes::Bytes;
 use herald_core::publication::{Control, EncodedFrame};
 use herald_core::registry::{Registry, Subscriber};
-use herald_core::{ChannelName, Publication};
+use herald_core::{ChannelName, Publication, websocket};
+use tokio::net::TcpStream;
 use tokio::sync::Notify;
 
 use crate::hub::lock;
 use crate::metrics::Metrics;
 
-/// An encoded frame, ready for any number of sockets.
-#[derive(Debug, Clone)]
-pub enum Frame {
-    Text(Utf8Bytes),
-    Binary(Bytes),
-}
-
-impl From<EncodedFrame> for Frame {
-    fn from(frame: EncodedFrame) -> Self {
-        match frame {
-            EncodedFrame::Text(text) => Frame::Text(text.into()),
-            EncodedFrame::Binary(bytes) => Frame::Binary(bytes),
-        }
+/// A publication's WebSocket frame, ready for any number of sockets.
+pub fn wire_frame(frame: EncodedFrame) -> Bytes {
+    match frame {
+        EncodedFrame::Text(text) => websocket::encode(websocket::OP_TEXT, text.as_bytes()),
+        EncodedFrame::Binary(bytes) => websocket::encode(websocket::OP_BINARY, &bytes),
     }
 }
 
@@ -41,7 +45,8 @@ impl From<EncodedFrame> for Frame {
 /// with what a connection needs to keep its place in the channel.
 #[derive(Debug)]
 pub struct Delivery {
-    pub frame: Frame,
+    /// The complete WebSocket frame.
+    pub frame: Bytes,
     pub channel: ChannelName,
     pub offset: Option<u64>,
     pub epoch: Option<String>,
@@ -50,7 +55,7 @@ pub struct Delivery {
 impl Delivery {
     pub fn new(publication: &Publication) -> Self {
         Delivery {
-            frame: Frame::from(publication.encode()),
+            frame: wire_frame(publication.encode()),
             channel: publication.channel.clone(),
             offset: publication.offset,
             epoch: publication.epoch.clone(),
@@ -58,7 +63,7 @@ impl Delivery {
     }
 }
 
-/// An entry in a connection's outgoing queue. Cloning shares the bytes.
+/// An entry for a connection. Cloning shares the bytes.
 #[derive(Debug, Clone)]
 pub enum Outbound {
     Delivery(Arc<Delivery>),
@@ -74,10 +79,7 @@ const CONTROL_SIZE: usize = 64;
 impl Outbound {
     pub fn len(&self) -> usize {
         match self {
-            Outbound::Delivery(delivery) => match &delivery.frame {
-                Frame::Text(text) => text.len(),
-                Frame::Binary(bytes) => bytes.len(),
-            },
+            Outbound::Delivery(delivery) => delivery.frame.len(),
             Outbound::Subscribe(_) | Outbound::Unsubscribe(_) => CONTROL_SIZE,
         }
     }
@@ -85,44 +87,95 @@ impl Outbound {
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
+
+    /// A delivery any connection may write as it is: no position to keep.
+    fn as_plain_frame(&self) -> Option<&Bytes> {
+        match self {
+            Outbound::Delivery(delivery) if delivery.offset.is_none() => Some(&delivery.frame),
+            _ => None,
+        }
+    }
 }
 
 /// What the fan-out side and the connection task share.
 struct ConnectionShared {
     id: u64,
-    user_id: Arc<str>,
-    queue: Mutex<QueueState>,
-    /// Wakes the connection task when a frame arrives or it falls behind.
+    /// Set once the connection has authenticated.
+    user_id: OnceLock<Arc<str>>,
+    stream: TcpStream,
+    state: Mutex<State>,
+    /// Wakes the task: entries arrived, bytes wait for the socket, or the
+    /// connection fell behind or broke.
     wake: Notify,
     max_messages: usize,
     max_bytes: usize,
 }
 
-/// The outgoing queue. A plain deque: it allocates only while frames wait
-/// (an idle connection holds no buffer) and is shrunk after a burst.
+/// The queue. Plain deques: they allocate only while something waits (an
+/// idle connection holds no buffer) and are shrunk after a burst.
 #[derive(Default)]
-struct QueueState {
-    frames: VecDeque<Outbound>,
-    /// Bytes in `frames`, against `max_bytes`.
+struct State {
+    /// Encoded frames not yet written, in order; the first may be partly
+    /// written already.
+    unsent: VecDeque<Bytes>,
+    /// Entries for the task, in order, all behind `unsent`.
+    entries: VecDeque<Outbound>,
+    /// Bytes in `unsent` and `entries`, against `max_bytes`.
     bytes: usize,
-    /// Set when a frame did not fit: the connection must be closed.
+    /// The task holds the connection: fan-out queues instead of writing.
+    held: bool,
+    /// When the socket last took bytes (or `unsent` filled), while bytes wait.
+    stalled_since: Option<Instant>,
+    /// Set when something did not fit: the connection must be closed.
     slow: bool,
+    /// Set when a write failed: the peer is gone.
+    failed: bool,
     /// Set when the connection task is gone; offers are refused.
     closed: bool,
+}
+
+impl State {
+    fn push_unsent(&mut self, frame: Bytes) {
+        if self.unsent.is_empty() {
+            self.stalled_since = Some(Instant::now());
+        }
+        self.bytes += frame.len();
+        self.unsent.push_back(frame);
+    }
+
+    /// Drops `written` bytes from the front of `unsent`.
+    fn advance(&mut self, mut written: usize) {
+        self.bytes -= written;
+        self.stalled_since = Some(Instant::now());
+        while written > 0 {
+            let front = self.unsent.front_mut().expect("written bytes were unsent");
+            if written < front.len() {
+                *front = front.slice(written..);
+                return;
+            }
+            written -= front.len();
+            self.unsent.pop_front();
+        }
+    }
+
+    fn over_bounds(&self, size: usize, shared: &ConnectionShared) -> bool {
+        self.unsent.len() + self.entries.len() >= shared.max_messages || self.bytes + size > shared.max_bytes
+    }
 }
 
 /// A cheap handle to a live connection, stored in the registry.
 #[derive(Clone)]
 pub struct ConnectionHandle(Arc<ConnectionShared>);
 
-/// The connection task's end of the outgoing queue.
-pub struct ConnectionQueue {
+/// The connection task's end: the socket and the queue.
+pub struct ConnectionSocket {
     shared: Arc<ConnectionShared>,
 }
 
 /// The outcome of offering a frame to one connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Offer {
+    /// Written to the socket or queued for it.
     Queued,
     /// The queue was full: the frame is dropped and the connection is closing.
     Dropped,
@@ -133,30 +186,32 @@ pub enum Offer {
 /// What the connection task takes from its queue.
 #[derive(Debug)]
 pub enum Next {
-    Frame(Outbound),
+    Entry(Outbound),
     /// The client fell behind and must be disconnected.
     FellBehind,
+    /// A write failed: the client is gone.
+    Failed,
 }
 
-/// A queue that held more than this many frames is shrunk once drained.
+/// Frames written in one vectored write at most.
+const MAX_WRITE_SLICES: usize = 64;
+/// A deque that held more than this many entries is shrunk once drained.
 const SHRINK_ABOVE: usize = 64;
 
-/// Creates the two ends of a connection's bounded outgoing queue.
-pub fn connection_queue(
-    id: u64,
-    user_id: &str,
-    max_messages: usize,
-    max_bytes: usize,
-) -> (ConnectionHandle, ConnectionQueue) {
-    let shared = Arc::new(ConnectionShared {
-        id,
-        user_id: Arc::from(user_id),
-        queue: Mutex::new(QueueState::default()),
-        wake: Notify::new(),
-        max_messages,
-        max_bytes,
-    });
-    (ConnectionHandle(shared.clone()), ConnectionQueue { shared })
+/// Takes over an upgraded socket: the fan-out end is made with
+/// [`ConnectionSocket::handle`].
+pub fn connection_socket(id: u64, stream: TcpStream, max_messages: usize, max_bytes: usize) -> ConnectionSocket {
+    ConnectionSocket {
+        shared: Arc::new(ConnectionShared {
+            id,
+            user_id: OnceLock::new(),
+            stream,
+            state: Mutex::new(State::default()),
+            wake: Notify::new(),
+            max_messages,
+            max_bytes,
+        }),
+    }
 }
 
 impl ConnectionHandle {
@@ -164,32 +219,59 @@ impl ConnectionHandle {
         self.0.id
     }
 
-    /// Queues `frame` without waiting. A full queue (in messages or bytes)
-    /// marks the connection slow; it is closed rather than allowed to lag.
+    /// Writes or queues `frame` without waiting. A full queue (in messages
+    /// or bytes) marks the connection slow; it is closed rather than
+    /// allowed to lag.
     pub fn offer(&self, frame: &Outbound) -> Offer {
-        let shared = &self.0;
-        let size = frame.len();
-        let mut queue = lock(&shared.queue);
-        if queue.closed {
+        let shared = &*self.0;
+        let mut state = lock(&shared.state);
+        if state.closed || state.failed {
             return Offer::Closed;
         }
-        if queue.slow {
+        if state.slow {
             return Offer::Dropped;
         }
-        if queue.frames.len() >= shared.max_messages || queue.bytes + size > shared.max_bytes {
-            queue.slow = true;
-            drop(queue);
+        let plain = frame.as_plain_frame().filter(|_| !state.held);
+        if let Some(bytes) = plain
+            && state.unsent.is_empty()
+        {
+            let rest = match shared.stream.try_write(bytes) {
+                Ok(written) if written == bytes.len() => return Offer::Queued,
+                Ok(written) => bytes.slice(written..),
+                Err(error) if error.kind() == io::ErrorKind::WouldBlock => bytes.clone(),
+                Err(_) => {
+                    state.failed = true;
+                    drop(state);
+                    shared.wake.notify_one();
+                    return Offer::Closed;
+                }
+            };
+            // The task writes the rest once the socket drains.
+            state.push_unsent(rest);
+            drop(state);
+            shared.wake.notify_one();
+            return Offer::Queued;
+        }
+        if state.over_bounds(frame.len(), shared) {
+            state.slow = true;
+            drop(state);
             shared.wake.notify_one();
             return Offer::Dropped;
         }
-        queue.frames.push_back(frame.clone());
-        queue.bytes += size;
-        let was_empty = queue.frames.len() == 1;
-        drop(queue);
-        // Only the first frame of a burst needs to wake the task; it drains
-        // everything queued before it sleeps again.
-        if was_empty {
-            shared.wake.notify_one();
+        match plain {
+            // Behind bytes the task is already waiting to write.
+            Some(bytes) => state.push_unsent(bytes.clone()),
+            None => {
+                state.bytes += frame.len();
+                state.entries.push_back(frame.clone());
+                state.held = true;
+                // Only the first entry of a burst needs to wake the task; it
+                // takes everything queued before it sleeps again.
+                if state.entries.len() == 1 {
+                    drop(state);
+                    shared.wake.notify_one();
+                }
+            }
         }
         Offer::Queued
     }
@@ -201,53 +283,121 @@ impl Subscriber for ConnectionHandle {
     }
 
     fn user_id(&self) -> &str {
-        &self.0.user_id
+        self.0.user_id.get().map_or("", |user| user)
     }
 }
 
-impl ConnectionQueue {
-    /// Waits for the next frame, or for the news that the client fell behind.
-    pub async fn next(&self) -> Next {
-        loop {
-            if let Some(next) = self.try_next() {
-                return next;
-            }
-            // A wake-up sent between the check above and this wait is kept
-            // as a permit by `Notify`, so none is lost.
-            self.shared.wake.notified().await;
-        }
+impl ConnectionSocket {
+    pub fn id(&self) -> u64 {
+        self.shared.id
     }
 
-    /// The next frame if one is queued (or `FellBehind`), without waiting.
-    pub fn try_next(&self) -> Option<Next> {
-        let mut queue = lock(&self.shared.queue);
-        if queue.slow {
+    pub fn stream(&self) -> &TcpStream {
+        &self.shared.stream
+    }
+
+    /// The fan-out end, for the registry, once the user is known.
+    pub fn handle(&self, user_id: &str) -> ConnectionHandle {
+        let _ = self.shared.user_id.set(Arc::from(user_id));
+        ConnectionHandle(self.shared.clone())
+    }
+
+    /// Queues one of the task's own frames (a reply, a ping, a close)
+    /// behind everything already queued; [`flush`](Self::flush) writes it.
+    pub fn send(&self, frame: Bytes) {
+        lock(&self.shared.state).push_unsent(frame);
+    }
+
+    /// Writes queued frames until the socket takes no more.
+    pub fn flush(&self) -> io::Result<()> {
+        let mut state = lock(&self.shared.state);
+        while !state.unsent.is_empty() {
+            let result = {
+                let mut slices = [IoSlice::new(&[]); MAX_WRITE_SLICES];
+                let count = state.unsent.len().min(MAX_WRITE_SLICES);
+                for (slice, frame) in slices.iter_mut().zip(&state.unsent) {
+                    *slice = IoSlice::new(frame);
+                }
+                self.shared.stream.try_write_vectored(&slices[..count])
+            };
+            match result {
+                Ok(0) => {
+                    state.failed = true;
+                    return Err(io::ErrorKind::WriteZero.into());
+                }
+                Ok(written) => state.advance(written),
+                Err(error) if error.kind() == io::ErrorKind::WouldBlock => return Ok(()),
+                Err(error) => {
+                    state.failed = true;
+                    return Err(error);
+                }
+            }
+        }
+        state.stalled_since = None;
+        if state.unsent.capacity() > SHRINK_ABOVE {
+            state.unsent = VecDeque::new();
+        }
+        Ok(())
+    }
+
+    /// Since when queued bytes have waited for the socket without progress.
+    pub fn stalled_since(&self) -> Option<Instant> {
+        let state = lock(&self.shared.state);
+        if state.unsent.is_empty() { None } else { state.stalled_since }
+    }
+
+    /// Holds the connection: until [`next`](Self::next) finds nothing left,
+    /// fan-out queues entries for the task instead of writing around it.
+    pub fn hold(&self) {
+        lock(&self.shared.state).held = true;
+    }
+
+    /// The next entry, or the news that the connection fell behind or broke.
+    /// `None` means nothing is queued for the task, and releases the hold.
+    pub fn next(&self) -> Option<Next> {
+        let mut state = lock(&self.shared.state);
+        if state.failed {
+            return Some(Next::Failed);
+        }
+        if state.slow {
             return Some(Next::FellBehind);
         }
-        let frame = queue.frames.pop_front()?;
-        queue.bytes -= frame.len();
-        if queue.frames.is_empty() && queue.frames.capacity() > SHRINK_ABOVE {
-            queue.frames = VecDeque::new();
+        match state.entries.pop_front() {
+            Some(entry) => {
+                state.bytes -= entry.len();
+                Some(Next::Entry(entry))
+            }
+            None => {
+                state.held = false;
+                if state.entries.capacity() > SHRINK_ABOVE {
+                    state.entries = VecDeque::new();
+                }
+                None
+            }
         }
-        Some(Next::Frame(frame))
     }
 
-    /// Resolves once fan-out has found this connection too slow.
-    pub async fn fell_behind(&self) {
-        loop {
-            if lock(&self.shared.queue).slow {
-                return;
-            }
-            self.shared.wake.notified().await;
-        }
+    /// Makes the next [`changed`](Self::changed) resolve at once.
+    pub fn wake(&self) {
+        self.shared.wake.notify_one();
+    }
+
+    /// Resolves when fan-out has news for the task (see [`next`](Self::next)
+    /// and [`stalled_since`](Self::stalled_since)). A wake-up sent before
+    /// this is awaited is kept, so none is lost.
+    pub async fn changed(&self) {
+        self.shared.wake.notified().await;
     }
 }
 
-impl Drop for ConnectionQueue {
+impl Drop for ConnectionSocket {
     fn drop(&mut self) {
-        let mut queue = lock(&self.shared.queue);
-        queue.closed = true;
-        queue.frames = VecDeque::new();
+        let mut state = lock(&self.shared.state);
+        state.closed = true;
+        state.unsent = VecDeque::new();
+        state.entries = VecDeque::new();
+        // Handles may outlive the task for a moment; the peer learns now.
+        let _ = socket2::SockRef::from(&self.shared.stream).shutdown(std::net::Shutdown::Both);
     }
 }
 
@@ -296,70 +446,105 @@ impl Fanout {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tokio::io::AsyncReadExt;
+    use tokio::net::TcpListener;
 
-    fn frame(text: &'static str) -> Outbound {
+    fn delivery(text: &str, offset: Option<u64>) -> Outbound {
         Outbound::Delivery(Arc::new(Delivery {
-            frame: Frame::Text(text.into()),
+            frame: websocket::text(text),
             channel: ChannelName::parse("news").unwrap(),
-            offset: None,
-            epoch: None,
+            offset,
+            epoch: offset.map(|_| "e".to_owned()),
         }))
+    }
+
+    /// A connected pair: the server's end as a connection, and the client.
+    async fn pair(max_messages: usize, max_bytes: usize) -> (ConnectionSocket, ConnectionHandle, TcpStream) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let client = TcpStream::connect(listener.local_addr().unwrap()).await.unwrap();
+        let (server, _) = listener.accept().await.unwrap();
+        let socket = connection_socket(1, server, max_messages, max_bytes);
+        let handle = socket.handle("alice");
+        (socket, handle, client)
+    }
+
+    async fn read_exactly(client: &mut TcpStream, len: usize) -> Vec<u8> {
+        let mut bytes = vec![0; len];
+        tokio::time::timeout(std::time::Duration::from_secs(5), client.read_exact(&mut bytes))
+            .await
+            .expect("the bytes arrive")
+            .unwrap();
+        bytes
+    }
+
+    #[tokio::test]
+    async fn a_plain_delivery_reaches_the_socket_with_no_task() {
+        let (socket, handle, mut client) = pair(10, 1_000).await;
+        socket.stream().writable().await.unwrap();
+        assert_eq!(handle.offer(&delivery("hello", None)), Offer::Queued);
+        // Whether written at once or queued, flushing leaves nothing behind.
+        socket.flush().unwrap();
+        assert_eq!(read_exactly(&mut client, 7).await, b"\x81\x05hello");
+        assert!(socket.next().is_none(), "nothing was queued for the task");
+    }
+
+    #[tokio::test]
+    async fn held_connections_and_positions_go_through_the_task_in_order() {
+        let (socket, handle, mut client) = pair(10, 1_000).await;
+        socket.hold();
+        assert_eq!(handle.offer(&delivery("a", None)), Offer::Queued);
+        assert_eq!(handle.offer(&delivery("b", Some(1))), Offer::Queued);
+        for expected in ["a", "b"] {
+            match socket.next() {
+                Some(Next::Entry(Outbound::Delivery(got))) => assert_eq!(got.frame, websocket::text(expected)),
+                other => panic!("unexpected {other:?}"),
+            }
+            socket.send(websocket::text(expected));
+        }
+        assert!(socket.next().is_none(), "released");
+        assert_eq!(handle.offer(&delivery("c", None)), Offer::Queued);
+        socket.flush().unwrap();
+        assert_eq!(read_exactly(&mut client, 9).await, b"\x81\x01a\x81\x01b\x81\x01c");
     }
 
     #[tokio::test]
     async fn a_full_queue_marks_the_connection_slow() {
-        let (handle, queue) = connection_queue(1, "alice", 2, 1_000);
-        assert_eq!(handle.offer(&frame("12345")), Offer::Queued);
-        assert_eq!(handle.offer(&frame("12345")), Offer::Queued);
-        assert_eq!(handle.offer(&frame("12345")), Offer::Dropped);
-        assert!(matches!(queue.next().await, Next::FellBehind));
-        tokio::time::timeout(std::time::Duration::from_secs(1), queue.fell_behind())
-            .await
-            .unwrap();
+        let (socket, handle, _client) = pair(2, 1_000).await;
+        assert_eq!(handle.offer(&delivery("12345", Some(1))), Offer::Queued);
+        assert_eq!(handle.offer(&delivery("12345", Some(2))), Offer::Queued);
+        assert_eq!(handle.offer(&delivery("12345", Some(3))), Offer::Dropped);
+        assert!(matches!(socket.next(), Some(Next::FellBehind)), "slow wins over queued entries");
+        assert_eq!(handle.offer(&delivery("1", None)), Offer::Dropped, "slow stays slow");
     }
 
     #[tokio::test]
     async fn the_byte_bound_counts_too() {
-        let (handle, queue) = connection_queue(1, "alice", 100, 10);
-        assert_eq!(handle.offer(&frame("123456")), Offer::Queued);
-        assert_eq!(handle.offer(&frame("123456")), Offer::Dropped, "12 bytes exceed 10");
-        assert!(
-            matches!(queue.try_next(), Some(Next::FellBehind)),
-            "slow wins over queued frames"
-        );
-        assert_eq!(handle.offer(&frame("1")), Offer::Dropped, "slow stays slow");
+        let (socket, handle, _client) = pair(100, 10).await;
+        assert_eq!(handle.offer(&delivery("1234", Some(1))), Offer::Queued);
+        assert_eq!(handle.offer(&delivery("1234", Some(2))), Offer::Dropped, "12 bytes exceed 10");
+        assert!(matches!(socket.next(), Some(Next::FellBehind)));
     }
 
     #[tokio::test]
-    async fn frames_arrive_in_order_and_wake_the_waiter() {
-        let (handle, queue) = connection_queue(1, "alice", 100, 1_000);
-        let waiter = tokio::spawn(async move {
-            let mut got = Vec::new();
-            while got.len() < 3 {
-                match queue.next().await {
-                    Next::Frame(Outbound::Delivery(delivery)) => match &delivery.frame {
-                        Frame::Text(text) => got.push(text.to_string()),
-                        Frame::Binary(_) => panic!("text expected"),
-                    },
-                    other => panic!("unexpected {other:?}"),
-                }
-            }
-            got
-        });
-        for text in ["a", "b", "c"] {
-            assert_eq!(handle.offer(&frame(text)), Offer::Queued);
+    async fn a_client_that_stops_reading_fills_the_queue_and_wakes_the_task() {
+        let (socket, handle, _client) = pair(1_000, 64 * 1024).await;
+        let frame = delivery(&"x".repeat(16 * 1024), None);
+        let mut offers = 0;
+        while handle.offer(&frame) == Offer::Queued {
+            offers += 1;
+            assert!(offers < 100_000, "the socket and the queue never filled");
         }
-        let got = tokio::time::timeout(std::time::Duration::from_secs(5), waiter)
+        assert!(socket.stalled_since().is_some(), "bytes wait for the socket");
+        tokio::time::timeout(std::time::Duration::from_secs(5), socket.changed())
             .await
-            .unwrap()
-            .unwrap();
-        assert_eq!(got, ["a", "b", "c"]);
+            .expect("the task is woken");
+        assert!(matches!(socket.next(), Some(Next::FellBehind)));
     }
 
-    #[test]
-    fn a_dropped_queue_refuses_offers() {
-        let (handle, queue) = connection_queue(1, "alice", 100, 1_000);
-        drop(queue);
-        assert_eq!(handle.offer(&frame("x")), Offer::Closed);
+    #[tokio::test]
+    async fn a_closed_connection_refuses_offers() {
+        let (socket, handle, _client) = pair(100, 1_000).await;
+        drop(socket);
+        assert_eq!(handle.offer(&delivery("x", None)), Offer::Closed);
     }
 }

@@ -3,8 +3,12 @@
 //! 4000-4099 tell clients not to reconnect with the same token; 1001 and
 //! 4008 invite a reconnect (after a pause).
 
+/// The answer to the client's own close frame.
+pub const NORMAL: u16 = 1000;
 /// The server is shutting down or draining; reconnect (to another node) after a short, jittered pause.
 pub const GOING_AWAY: u16 = 1001;
+/// The client broke the WebSocket framing rules (e.g. an unmasked frame).
+pub const PROTOCOL_ERROR: u16 = 1002;
 /// A text frame was not valid UTF-8.
 pub const INVALID_PAYLOAD: u16 = 1007;
 /// A frame or message exceeded `limits.max_message_size`.
@@ -27,8 +31,12 @@ pub const RATE_LIMITED: u16 = 4029;
 /// Why a connection ended: what the client is told and what is counted.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Ending {
-    /// The client closed or vanished; nothing to send.
+    /// The client vanished; nothing to send.
     ClientGone,
+    /// The client sent a close frame; it is answered in kind.
+    ClientClosed,
+    /// The client broke the framing rules.
+    ProtocolError,
     AuthFailed,
     AuthTimeout,
     TokenExpired,
@@ -47,6 +55,8 @@ impl Ending {
     pub fn close_frame(self) -> Option<(u16, &'static str)> {
         Some(match self {
             Ending::ClientGone | Ending::PongTimeout => return None,
+            Ending::ClientClosed => (NORMAL, ""),
+            Ending::ProtocolError => (PROTOCOL_ERROR, "protocol error"),
             Ending::AuthFailed => (AUTH_FAILED, "authentication failed"),
             Ending::AuthTimeout => (AUTH_TIMEOUT, "authentication timed out"),
             Ending::TokenExpired => (TOKEN_EXPIRED, "token expired"),
@@ -63,7 +73,8 @@ impl Ending {
     /// The `reason` label of `herald_disconnects_total`.
     pub fn metric_label(self) -> &'static str {
         match self {
-            Ending::ClientGone => "client",
+            Ending::ClientGone | Ending::ClientClosed => "client",
+            Ending::ProtocolError => "protocol_error",
             Ending::AuthFailed => "auth_failed",
             Ending::TooManyConnections => "max_per_user",
             Ending::AuthTimeout => "auth_timeout",

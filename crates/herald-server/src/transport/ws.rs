@@ -1,31 +1,40 @@
 //! `GET /ws`: the WebSocket transport.
 //!
-//! One task per connection, spawned on the shutdown tracker. The task owns
-//! the socket and loops over five sources: the outgoing queue (fan-out), the
-//! socket (client commands), the keepalive ping and its pong deadline, the
-//! token's expiry, and the drain signal. Everything the task writes in one
-//! turn is fed to the socket and flushed once, so a burst of queued messages
-//! costs few syscalls. Writes are bounded by `limits.write_timeout` and by
-//! the slow-client signal, so a stalled peer never pins the task.
+//! The upgrade is answered here and the socket taken over from hyper: the
+//! server speaks the framing itself (`herald_core::websocket`), so that
+//! fan-out can write one shared, pre-encoded frame straight to every
+//! subscriber's socket (see `fanout`).
+//!
+//! One task per connection, spawned on the shutdown tracker. The task reads
+//! the socket (client commands), writes what fan-out could not, answers
+//! commands, and watches the keepalive ping and its pong deadline, the
+//! token's expiry, and the drain signal. Queued bytes that make no progress
+//! for `limits.write_timeout`, or a full queue, end the connection with
+//! 4008, so a stalled peer never pins memory or the task.
 
 use std::collections::{HashMap, HashSet};
+use std::io;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use axum::extract::ws::rejection::WebSocketUpgradeRejection;
-use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
-use axum::extract::{ConnectInfo, Query, State};
-use axum::http::{HeaderMap, StatusCode};
+use axum::body::Body;
+use axum::extract::{ConnectInfo, FromRequestParts, Query, State};
+use axum::http::request::Parts;
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use axum::response::Response;
-use futures_util::SinkExt;
+use bytes::{Bytes, BytesMut};
 use herald_core::frame::{self, Command, ErrorCode, FrameError, StreamPosition, ack_frame, error_frame, server_frame};
 use herald_core::history::Position;
 use herald_core::policy::Subject;
 use herald_core::rate_limit::{CommandGate, Verdict};
+use herald_core::websocket::{self, DecodeError, Decoder, Message};
 use herald_core::{ChannelName, Payload};
+use hyper::upgrade::OnUpgrade;
+use hyper_util::rt::TokioIo;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 use serde_json::value::RawValue;
+use tokio::net::TcpStream;
 use tokio::time::{Instant, sleep_until};
 
 use super::close::Ending;
@@ -33,15 +42,12 @@ use super::origin;
 use crate::api::json_error;
 use crate::auth::{AuthError, Identity, unix_now};
 use crate::broker::{MAX_HISTORY_PAGE, ReadCursor};
-use crate::fanout::{ConnectionHandle, ConnectionQueue, Frame, Next, Outbound, connection_queue};
+use crate::fanout::{ConnectionHandle, ConnectionSocket, Next, Outbound, connection_socket, wire_frame};
 use crate::hub::{Admission, Hub, PublishError, PublishRequest, Rejection, Source};
 
-/// Read buffer per connection: commands are small. A larger frame makes
-/// tungstenite reserve its full length, so this is not a size limit.
-const READ_BUFFER_SIZE: usize = 1024;
-/// Frames are written as soon as this much is buffered (or on flush).
-const WRITE_BUFFER_SIZE: usize = 8 * 1024;
-/// The most frames taken from the queue in one turn before flushing.
+/// Bytes read from the socket at a time: commands are small.
+const READ_CHUNK: usize = 4096;
+/// The most queue entries taken in one turn before the socket is read again.
 const MAX_BATCH: usize = 64;
 /// Messages a `history` command returns when it names no limit.
 const DEFAULT_HISTORY_PAGE: usize = 100;
@@ -55,18 +61,58 @@ pub struct WsParams {
     token: Option<String>,
 }
 
+/// A valid WebSocket upgrade request (RFC 6455 §4.2.1); anything else is
+/// answered with a JSON error naming what is wrong.
+pub struct Upgrade {
+    accept: String,
+    on_upgrade: OnUpgrade,
+}
+
+impl<S: Send + Sync> FromRequestParts<S> for Upgrade {
+    type Rejection = Response;
+
+    async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, Response> {
+        let reject = |status, message| json_error(status, "not_websocket", message);
+        if parts.method != Method::GET {
+            return Err(reject(StatusCode::METHOD_NOT_ALLOWED, "a WebSocket upgrade is a GET request"));
+        }
+        let has_token = |name, token: &str| {
+            parts.headers.get_all(name).iter().any(|value: &HeaderValue| {
+                value
+                    .to_str()
+                    .is_ok_and(|value| value.split(',').any(|part| part.trim().eq_ignore_ascii_case(token)))
+            })
+        };
+        if !has_token(header::CONNECTION, "upgrade") {
+            return Err(reject(StatusCode::BAD_REQUEST, "`Connection` header did not include `upgrade`"));
+        }
+        if !has_token(header::UPGRADE, "websocket") {
+            return Err(reject(StatusCode::BAD_REQUEST, "`Upgrade` header did not include `websocket`"));
+        }
+        if parts.headers.get(header::SEC_WEBSOCKET_VERSION).is_none_or(|version| version != "13") {
+            return Err(reject(StatusCode::BAD_REQUEST, "`Sec-WebSocket-Version` header must be `13`"));
+        }
+        let Some(key) = parts.headers.get(header::SEC_WEBSOCKET_KEY) else {
+            return Err(reject(StatusCode::BAD_REQUEST, "`Sec-WebSocket-Key` header missing"));
+        };
+        let accept = tokio_tungstenite::tungstenite::handshake::derive_accept_key(key.as_bytes());
+        let Some(on_upgrade) = parts.extensions.remove::<OnUpgrade>() else {
+            return Err(reject(StatusCode::UPGRADE_REQUIRED, "this connection cannot be upgraded"));
+        };
+        Ok(Upgrade { accept, on_upgrade })
+    }
+}
+
 pub async fn handler(
     State(hub): State<Hub>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     headers: HeaderMap,
     params: Result<Query<WsParams>, axum::extract::rejection::QueryRejection>,
-    upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
+    upgrade: Result<Upgrade, Response>,
 ) -> Response {
     let upgrade = match upgrade {
         Ok(upgrade) => upgrade,
-        Err(rejection) => {
-            return json_error(rejection.status(), "not_websocket", &rejection.body_text());
-        }
+        Err(rejection) => return rejection,
     };
     let Ok(Query(params)) = params else {
         return json_error(
@@ -110,40 +156,100 @@ pub async fn handler(
             return json_error(status, code, message);
         }
     };
-    let limits = hub.limits();
-    let max = limits.max_message_size;
     let tracker_token = hub.shutdown.tracker.token();
-    upgrade
-        .read_buffer_size(READ_BUFFER_SIZE)
-        .write_buffer_size(WRITE_BUFFER_SIZE)
-        // Our own queue bounds what waits for a slow client; this bound only
-        // stops one oversized burst from growing the write buffer further.
-        .max_write_buffer_size(limits.queue_bytes + max + WRITE_BUFFER_SIZE)
-        .max_message_size(max)
-        .max_frame_size(max)
-        .on_upgrade(move |socket| async move {
-            run(socket, hub, admission, params.token).await;
-            drop(tracker_token);
-        })
+    let Upgrade { accept, on_upgrade } = upgrade;
+    tokio::spawn(async move {
+        match on_upgrade.await.map(|upgraded| upgraded.downcast::<TokioIo<TcpStream>>()) {
+            Ok(Ok(parts)) => run(parts.io.into_inner(), parts.read_buf, hub, admission, params.token).await,
+            Ok(Err(_)) => tracing::error!("an upgraded connection is not a TCP stream"),
+            Err(error) => tracing::debug!(%error, "the WebSocket upgrade failed"),
+        }
+        drop(tracker_token);
+    });
+    Response::builder()
+        .status(StatusCode::SWITCHING_PROTOCOLS)
+        .header(header::CONNECTION, "upgrade")
+        .header(header::UPGRADE, "websocket")
+        .header(header::SEC_WEBSOCKET_ACCEPT, accept)
+        .body(Body::empty())
+        .expect("a valid response")
+}
+
+/// The reading half of a connection: bytes from the socket, decoded into
+/// messages. Buffers only while a message is incomplete.
+struct Reader {
+    decoder: Decoder,
+    buffer: BytesMut,
+}
+
+impl Reader {
+    fn new(max_message: usize, early: Bytes) -> Self {
+        Reader {
+            decoder: Decoder::new(max_message),
+            buffer: BytesMut::from(&early[..]),
+        }
+    }
+
+    /// The next message. Cancel-safe: what was read stays buffered.
+    async fn recv(&mut self, stream: &TcpStream) -> Result<Message, Ending> {
+        loop {
+            match self.decoder.decode(&mut self.buffer) {
+                Ok(Some(message)) => {
+                    if self.buffer.is_empty() {
+                        // An idle connection keeps no read buffer.
+                        self.buffer = BytesMut::new();
+                    }
+                    return Ok(message);
+                }
+                Ok(None) => {}
+                Err(DecodeError::TooLarge) => return Err(Ending::TooLarge),
+                Err(DecodeError::InvalidUtf8) => return Err(Ending::InvalidUtf8),
+                Err(DecodeError::Protocol(what)) => {
+                    tracing::debug!(what, "WebSocket protocol error");
+                    return Err(Ending::ProtocolError);
+                }
+            }
+            stream.readable().await.map_err(|_| Ending::ClientGone)?;
+            self.buffer.reserve(READ_CHUNK);
+            match stream.try_read_buf(&mut self.buffer) {
+                Ok(0) => return Err(Ending::ClientGone),
+                Ok(_) => {}
+                Err(error) if error.kind() == io::ErrorKind::WouldBlock => {}
+                Err(_) => return Err(Ending::ClientGone),
+            }
+        }
+    }
+}
+
+/// Writes everything queued, waiting for the socket as needed.
+async fn flush_all(socket: &ConnectionSocket) -> io::Result<()> {
+    loop {
+        socket.flush()?;
+        if socket.stalled_since().is_none() {
+            return Ok(());
+        }
+        socket.stream().writable().await?;
+    }
 }
 
 /// Runs one connection from upgrade to close.
-async fn run(mut socket: WebSocket, hub: Hub, admission: Admission, query_token: Option<String>) {
+async fn run(stream: TcpStream, early: Bytes, hub: Hub, admission: Admission, query_token: Option<String>) {
     use std::sync::atomic::Ordering::Relaxed;
     hub.metrics.connections_accepted.fetch_add(1, Relaxed);
     let limits = hub.limits();
+    let socket = connection_socket(hub.next_connection_id(), stream, limits.queue_messages, limits.queue_bytes);
+    let mut reader = Reader::new(limits.max_message_size, early);
     let mut gate = CommandGate::new(limits.commands_per_second, limits.command_burst, Instant::now().into());
-    let ending = match authenticate(&mut socket, &hub, query_token, &mut gate).await {
-        Ok(identity) => Session::start(&mut socket, &hub, identity, gate).await,
+    let ending = match authenticate(&socket, &mut reader, &hub, query_token, &mut gate).await {
+        Ok(identity) => Session::start(&socket, &mut reader, &hub, identity, gate).await,
         Err(ending) => ending,
     };
     hub.metrics.disconnects.add(ending.metric_label(), 1);
     if let Some((code, reason)) = ending.close_frame() {
-        let close = Message::Close(Some(CloseFrame {
-            code,
-            reason: reason.into(),
-        }));
-        let _ = tokio::time::timeout(CLOSE_TIMEOUT, socket.send(close)).await;
+        // Nothing more from fan-out: the close frame is the last one.
+        socket.hold();
+        socket.send(websocket::close(code, reason));
+        let _ = tokio::time::timeout(CLOSE_TIMEOUT, flush_all(&socket)).await;
     }
     drop(admission);
 }
@@ -152,7 +258,8 @@ async fn run(mut socket: WebSocket, hub: Hub, admission: Admission, query_token:
 /// frame within the auth timeout. Other commands are answered with
 /// `not_authenticated` and not served.
 async fn authenticate(
-    socket: &mut WebSocket,
+    socket: &ConnectionSocket,
+    reader: &mut Reader,
     hub: &Hub,
     query_token: Option<String>,
     gate: &mut CommandGate,
@@ -170,14 +277,17 @@ async fn authenticate(
                 return Err(Ending::AuthTimeout);
             }
             _ = hub.shutdown.draining.cancelled() => return Err(Ending::Shutdown),
-            incoming = socket.recv() => incoming,
+            incoming = reader.recv(socket.stream()) => incoming?,
         };
         let text = match incoming {
-            None | Some(Ok(Message::Close(_))) => return Err(Ending::ClientGone),
-            Some(Err(error)) => return Err(read_error_ending(error)),
-            Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
-            Some(Ok(Message::Binary(_))) => None,
-            Some(Ok(Message::Text(text))) => Some(text),
+            Message::Close(_) => return Err(Ending::ClientClosed),
+            Message::Ping(payload) => {
+                socket.send(websocket::encode(websocket::OP_PONG, &payload));
+                continue;
+            }
+            Message::Pong => continue,
+            Message::Binary(_) => None,
+            Message::Text(text) => Some(text),
         };
         let parsed = text.as_deref().map(frame::parse_client_frame);
         let reply = match gate.check(Instant::now().into()) {
@@ -210,7 +320,7 @@ fn rate_limited_frame(parsed: Option<&Result<frame::ClientFrame, FrameError>>) -
     error_frame(message_id, ErrorCode::RateLimited, "command rate limit exceeded")
 }
 
-async fn verify(socket: &mut WebSocket, hub: &Hub, token: &str) -> Result<Identity, Ending> {
+async fn verify(socket: &ConnectionSocket, hub: &Hub, token: &str) -> Result<Identity, Ending> {
     match hub.verifier.verify(token) {
         Ok(identity) => Ok(identity),
         Err(error) => {
@@ -223,27 +333,20 @@ async fn verify(socket: &mut WebSocket, hub: &Hub, token: &str) -> Result<Identi
     }
 }
 
-/// Sends one frame immediately, within the write timeout.
-async fn send_now(socket: &mut WebSocket, hub: &Hub, frame: String) -> Result<(), Ending> {
-    match tokio::time::timeout(hub.limits().write_timeout, socket.send(Message::Text(frame.into()))).await {
+/// Sends one frame (and anything queued before it) within the write timeout.
+async fn send_now(socket: &ConnectionSocket, hub: &Hub, frame: String) -> Result<(), Ending> {
+    socket.send(websocket::text(&frame));
+    match tokio::time::timeout(hub.limits().write_timeout, flush_all(socket)).await {
         Ok(Ok(())) => Ok(()),
         Ok(Err(_)) => Err(Ending::ClientGone),
         Err(_) => Err(Ending::SlowClient),
     }
 }
 
-fn read_error_ending(error: axum::Error) -> Ending {
-    use tokio_tungstenite::tungstenite::Error as WsError;
-    match error.into_inner().downcast::<WsError>() {
-        Ok(error) if matches!(*error, WsError::Capacity(_)) => Ending::TooLarge,
-        Ok(error) if matches!(*error, WsError::Utf8(_)) => Ending::InvalidUtf8,
-        _ => Ending::ClientGone,
-    }
-}
-
 /// An authenticated connection.
 struct Session<'a> {
     hub: &'a Hub,
+    socket: &'a ConnectionSocket,
     identity: Identity,
     user_channel: ChannelName,
     handle: ConnectionHandle,
@@ -253,8 +356,6 @@ struct Session<'a> {
     /// change revokes.
     granted_by_server: HashSet<ChannelName>,
     gate: CommandGate,
-    /// Frames to write this turn; fed to the socket and flushed once.
-    outbox: Vec<Message>,
     /// Set when the token was replaced by `refresh`.
     expiry_changed: bool,
     /// For subscribed channels that keep history: the last position
@@ -299,11 +400,18 @@ struct AuthSuccess<'a> {
 }
 
 impl<'a> Session<'a> {
-    async fn start(socket: &mut WebSocket, hub: &'a Hub, identity: Identity, gate: CommandGate) -> Ending {
+    async fn start(
+        socket: &'a ConnectionSocket,
+        reader: &mut Reader,
+        hub: &'a Hub,
+        identity: Identity,
+        gate: CommandGate,
+    ) -> Ending {
         let user_channel = ChannelName::user(&identity.user_id).expect("the verifier checks the user id");
-        let limits = hub.limits();
-        let id = hub.next_connection_id();
-        let (handle, queue) = connection_queue(id, &identity.user_id, limits.queue_messages, limits.queue_bytes);
+        let id = socket.id();
+        // `auth_success` goes first: fan-out queues behind it until it is sent.
+        socket.hold();
+        let handle = socket.handle(&identity.user_id);
         match hub.subscribe_user(&user_channel, handle.clone()) {
             Some(_) => {}
             None => {
@@ -323,13 +431,13 @@ impl<'a> Session<'a> {
         let success = server_frame("auth_success", None, success);
         let mut session = Session {
             hub,
+            socket,
             user_channel: user_channel.clone(),
             handle,
             subscriptions: HashSet::from([user_channel]),
             granted_by_server: HashSet::new(),
             identity,
             gate,
-            outbox: vec![Message::Text(success.into())],
             expiry_changed: false,
             positions: HashMap::new(),
             replay: Vec::new(),
@@ -339,11 +447,13 @@ impl<'a> Session<'a> {
         hub.broker.subscribed(&session.user_channel).await;
         let (user_channel, user) = (session.user_channel.clone(), session.identity.user_id.clone());
         hub.presence_changed(user_channel, user, id, true).await;
-        session.serve(socket, queue).await
+        session.reply(success);
+        session.serve(reader).await
     }
 
-    async fn serve(&mut self, socket: &mut WebSocket, queue: ConnectionQueue) -> Ending {
+    async fn serve(&mut self, reader: &mut Reader) -> Ending {
         let hub = self.hub;
+        let socket = self.socket;
         let keepalive = &hub.config.keepalive;
         let far_future = Instant::now() + Duration::from_secs(86_400 * 365);
         // One timer for both halves of keepalive: when the next ping is due,
@@ -360,47 +470,29 @@ impl<'a> Session<'a> {
         // with the token (a lock) on every message.
         let drain_signal = hub.shutdown.draining.clone().cancelled_owned();
         tokio::pin!(drain_signal);
+        // Whatever queued behind `auth_success` goes now.
+        if let Some(ending) = self.take_entries().await {
+            return ending;
+        }
 
         loop {
-            if !self.outbox.is_empty() {
-                let write = async {
-                    for message in self.outbox.drain(..) {
-                        socket.feed(message).await?;
-                    }
-                    socket.flush().await
-                };
-                let outcome = tokio::select! {
-                    outcome = tokio::time::timeout(hub.limits().write_timeout, write) => outcome,
-                    _ = queue.fell_behind() => return Ending::SlowClient,
-                };
-                match outcome {
-                    Ok(Ok(())) => {}
-                    Ok(Err(_)) => return Ending::ClientGone,
-                    Err(_) => return Ending::SlowClient,
-                }
-                if self.outbox.capacity() > MAX_BATCH {
-                    self.outbox = Vec::new();
-                }
+            if socket.flush().is_err() {
+                return Ending::ClientGone;
             }
+            let stalled = socket.stalled_since().map(|since| Instant::from_std(since) + hub.limits().write_timeout);
             if self.expiry_changed {
                 self.expiry_changed = false;
                 expiry.as_mut().reset(self.expiry_instant());
             }
             tokio::select! {
                 biased;
-                                _ = &mut drain_signal, if !draining => {
+                _ = &mut drain_signal, if !draining => {
                     draining = true;
                     drain.as_mut().reset(Instant::now() + drain_delay(hub.config.shutdown.drain_window));
                 }
                 _ = &mut drain, if draining => {
                     let data = json!({"reason": "shutdown", "reconnect": true});
-                    self.outbox.push(Message::Text(server_frame("disconnect", None, data).into()));
-                    let _ = tokio::time::timeout(CLOSE_TIMEOUT, async {
-                        for message in self.outbox.drain(..) {
-                            socket.feed(message).await?;
-                        }
-                        socket.flush().await
-                    }).await;
+                    self.reply(server_frame("disconnect", None, data));
                     return Ending::Shutdown;
                 }
                 _ = &mut expiry => return Ending::TokenExpired,
@@ -408,53 +500,79 @@ impl<'a> Session<'a> {
                     if awaiting_pong {
                         return Ending::PongTimeout;
                     }
-                    self.outbox.push(Message::Ping(bytes::Bytes::new()));
+                    socket.send(websocket::encode(websocket::OP_PING, &[]));
                     awaiting_pong = true;
                     keepalive_timer.as_mut().reset(Instant::now() + keepalive.pong_timeout);
+                }
+                // Queued bytes that make no progress for the write timeout.
+                _ = sleep_until(stalled.unwrap_or(far_future)), if stalled.is_some() => return Ending::SlowClient,
+                ready = socket.stream().writable(), if stalled.is_some() => {
+                    if ready.is_err() {
+                        return Ending::ClientGone;
+                    }
                 }
                 // The socket comes before the queue: a busy channel must not
                 // starve the client's commands and pongs. Commands are rate
                 // limited, so they cannot starve the queue in turn.
-                incoming = socket.recv() => {
+                incoming = reader.recv(socket.stream()) => {
                     // Any frame proves the peer is alive.
                     if awaiting_pong {
                         awaiting_pong = false;
                         keepalive_timer.as_mut().reset(Instant::now() + keepalive.ping_interval);
                     }
                     let text = match incoming {
-                        None | Some(Ok(Message::Close(_))) => return Ending::ClientGone,
-                        Some(Err(error)) => return read_error_ending(error),
-                        Some(Ok(Message::Pong(_) | Message::Ping(_))) => continue,
-                        Some(Ok(Message::Binary(_))) => None,
-                        Some(Ok(Message::Text(text))) => Some(text),
+                        Err(ending) => return ending,
+                        Ok(Message::Close(_)) => return Ending::ClientClosed,
+                        Ok(Message::Ping(payload)) => {
+                            socket.send(websocket::encode(websocket::OP_PONG, &payload));
+                            continue;
+                        }
+                        Ok(Message::Pong) => continue,
+                        Ok(Message::Binary(_)) => None,
+                        Ok(Message::Text(text)) => Some(text),
                     };
+                    // The reply goes before anything published meanwhile.
+                    socket.hold();
                     // Boxed: the command path (publish included) is large and
                     // rarely running; inline, every idle connection would carry it.
                     if let Some(ending) = Box::pin(self.command(text.as_deref())).await {
                         return ending;
                     }
+                    if let Some(ending) = self.take_entries().await {
+                        return ending;
+                    }
                 }
-                next = queue.next() => {
-                    let Next::Frame(frame) = next else { return Ending::SlowClient };
-                    self.take(frame).await;
-                    while self.outbox.len() < MAX_BATCH {
-                        match queue.try_next() {
-                            Some(Next::Frame(frame)) => self.take(frame).await,
-                            Some(Next::FellBehind) => return Ending::SlowClient,
-                            None => break,
-                        }
+                _ = socket.changed() => {
+                    if let Some(ending) = self.take_entries().await {
+                        return ending;
                     }
                 }
             }
         }
     }
 
+    /// Takes what fan-out queued for this task, a batch at a time; the hold
+    /// ends once nothing is left.
+    async fn take_entries(&mut self) -> Option<Ending> {
+        for _ in 0..MAX_BATCH {
+            match self.socket.next() {
+                None => return None,
+                Some(Next::Entry(entry)) => self.take(entry).await,
+                Some(Next::FellBehind) => return Some(Ending::SlowClient),
+                Some(Next::Failed) => return Some(Ending::ClientGone),
+            }
+        }
+        // More waits: come back to it after a look at the socket.
+        self.socket.wake();
+        None
+    }
+
     /// Takes one entry from the queue. For channels with history it keeps
     /// the stream exact: a message already delivered (overlap with a
     /// recovery) is skipped, and a gap (a message lost on its way to this
     /// node) is filled from history, or reported with `resync`.
-    async fn take(&mut self, frame: Outbound) {
-        let message = match frame {
+    async fn take(&mut self, entry: Outbound) {
+        let frame = match entry {
             Outbound::Delivery(delivery) => {
                 if let (Some(offset), Some(epoch)) = (delivery.offset, &delivery.epoch)
                     && let Some(position) = self.positions.get(&delivery.channel).cloned()
@@ -471,7 +589,7 @@ impl<'a> Session<'a> {
                     };
                     self.positions.insert(delivery.channel.clone(), position);
                 }
-                Message::from(delivery.frame.clone())
+                delivery.frame.clone()
             }
             Outbound::Subscribe(channel) => {
                 let limit = self.hub.limits().max_subscriptions;
@@ -491,17 +609,17 @@ impl<'a> Session<'a> {
                 }
                 self.granted_by_server.insert(channel.clone());
                 self.add_subscription(&channel).await;
-                Message::Text(server_frame("subscribed", None, json!({"channel": channel})).into())
+                websocket::text(&server_frame("subscribed", None, json!({"channel": channel})))
             }
             Outbound::Unsubscribe(channel) => {
                 if channel == self.user_channel || !self.remove_subscription(&channel).await {
                     return;
                 }
                 let data = json!({"channel": channel, "reason": "server"});
-                Message::Text(server_frame("unsubscribed", None, data).into())
+                websocket::text(&server_frame("unsubscribed", None, data))
             }
         };
-        self.outbox.push(message);
+        self.socket.send(frame);
     }
 
     /// Advances the position past a message this connection will not
@@ -549,11 +667,11 @@ impl<'a> Session<'a> {
         if !publication.is_for(self.handle.id(), &self.identity.user_id) {
             return;
         }
-        self.outbox.push(Message::from(Frame::from(publication.encode())));
+        self.socket.send(wire_frame(publication.encode()));
     }
 
     fn reply(&mut self, frame: String) {
-        self.outbox.push(Message::Text(frame.into()));
+        self.socket.send(websocket::text(&frame));
     }
 
     fn expiry_instant(&self) -> Instant {
@@ -1027,15 +1145,6 @@ fn err(code: ErrorCode, message: &str) -> (ErrorCode, String) {
 
 fn ack(message_id: &Option<serde_json::Value>, data: impl Serialize) -> String {
     ack_frame(message_id.as_ref(), data)
-}
-
-impl From<Frame> for Message {
-    fn from(frame: Frame) -> Self {
-        match frame {
-            Frame::Text(text) => Message::Text(text),
-            Frame::Binary(bytes) => Message::Binary(bytes),
-        }
-    }
 }
 
 fn broker_error(error: crate::broker::BrokerError) -> (ErrorCode, String) {
