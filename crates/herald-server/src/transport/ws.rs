@@ -210,10 +210,12 @@ impl Reader {
                 }
             }
             stream.readable().await.map_err(|_| Ending::ClientGone)?;
-            self.buffer.reserve(READ_CHUNK);
-            match stream.try_read_buf(&mut self.buffer) {
+            // Read on the stack and keep only what arrived: a buffer sized
+            // for the read would stay with the connection.
+            let mut chunk = [0u8; READ_CHUNK];
+            match stream.try_read(&mut chunk) {
                 Ok(0) => return Err(Ending::ClientGone),
-                Ok(_) => {}
+                Ok(read) => self.buffer.extend_from_slice(&chunk[..read]),
                 Err(error) if error.kind() == io::ErrorKind::WouldBlock => {}
                 Err(_) => return Err(Ending::ClientGone),
             }
