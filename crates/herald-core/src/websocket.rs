@@ -296,7 +296,10 @@ mod tests {
         bytes.extend(client_frame(false, OP_CONTINUATION, b"lo ", [4, 3, 2, 1]));
         bytes.extend(client_frame(true, OP_CONTINUATION, b"world", [0, 0, 0, 0]));
         let messages = decode_all(&mut Decoder::new(1024), &bytes).unwrap();
-        assert_eq!(messages, [Message::Ping(Bytes::new()), Message::Text("hello world".into())]);
+        assert_eq!(
+            messages,
+            [Message::Ping(Bytes::new()), Message::Text("hello world".into())]
+        );
     }
 
     #[test]
@@ -363,7 +366,10 @@ mod tests {
             "a character may straddle fragments"
         );
         let reason = client_frame(true, OP_CLOSE, &[0x03, 0xE8, 0xFF], [0; 4]);
-        assert_eq!(decode_all(&mut Decoder::new(100), &reason), Err(DecodeError::InvalidUtf8));
+        assert_eq!(
+            decode_all(&mut Decoder::new(100), &reason),
+            Err(DecodeError::InvalidUtf8)
+        );
     }
 
     proptest! {

@@ -343,7 +343,11 @@ impl ConnectionSocket {
     /// Since when queued bytes have waited for the socket without progress.
     pub fn stalled_since(&self) -> Option<Instant> {
         let state = lock(&self.shared.state);
-        if state.unsent.is_empty() { None } else { state.stalled_since }
+        if state.unsent.is_empty() {
+            None
+        } else {
+            state.stalled_since
+        }
     }
 
     /// Holds the connection: until [`next`](Self::next) finds nothing left,
@@ -513,7 +517,10 @@ mod tests {
         assert_eq!(handle.offer(&delivery("12345", Some(1))), Offer::Queued);
         assert_eq!(handle.offer(&delivery("12345", Some(2))), Offer::Queued);
         assert_eq!(handle.offer(&delivery("12345", Some(3))), Offer::Dropped);
-        assert!(matches!(socket.next(), Some(Next::FellBehind)), "slow wins over queued entries");
+        assert!(
+            matches!(socket.next(), Some(Next::FellBehind)),
+            "slow wins over queued entries"
+        );
         assert_eq!(handle.offer(&delivery("1", None)), Offer::Dropped, "slow stays slow");
     }
 
@@ -521,7 +528,11 @@ mod tests {
     async fn the_byte_bound_counts_too() {
         let (socket, handle, _client) = pair(100, 10).await;
         assert_eq!(handle.offer(&delivery("1234", Some(1))), Offer::Queued);
-        assert_eq!(handle.offer(&delivery("1234", Some(2))), Offer::Dropped, "12 bytes exceed 10");
+        assert_eq!(
+            handle.offer(&delivery("1234", Some(2))),
+            Offer::Dropped,
+            "12 bytes exceed 10"
+        );
         assert!(matches!(socket.next(), Some(Next::FellBehind)));
     }
 

@@ -98,7 +98,7 @@ pub struct Metrics {
     pub connections_rejected: Family<5>,
     pub auth_failures: Family<10>,
     /// Why connections ended.
-    pub disconnects: Family<12>,
+    pub disconnects: Family<13>,
     pub messages_published: Family<4>,
     /// Frames queued to subscribers (one per subscriber per message).
     pub messages_delivered: AtomicU64,
@@ -157,6 +157,7 @@ impl Default for Metrics {
                     "rate_limited",
                     "too_large",
                     "invalid_utf8",
+                    "protocol_error",
                     "max_per_user",
                     "shutdown",
                     "error",

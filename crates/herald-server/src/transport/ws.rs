@@ -74,7 +74,10 @@ impl<S: Send + Sync> FromRequestParts<S> for Upgrade {
     async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, Response> {
         let reject = |status, message| json_error(status, "not_websocket", message);
         if parts.method != Method::GET {
-            return Err(reject(StatusCode::METHOD_NOT_ALLOWED, "a WebSocket upgrade is a GET request"));
+            return Err(reject(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "a WebSocket upgrade is a GET request",
+            ));
         }
         let has_token = |name, token: &str| {
             parts.headers.get_all(name).iter().any(|value: &HeaderValue| {
@@ -84,20 +87,36 @@ impl<S: Send + Sync> FromRequestParts<S> for Upgrade {
             })
         };
         if !has_token(header::CONNECTION, "upgrade") {
-            return Err(reject(StatusCode::BAD_REQUEST, "`Connection` header did not include `upgrade`"));
+            return Err(reject(
+                StatusCode::BAD_REQUEST,
+                "`Connection` header did not include `upgrade`",
+            ));
         }
         if !has_token(header::UPGRADE, "websocket") {
-            return Err(reject(StatusCode::BAD_REQUEST, "`Upgrade` header did not include `websocket`"));
+            return Err(reject(
+                StatusCode::BAD_REQUEST,
+                "`Upgrade` header did not include `websocket`",
+            ));
         }
-        if parts.headers.get(header::SEC_WEBSOCKET_VERSION).is_none_or(|version| version != "13") {
-            return Err(reject(StatusCode::BAD_REQUEST, "`Sec-WebSocket-Version` header must be `13`"));
+        if parts
+            .headers
+            .get(header::SEC_WEBSOCKET_VERSION)
+            .is_none_or(|version| version != "13")
+        {
+            return Err(reject(
+                StatusCode::BAD_REQUEST,
+                "`Sec-WebSocket-Version` header must be `13`",
+            ));
         }
         let Some(key) = parts.headers.get(header::SEC_WEBSOCKET_KEY) else {
             return Err(reject(StatusCode::BAD_REQUEST, "`Sec-WebSocket-Key` header missing"));
         };
         let accept = tokio_tungstenite::tungstenite::handshake::derive_accept_key(key.as_bytes());
         let Some(on_upgrade) = parts.extensions.remove::<OnUpgrade>() else {
-            return Err(reject(StatusCode::UPGRADE_REQUIRED, "this connection cannot be upgraded"));
+            return Err(reject(
+                StatusCode::UPGRADE_REQUIRED,
+                "this connection cannot be upgraded",
+            ));
         };
         Ok(Upgrade { accept, on_upgrade })
     }
@@ -159,7 +178,10 @@ pub async fn handler(
     let tracker_token = hub.shutdown.tracker.token();
     let Upgrade { accept, on_upgrade } = upgrade;
     tokio::spawn(async move {
-        match on_upgrade.await.map(|upgraded| upgraded.downcast::<TokioIo<TcpStream>>()) {
+        match on_upgrade
+            .await
+            .map(|upgraded| upgraded.downcast::<TokioIo<TcpStream>>())
+        {
             Ok(Ok(parts)) => run(parts.io.into_inner(), parts.read_buf, hub, admission, params.token).await,
             Ok(Err(_)) => tracing::error!("an upgraded connection is not a TCP stream"),
             Err(error) => tracing::debug!(%error, "the WebSocket upgrade failed"),
@@ -239,7 +261,12 @@ async fn run(stream: TcpStream, early: Bytes, hub: Hub, admission: Admission, qu
     use std::sync::atomic::Ordering::Relaxed;
     hub.metrics.connections_accepted.fetch_add(1, Relaxed);
     let limits = hub.limits();
-    let socket = connection_socket(hub.next_connection_id(), stream, limits.queue_messages, limits.queue_bytes);
+    let socket = connection_socket(
+        hub.next_connection_id(),
+        stream,
+        limits.queue_messages,
+        limits.queue_bytes,
+    );
     let mut reader = Reader::new(limits.max_message_size, early);
     let mut gate = CommandGate::new(limits.commands_per_second, limits.command_burst, Instant::now().into());
     let ending = match authenticate(&socket, &mut reader, &hub, query_token, &mut gate).await {
@@ -481,7 +508,9 @@ impl<'a> Session<'a> {
             if socket.flush().is_err() {
                 return Ending::ClientGone;
             }
-            let stalled = socket.stalled_since().map(|since| Instant::from_std(since) + hub.limits().write_timeout);
+            let stalled = socket
+                .stalled_since()
+                .map(|since| Instant::from_std(since) + hub.limits().write_timeout);
             if self.expiry_changed {
                 self.expiry_changed = false;
                 expiry.as_mut().reset(self.expiry_instant());

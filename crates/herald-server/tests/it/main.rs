@@ -5,6 +5,7 @@ mod harness;
 
 mod auth;
 mod cluster;
+mod framing;
 mod history;
 mod http_api;
 mod lifecycle;
