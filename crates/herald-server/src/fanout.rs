@@ -304,8 +304,15 @@ impl ConnectionSocket {
 
     /// Queues one of the task's own frames (a reply, a ping, a close)
     /// behind everything already queued; [`flush`](Self::flush) writes it.
+    /// The queue's bounds apply: a client that sends (pings, commands) but
+    /// does not read is marked slow like one that falls behind fan-out.
     pub fn send(&self, frame: Bytes) {
-        lock(&self.shared.state).push_unsent(frame);
+        let mut state = lock(&self.shared.state);
+        if state.over_bounds(frame.len(), &self.shared) && !state.slow {
+            state.slow = true;
+            self.shared.wake.notify_one();
+        }
+        state.push_unsent(frame);
     }
 
     /// Writes queued frames until the socket takes no more.
@@ -550,6 +557,19 @@ mod tests {
             .await
             .expect("the task is woken");
         assert!(matches!(socket.next(), Some(Next::FellBehind)));
+    }
+
+    #[tokio::test]
+    async fn the_tasks_own_frames_count_against_the_bounds() {
+        let (socket, _handle, _client) = pair(100, 10).await;
+        socket.hold();
+        socket.send(websocket::text("12345678"));
+        assert!(socket.next().is_none(), "within the bound");
+        socket.send(websocket::text("12345678"));
+        assert!(
+            matches!(socket.next(), Some(Next::FellBehind)),
+            "pongs and replies to a client that does not read make it slow"
+        );
     }
 
     #[tokio::test]
