@@ -1,13 +1,16 @@
 //! The subscription registry: which local connections listen to which channel.
 //!
 //! It is sharded by channel so that subscribes on unrelated channels do not
-//! contend. Fan-out walks one channel's subscribers under that shard's lock
-//! and hands each a cheap clone of the already-encoded frame; the visitor
-//! must not block (the server's visitor is a non-blocking queue push).
+//! contend. Fan-out walks a snapshot of one channel's subscribers, taken
+//! under that shard's lock and walked outside it, so that writing to
+//! thousands of sockets never holds up subscribes (or other fan-outs) in the
+//! shard. The snapshot is made on the first delivery after a change and
+//! shared until the next change, so a stable channel costs one
+//! reference-count increment per delivery.
 
 use std::collections::HashMap;
 use std::hash::{BuildHasher, RandomState};
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use crate::channel::ChannelName;
 
@@ -38,8 +41,24 @@ pub struct Presence {
     pub connections: usize,
 }
 
-/// One lock's worth of channels, each with its subscribers by connection id.
-type Shard<S> = HashMap<ChannelName, HashMap<u64, S>>;
+/// One channel's local subscribers by connection id, and the snapshot
+/// fan-out walks (`None` after a change, until the next delivery).
+struct Listeners<S> {
+    by_id: HashMap<u64, S>,
+    snapshot: Option<Arc<[S]>>,
+}
+
+impl<S> Default for Listeners<S> {
+    fn default() -> Self {
+        Listeners {
+            by_id: HashMap::new(),
+            snapshot: None,
+        }
+    }
+}
+
+/// One lock's worth of channels.
+type Shard<S> = HashMap<ChannelName, Listeners<S>>;
 
 pub struct Registry<S> {
     shards: Box<[Mutex<Shard<S>>]>,
@@ -64,9 +83,10 @@ impl<S: Subscriber> Registry<S> {
 
     pub fn subscribe(&self, channel: &ChannelName, subscriber: S) -> Change {
         let mut shard = self.shard(channel);
-        let subscribers = shard.entry(channel.clone()).or_default();
-        let was_empty = subscribers.is_empty();
-        match subscribers.insert(subscriber.connection_id(), subscriber) {
+        let listeners = shard.entry(channel.clone()).or_default();
+        let was_empty = listeners.by_id.is_empty();
+        listeners.snapshot = None;
+        match listeners.by_id.insert(subscriber.connection_id(), subscriber) {
             Some(_) => Change::NoOp,
             None if was_empty => Change::ChannelEdge,
             None => Change::Unchanged,
@@ -77,15 +97,16 @@ impl<S: Subscriber> Registry<S> {
     /// (checked and updated under one lock); `None` when it is full.
     pub fn subscribe_bounded(&self, channel: &ChannelName, subscriber: S, max: usize) -> Option<Change> {
         let mut shard = self.shard(channel);
-        let subscribers = shard.entry(channel.clone()).or_default();
-        if subscribers.len() >= max && !subscribers.contains_key(&subscriber.connection_id()) {
-            if subscribers.is_empty() {
+        let listeners = shard.entry(channel.clone()).or_default();
+        if listeners.by_id.len() >= max && !listeners.by_id.contains_key(&subscriber.connection_id()) {
+            if listeners.by_id.is_empty() {
                 shard.remove(channel);
             }
             return None;
         }
-        let was_empty = subscribers.is_empty();
-        Some(match subscribers.insert(subscriber.connection_id(), subscriber) {
+        let was_empty = listeners.by_id.is_empty();
+        listeners.snapshot = None;
+        Some(match listeners.by_id.insert(subscriber.connection_id(), subscriber) {
             Some(_) => Change::NoOp,
             None if was_empty => Change::ChannelEdge,
             None => Change::Unchanged,
@@ -94,13 +115,14 @@ impl<S: Subscriber> Registry<S> {
 
     pub fn unsubscribe(&self, channel: &ChannelName, connection_id: u64) -> Change {
         let mut shard = self.shard(channel);
-        let Some(subscribers) = shard.get_mut(channel) else {
+        let Some(listeners) = shard.get_mut(channel) else {
             return Change::NoOp;
         };
-        if subscribers.remove(&connection_id).is_none() {
+        if listeners.by_id.remove(&connection_id).is_none() {
             return Change::NoOp;
         }
-        if subscribers.is_empty() {
+        listeners.snapshot = None;
+        if listeners.by_id.is_empty() {
             shard.remove(channel);
             Change::ChannelEdge
         } else {
@@ -108,24 +130,37 @@ impl<S: Subscriber> Registry<S> {
         }
     }
 
-    /// Calls `visit` for every subscriber of `channel`; returns how many there were.
+    /// Calls `visit` for every subscriber of `channel`, outside the shard's
+    /// lock; returns how many there were.
     pub fn for_each(&self, channel: &ChannelName, mut visit: impl FnMut(&S)) -> usize {
-        let shard = self.shard(channel);
-        let Some(subscribers) = shard.get(channel) else {
+        let Some(subscribers) = self.snapshot(channel) else {
             return 0;
         };
-        subscribers.values().for_each(&mut visit);
+        subscribers.iter().for_each(&mut visit);
         subscribers.len()
     }
 
+    /// The subscribers of `channel` as of now, to walk without the lock.
+    pub fn snapshot(&self, channel: &ChannelName) -> Option<Arc<[S]>> {
+        let mut shard = self.shard(channel);
+        let Listeners { by_id, snapshot } = shard.get_mut(channel)?;
+        Some(
+            snapshot
+                .get_or_insert_with(|| by_id.values().cloned().collect())
+                .clone(),
+        )
+    }
+
     pub fn subscriber_count(&self, channel: &ChannelName) -> usize {
-        self.shard(channel).get(channel).map_or(0, HashMap::len)
+        self.shard(channel)
+            .get(channel)
+            .map_or(0, |listeners| listeners.by_id.len())
     }
 
     pub fn is_subscribed(&self, channel: &ChannelName, connection_id: u64) -> bool {
         self.shard(channel)
             .get(channel)
-            .is_some_and(|subscribers| subscribers.contains_key(&connection_id))
+            .is_some_and(|listeners| listeners.by_id.contains_key(&connection_id))
     }
 
     /// The number of channels with at least one local subscriber.
@@ -136,8 +171,8 @@ impl<S: Subscriber> Registry<S> {
     /// How many local connections of `user` are subscribed to `channel`.
     pub fn user_connections(&self, channel: &ChannelName, user: &str) -> usize {
         let shard = self.shard(channel);
-        shard.get(channel).map_or(0, |subscribers| {
-            subscribers.values().filter(|s| s.user_id() == user).count()
+        shard.get(channel).map_or(0, |listeners| {
+            listeners.by_id.values().filter(|s| s.user_id() == user).count()
         })
     }
 
@@ -151,7 +186,7 @@ impl<S: Subscriber> Registry<S> {
 
     pub fn presence(&self, channel: &ChannelName) -> Presence {
         let shard = self.shard(channel);
-        let Some(subscribers) = shard.get(channel) else {
+        let Some(subscribers) = shard.get(channel).map(|listeners| &listeners.by_id) else {
             return Presence::default();
         };
         let mut users: HashMap<&str, usize> = HashMap::new();
@@ -192,6 +227,26 @@ mod tests {
         fn user_id(&self) -> &str {
             self.1
         }
+    }
+
+    #[test]
+    fn fan_out_walks_a_snapshot_renewed_after_each_change() {
+        let registry = Registry::new(1);
+        let news = ChannelName::parse("news").unwrap();
+        registry.subscribe(&news, Conn(1, "a"));
+        let first = registry.snapshot(&news).unwrap();
+        assert!(
+            Arc::ptr_eq(&first, &registry.snapshot(&news).unwrap()),
+            "shared while nothing changes"
+        );
+        registry.subscribe(&news, Conn(2, "b"));
+        assert_eq!(registry.snapshot(&news).unwrap().len(), 2);
+        assert_eq!(first.len(), 1, "a snapshot being walked does not change");
+        registry.unsubscribe(&news, 1);
+        let ids: Vec<u64> = registry.snapshot(&news).unwrap().iter().map(|c| c.0).collect();
+        assert_eq!(ids, [2]);
+        registry.unsubscribe(&news, 2);
+        assert!(registry.snapshot(&news).is_none());
     }
 
     #[test]

@@ -1,23 +1,29 @@
 //! Local fan-out: from one publication to the socket of every local
 //! subscriber.
 //!
-//! A publication is encoded once, as a complete WebSocket frame, and every
-//! subscriber is handed the same buffer (a reference-count increment).
-//! When nothing waits ahead of it, fan-out writes the frame straight to the
+//! A publication is encoded once, as a complete WebSocket frame, and handed
+//! to its channel's lane; the lane's task walks the channel's subscribers
+//! and gives each the same buffer (a reference-count increment). When
+//! nothing waits ahead of it, the frame is written straight to the
 //! connection's socket with one non-blocking `write`: a delivery to a
-//! connection that keeps up wakes no task. Whatever the socket does not take
-//! at once waits, in order, in the connection's queue for its task, which
-//! writes it as the socket drains. Entries that need the connection's own
-//! judgement (positions in channels with history, subscriptions made by the
-//! server API) always go through the task, and while the task holds the
-//! connection (answering a command, working through such entries) fan-out
-//! queues behind it instead of writing around it.
+//! connection that keeps up wakes no connection task. A lane that falls
+//! behind takes what waits together, and consecutive publications to one
+//! channel reach each subscriber in one (vectored) write.
+//!
+//! Whatever the socket does not take at once waits, in order, in the
+//! connection's queue for its task, which writes it as the socket drains.
+//! Entries that need the connection's own judgement (positions in channels
+//! with history, subscriptions made by the server API) always go through the
+//! task, and while the task holds the connection (answering a command,
+//! working through such entries) fan-out queues behind it instead of writing
+//! around it.
 //!
 //! Queues are bounded in messages and bytes; a subscriber whose queue is
 //! full is marked slow and its connection closes with 4008. Fan-out never
 //! waits on a subscriber.
 
 use std::collections::VecDeque;
+use std::hash::{BuildHasher, RandomState};
 use std::io::{self, IoSlice};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, OnceLock};
@@ -29,6 +35,8 @@ use herald_core::registry::{Registry, Subscriber};
 use herald_core::{ChannelName, Publication, websocket};
 use tokio::net::TcpStream;
 use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use crate::hub::lock;
 use crate::metrics::Metrics;
@@ -183,6 +191,15 @@ pub enum Offer {
     Closed,
 }
 
+/// What a run of entries came to for one connection.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Offers {
+    /// Written or queued.
+    pub queued: u64,
+    /// Refused because the connection fell behind.
+    pub dropped: u64,
+}
+
 /// What the connection task takes from its queue.
 #[derive(Debug)]
 pub enum Next {
@@ -223,57 +240,99 @@ impl ConnectionHandle {
     /// or bytes) marks the connection slow; it is closed rather than
     /// allowed to lag.
     pub fn offer(&self, frame: &Outbound) -> Offer {
+        match self.offer_all(&[frame]) {
+            Offers { queued: 1, .. } => Offer::Queued,
+            Offers { dropped: 1, .. } => Offer::Dropped,
+            _ => Offer::Closed,
+        }
+    }
+
+    /// Writes or queues `entries`, in order, without waiting: frames that
+    /// can go straight to the socket go in one (vectored) write, the rest
+    /// are queued for the task. See [`offer`](Self::offer).
+    pub fn offer_all(&self, entries: &[&Outbound]) -> Offers {
         let shared = &*self.0;
         let mut state = lock(&shared.state);
         if state.closed || state.failed {
-            return Offer::Closed;
+            return Offers::default();
         }
-        if state.slow {
-            return Offer::Dropped;
-        }
-        let plain = frame.as_plain_frame().filter(|_| !state.held);
-        if let Some(bytes) = plain
-            && state.unsent.is_empty()
-        {
-            let rest = match shared.stream.try_write(bytes) {
-                Ok(written) if written == bytes.len() => return Offer::Queued,
-                Ok(written) => bytes.slice(written..),
-                Err(error) if error.kind() == io::ErrorKind::WouldBlock => bytes.clone(),
-                Err(_) => {
-                    state.failed = true;
-                    drop(state);
-                    shared.wake.notify_one();
-                    return Offer::Closed;
-                }
-            };
-            // The task writes the rest once the socket drains.
-            state.push_unsent(rest);
-            drop(state);
-            shared.wake.notify_one();
-            return Offer::Queued;
-        }
-        if state.over_bounds(frame.len(), shared) {
-            state.slow = true;
-            drop(state);
-            shared.wake.notify_one();
-            return Offer::Dropped;
-        }
-        match plain {
-            // Behind bytes the task is already waiting to write.
-            Some(bytes) => state.push_unsent(bytes.clone()),
-            None => {
-                state.bytes += frame.len();
-                state.entries.push_back(frame.clone());
-                state.held = true;
-                // Only the first entry of a burst needs to wake the task; it
-                // takes everything queued before it sleeps again.
-                if state.entries.len() == 1 {
-                    drop(state);
-                    shared.wake.notify_one();
+        let mut wake = false;
+        let mut rest = entries;
+        if !state.held && state.unsent.is_empty() && !state.slow {
+            let plain = rest
+                .iter()
+                .take(MAX_WRITE_SLICES)
+                .take_while(|entry| entry.as_plain_frame().is_some())
+                .count();
+            let frame = |i: usize| rest[i].as_plain_frame().expect("counted as plain");
+            if plain > 0 {
+                let result = if plain == 1 {
+                    shared.stream.try_write(frame(0))
+                } else {
+                    let mut slices = [IoSlice::new(&[]); MAX_WRITE_SLICES];
+                    for (i, slice) in slices.iter_mut().enumerate().take(plain) {
+                        *slice = IoSlice::new(frame(i));
+                    }
+                    shared.stream.try_write_vectored(&slices[..plain])
+                };
+                match result {
+                    Ok(mut written) => {
+                        let mut taken = 0;
+                        while taken < plain && written >= frame(taken).len() {
+                            written -= frame(taken).len();
+                            taken += 1;
+                        }
+                        if written > 0 {
+                            // The task writes the rest once the socket drains.
+                            state.push_unsent(frame(taken).slice(written..));
+                            wake = true;
+                            taken += 1;
+                        }
+                        rest = &rest[taken..];
+                    }
+                    Err(error) if error.kind() == io::ErrorKind::WouldBlock => {}
+                    Err(_) => {
+                        state.failed = true;
+                        drop(state);
+                        shared.wake.notify_one();
+                        return Offers::default();
+                    }
                 }
             }
         }
-        Offer::Queued
+        let mut offers = Offers {
+            queued: (entries.len() - rest.len()) as u64,
+            dropped: 0,
+        };
+        for entry in rest {
+            if state.slow || state.over_bounds(entry.len(), shared) {
+                wake |= !state.slow;
+                state.slow = true;
+                offers.dropped += 1;
+                continue;
+            }
+            offers.queued += 1;
+            match entry.as_plain_frame().filter(|_| !state.held) {
+                Some(bytes) => {
+                    // Behind bytes the task writes (woken if they are the first).
+                    wake |= state.unsent.is_empty();
+                    state.push_unsent(bytes.clone());
+                }
+                None => {
+                    state.bytes += entry.len();
+                    state.entries.push_back((*entry).clone());
+                    state.held = true;
+                    // Only the first entry of a burst needs to wake the task;
+                    // it takes everything queued before it sleeps again.
+                    wake |= state.entries.len() == 1;
+                }
+            }
+        }
+        drop(state);
+        if wake {
+            shared.wake.notify_one();
+        }
+        offers
     }
 }
 
@@ -412,45 +471,130 @@ impl Drop for ConnectionSocket {
     }
 }
 
+/// A publication on its way to a lane: its entry and who must not get it.
+struct Pending {
+    channel: ChannelName,
+    entry: Outbound,
+    exclude_connection: Option<u64>,
+    exclude_user: Option<String>,
+    accepted_at: Instant,
+}
+
+impl Pending {
+    fn is_for(&self, connection: &ConnectionHandle) -> bool {
+        self.exclude_connection != Some(connection.connection_id())
+            && self.exclude_user.as_deref() != Some(connection.user_id())
+    }
+}
+
+/// One fan-out task's inbox. A channel always maps to the same lane, so its
+/// publications are delivered in the order they were handed over.
+#[derive(Default)]
+struct Lane {
+    pending: Mutex<Vec<Pending>>,
+    wake: Notify,
+}
+
 /// The node's subscription registry and the fan-out over it.
+///
+/// Publications are handed to a lane (one per runtime worker, chosen by
+/// channel) and delivered by its task. When a lane falls behind, what
+/// waits is taken together and consecutive publications to one channel go
+/// to each subscriber in a single write: the busier the node, the fewer
+/// syscalls per delivery.
 pub struct Fanout {
     pub registry: Registry<ConnectionHandle>,
     metrics: Arc<Metrics>,
+    lanes: Box<[Lane]>,
+    hasher: RandomState,
 }
 
 impl Fanout {
-    pub fn new(metrics: Arc<Metrics>) -> Self {
+    /// A fan-out with `lanes` lanes (at least one); [`start`](Self::start)
+    /// runs them.
+    pub fn new(metrics: Arc<Metrics>, lanes: usize) -> Self {
         Fanout {
             registry: Registry::default(),
             metrics,
+            lanes: (0..lanes.max(1)).map(|_| Lane::default()).collect(),
+            hasher: RandomState::new(),
         }
     }
 
-    /// Queues `publication` for every local subscriber of its channel and
-    /// returns how many received it. `accepted_at` feeds the latency histogram.
-    pub fn deliver(&self, publication: &Publication, accepted_at: Instant) -> usize {
-        let frame = match publication.control() {
+    /// Spawns one task per lane, until `stopped`.
+    pub fn start(self: &Arc<Self>, stopped: &CancellationToken, tasks: &TaskTracker) {
+        for index in 0..self.lanes.len() {
+            tasks.spawn(self.clone().run_lane(index, stopped.clone()));
+        }
+    }
+
+    /// Hands `publication` to its channel's lane, for every local subscriber
+    /// of the channel. `accepted_at` feeds the latency histogram.
+    pub fn deliver(&self, publication: &Publication, accepted_at: Instant) {
+        let entry = match publication.control() {
             Some(Control::Subscribe(channel)) => Outbound::Subscribe(channel),
             Some(Control::Unsubscribe(channel)) => Outbound::Unsubscribe(channel),
             None => Outbound::Delivery(Arc::new(Delivery::new(publication))),
         };
-        let (mut queued, mut dropped) = (0u64, 0u64);
-        self.registry.for_each(&publication.channel, |connection| {
-            if !publication.is_for(connection.connection_id(), connection.user_id()) {
+        let pending = Pending {
+            channel: publication.channel.clone(),
+            entry,
+            exclude_connection: publication.exclude_connection,
+            exclude_user: publication.exclude_user.clone(),
+            accepted_at,
+        };
+        let lane = &self.lanes[self.hasher.hash_one(&publication.channel) as usize % self.lanes.len()];
+        let mut queue = lock(&lane.pending);
+        queue.push(pending);
+        if queue.len() == 1 {
+            drop(queue);
+            lane.wake.notify_one();
+        }
+    }
+
+    async fn run_lane(self: Arc<Self>, index: usize, stopped: CancellationToken) {
+        let lane = &self.lanes[index];
+        let mut batch = Vec::new();
+        loop {
+            tokio::select! {
+                _ = lane.wake.notified() => {}
+                _ = stopped.cancelled() => return,
+            }
+            // Let the publishers that are ready run first: whatever they hand
+            // over joins this batch.
+            tokio::task::yield_now().await;
+            std::mem::swap(&mut batch, &mut *lock(&lane.pending));
+            for run in batch.chunk_by(|a, b| a.channel == b.channel) {
+                self.deliver_run(run);
+            }
+            batch.clear();
+        }
+    }
+
+    /// Delivers consecutive publications to one channel: each subscriber
+    /// gets those meant for it in one offer.
+    fn deliver_run(&self, run: &[Pending]) {
+        let mut totals = Offers::default();
+        let mut entries: Vec<&Outbound> = Vec::with_capacity(run.len());
+        self.registry.for_each(&run[0].channel, |connection| {
+            entries.clear();
+            entries.extend(run.iter().filter(|p| p.is_for(connection)).map(|p| &p.entry));
+            if entries.is_empty() {
                 return;
             }
-            match connection.offer(&frame) {
-                Offer::Queued => queued += 1,
-                Offer::Dropped => dropped += 1,
-                Offer::Closed => {}
-            }
+            let offers = connection.offer_all(&entries);
+            totals.queued += offers.queued;
+            totals.dropped += offers.dropped;
         });
-        self.metrics.messages_delivered.fetch_add(queued, Ordering::Relaxed);
-        if dropped > 0 {
-            self.metrics.messages_dropped.add("slow_client", dropped);
+        self.metrics
+            .messages_delivered
+            .fetch_add(totals.queued, Ordering::Relaxed);
+        if totals.dropped > 0 {
+            self.metrics.messages_dropped.add("slow_client", totals.dropped);
         }
-        self.metrics.fanout_latency.observe(accepted_at.elapsed());
-        queued as usize
+        for pending in run {
+            self.metrics.fanout_latency.observe(pending.accepted_at.elapsed());
+        }
     }
 }
 
@@ -516,6 +660,33 @@ mod tests {
         assert_eq!(handle.offer(&delivery("c", None)), Offer::Queued);
         socket.flush().unwrap();
         assert_eq!(read_exactly(&mut client, 9).await, b"\x81\x01a\x81\x01b\x81\x01c");
+    }
+
+    #[tokio::test]
+    async fn a_run_goes_out_in_one_write_and_in_order_around_task_entries() {
+        let (socket, handle, mut client) = pair(10, 1_000).await;
+        socket.stream().writable().await.unwrap();
+        let (a, b, c, d) = (
+            delivery("a", None),
+            delivery("b", None),
+            delivery("c", Some(7)),
+            delivery("d", None),
+        );
+        let offers = handle.offer_all(&[&a, &b, &c, &d]);
+        assert_eq!(offers, Offers { queued: 4, dropped: 0 });
+        // `c` keeps a position, so the task takes it; `d` waits behind it.
+        for expected in ["c", "d"] {
+            match socket.next() {
+                Some(Next::Entry(Outbound::Delivery(got))) => assert_eq!(got.frame, websocket::text(expected)),
+                other => panic!("unexpected {other:?}"),
+            }
+            socket.send(websocket::text(expected));
+        }
+        socket.flush().unwrap();
+        assert_eq!(
+            read_exactly(&mut client, 12).await,
+            b"\x81\x01a\x81\x01b\x81\x01c\x81\x01d"
+        );
     }
 
     #[tokio::test]

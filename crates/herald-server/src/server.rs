@@ -45,8 +45,10 @@ pub async fn start(config: Config) -> std::io::Result<RunningServer> {
     let local_addr = listener.local_addr()?;
     let config = Arc::new(config);
     let metrics = Arc::new(Metrics::default());
-    let fanout = Arc::new(Fanout::new(metrics.clone()));
+    let lanes = tokio::runtime::Handle::current().metrics().num_workers();
+    let fanout = Arc::new(Fanout::new(metrics.clone(), lanes));
     let shutdown = Shutdown::default();
+    fanout.start(&shutdown.stopped, &shutdown.services);
     let node_id = crate::config::random_token(6);
     let mut stream_consumer = None;
     let mut redis_broker = None;

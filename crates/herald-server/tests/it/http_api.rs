@@ -3,7 +3,7 @@
 
 use serde_json::{Value, json};
 
-use crate::harness::{API_KEY, Event, TestServer};
+use crate::harness::{API_KEY, Event, TestServer, wait_until};
 
 fn parse(text: &str) -> Value {
     serde_json::from_str(text).unwrap_or_else(|_| panic!("JSON body expected, got {text}"))
@@ -206,6 +206,11 @@ async fn operational_endpoints_answer_as_documented() {
     let _alice2 = server.connect("alice").await;
     server.publish_ok("user:alice", json!(1)).await;
     alice.next_frame().await;
+    // Fan-out counts a delivery once it has offered it to every subscriber.
+    wait_until("both deliveries are counted", || async {
+        server.metric("herald_messages_delivered_total").await == 2.0
+    })
+    .await;
 
     let (status, text) = server.http("GET", "/health", None, None).await;
     assert_eq!((status, parse(&text)), (200, json!({"status": "ok"})));
