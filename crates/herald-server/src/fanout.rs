@@ -12,9 +12,10 @@
 //!
 //! Whatever the socket does not take at once waits, in order, in the
 //! connection's queue for its task, which writes it as the socket drains.
-//! Entries that need the connection's own judgement (positions in channels
-//! with history, subscriptions made by the server API) always go through the
-//! task, and while the task holds the connection (answering a command,
+//! A connection keeps its position in channels with history here, so that
+//! fan-out itself skips repeats and writes in-order messages; a gap (or a
+//! new epoch) and subscriptions made by the server API go to the task, and
+//! while the task holds the connection (answering a command,
 //! working through such entries) fan-out queues behind it instead of writing
 //! around it.
 //!
@@ -22,7 +23,7 @@
 //! full is marked slow and its connection closes with 4008. Fan-out never
 //! waits on a subscriber.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::hash::{BuildHasher, RandomState};
 use std::io::{self, IoSlice};
 use std::sync::atomic::Ordering;
@@ -30,6 +31,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Instant;
 
 use bytes::Bytes;
+use herald_core::history::Position;
 use herald_core::publication::{Control, EncodedFrame};
 use herald_core::registry::{Registry, Subscriber};
 use herald_core::{ChannelName, Publication, websocket};
@@ -96,10 +98,10 @@ impl Outbound {
         self.len() == 0
     }
 
-    /// A delivery any connection may write as it is: no position to keep.
-    fn as_plain_frame(&self) -> Option<&Bytes> {
+    /// The frame of a delivery.
+    fn frame(&self) -> Option<&Bytes> {
         match self {
-            Outbound::Delivery(delivery) if delivery.offset.is_none() => Some(&delivery.frame),
+            Outbound::Delivery(delivery) => Some(&delivery.frame),
             _ => None,
         }
     }
@@ -140,9 +142,48 @@ struct State {
     failed: bool,
     /// Set when the connection task is gone; offers are refused.
     closed: bool,
+    /// For subscribed channels that keep history: the last position
+    /// delivered here, to skip repeats and to notice gaps.
+    positions: HashMap<ChannelName, Position>,
+}
+
+/// What a connection does with an entry, given its position in the channel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Judgement {
+    /// Write the frame as it is (the position, if kept, has advanced).
+    Write,
+    /// Already delivered here (the overlap of a recovery with the live stream).
+    Skip,
+    /// For the task: a gap or a new epoch to deal with, or a control entry.
+    Task,
 }
 
 impl State {
+    /// Judges `entry` for this connection; an in-order message in a channel
+    /// whose position is kept advances the position.
+    fn judge(&mut self, entry: &Outbound) -> Judgement {
+        let Outbound::Delivery(delivery) = entry else {
+            return Judgement::Task;
+        };
+        let (Some(offset), Some(epoch)) = (delivery.offset, delivery.epoch.as_deref()) else {
+            return Judgement::Write;
+        };
+        let Some(position) = self.positions.get_mut(&delivery.channel) else {
+            return Judgement::Write;
+        };
+        if position.epoch != epoch {
+            return Judgement::Task;
+        }
+        match offset {
+            offset if offset <= position.offset => Judgement::Skip,
+            offset if offset == position.offset + 1 => {
+                position.offset = offset;
+                Judgement::Write
+            }
+            _ => Judgement::Task,
+        }
+    }
+
     fn push_unsent(&mut self, frame: Bytes) {
         if self.unsent.is_empty() {
             self.stalled_since = Some(Instant::now());
@@ -251,74 +292,86 @@ impl ConnectionHandle {
     /// can go straight to the socket go in one (vectored) write, the rest
     /// are queued for the task. See [`offer`](Self::offer).
     pub fn offer_all(&self, entries: &[&Outbound]) -> Offers {
+        static NONE: Bytes = Bytes::new();
         let shared = &*self.0;
         let mut state = lock(&shared.state);
         if state.closed || state.failed {
             return Offers::default();
         }
+        let mut offers = Offers::default();
         let mut wake = false;
-        let mut rest = entries;
+        let mut next = 0;
         if !state.held && state.unsent.is_empty() && !state.slow {
-            let plain = rest
-                .iter()
-                .take(MAX_WRITE_SLICES)
-                .take_while(|entry| entry.as_plain_frame().is_some())
-                .count();
-            let frame = |i: usize| rest[i].as_plain_frame().expect("counted as plain");
-            if plain > 0 {
-                let result = if plain == 1 {
-                    shared.stream.try_write(frame(0))
-                } else {
-                    let mut slices = [IoSlice::new(&[]); MAX_WRITE_SLICES];
-                    for (i, slice) in slices.iter_mut().enumerate().take(plain) {
-                        *slice = IoSlice::new(frame(i));
+            // Leading frames the connection takes as they are go straight to
+            // the socket, in one write.
+            let mut frames = [&NONE; MAX_WRITE_SLICES];
+            let mut count = 0;
+            while let Some(entry) = entries.get(next)
+                && count < MAX_WRITE_SLICES
+            {
+                match state.judge(entry) {
+                    Judgement::Write => {
+                        frames[count] = entry.frame().expect("only deliveries are written");
+                        count += 1;
                     }
-                    shared.stream.try_write_vectored(&slices[..plain])
-                };
-                match result {
-                    Ok(mut written) => {
-                        let mut taken = 0;
-                        while taken < plain && written >= frame(taken).len() {
-                            written -= frame(taken).len();
-                            taken += 1;
-                        }
-                        if written > 0 {
-                            // The task writes the rest once the socket drains.
-                            state.push_unsent(frame(taken).slice(written..));
-                            wake = true;
-                            taken += 1;
-                        }
-                        rest = &rest[taken..];
-                    }
-                    Err(error) if error.kind() == io::ErrorKind::WouldBlock => {}
-                    Err(_) => {
-                        state.failed = true;
-                        drop(state);
-                        shared.wake.notify_one();
-                        return Offers::default();
-                    }
+                    Judgement::Skip => {}
+                    Judgement::Task => break,
                 }
+                next += 1;
+            }
+            let result = match count {
+                0 => Ok(0),
+                1 => shared.stream.try_write(frames[0]),
+                _ => {
+                    let mut slices = [IoSlice::new(&[]); MAX_WRITE_SLICES];
+                    for (slice, frame) in slices.iter_mut().zip(&frames[..count]) {
+                        *slice = IoSlice::new(frame);
+                    }
+                    shared.stream.try_write_vectored(&slices[..count])
+                }
+            };
+            let mut written = match result {
+                Ok(written) => written,
+                Err(error) if error.kind() == io::ErrorKind::WouldBlock => 0,
+                Err(_) => {
+                    state.failed = true;
+                    drop(state);
+                    shared.wake.notify_one();
+                    return Offers::default();
+                }
+            };
+            offers.queued = count as u64;
+            // What the socket did not take waits for the task, in order.
+            for frame in &frames[..count] {
+                if written >= frame.len() {
+                    written -= frame.len();
+                    continue;
+                }
+                wake |= state.unsent.is_empty();
+                state.push_unsent(frame.slice(written..));
+                written = 0;
             }
         }
-        let mut offers = Offers {
-            queued: (entries.len() - rest.len()) as u64,
-            dropped: 0,
-        };
-        for entry in rest {
+        for entry in &entries[next..] {
             if state.slow || state.over_bounds(entry.len(), shared) {
                 wake |= !state.slow;
                 state.slow = true;
                 offers.dropped += 1;
                 continue;
             }
-            offers.queued += 1;
-            match entry.as_plain_frame().filter(|_| !state.held) {
-                Some(bytes) => {
+            let verdict = if state.held {
+                Judgement::Task
+            } else {
+                state.judge(entry)
+            };
+            match verdict {
+                Judgement::Skip => continue,
+                Judgement::Write => {
                     // Behind bytes the task writes (woken if they are the first).
                     wake |= state.unsent.is_empty();
-                    state.push_unsent(bytes.clone());
+                    state.push_unsent(entry.frame().expect("only deliveries are written").clone());
                 }
-                None => {
+                Judgement::Task => {
                     state.bytes += entry.len();
                     state.entries.push_back((*entry).clone());
                     state.held = true;
@@ -327,6 +380,7 @@ impl ConnectionHandle {
                     wake |= state.entries.len() == 1;
                 }
             }
+            offers.queued += 1;
         }
         drop(state);
         if wake {
@@ -444,6 +498,38 @@ impl ConnectionSocket {
                 }
                 None
             }
+        }
+    }
+
+    /// Judges an entry the task took (see [`Judgement`]).
+    pub fn judge(&self, entry: &Outbound) -> Judgement {
+        lock(&self.shared.state).judge(entry)
+    }
+
+    /// The position kept for `channel`, if any.
+    pub fn position(&self, channel: &ChannelName) -> Option<Position> {
+        lock(&self.shared.state).positions.get(channel).cloned()
+    }
+
+    /// Keeps `position` for `channel` from now on.
+    pub fn set_position(&self, channel: &ChannelName, position: Position) {
+        lock(&self.shared.state).positions.insert(channel.clone(), position);
+    }
+
+    /// Stops keeping a position for `channel`.
+    pub fn forget_position(&self, channel: &ChannelName) {
+        lock(&self.shared.state).positions.remove(channel);
+    }
+
+    /// Advances the position past a message this connection will not
+    /// receive (its own, excluded), when it is the next one.
+    pub fn step_over(&self, channel: &ChannelName, offset: u64, epoch: &str) {
+        let mut state = lock(&self.shared.state);
+        if let Some(position) = state.positions.get_mut(channel)
+            && position.epoch == epoch
+            && offset == position.offset + 1
+        {
+            position.offset = offset;
         }
     }
 
@@ -666,6 +752,14 @@ mod tests {
     async fn a_run_goes_out_in_one_write_and_in_order_around_task_entries() {
         let (socket, handle, mut client) = pair(10, 1_000).await;
         socket.stream().writable().await.unwrap();
+        let news = ChannelName::parse("news").unwrap();
+        socket.set_position(
+            &news,
+            Position {
+                offset: 5,
+                epoch: "e".into(),
+            },
+        );
         let (a, b, c, d) = (
             delivery("a", None),
             delivery("b", None),
@@ -674,7 +768,8 @@ mod tests {
         );
         let offers = handle.offer_all(&[&a, &b, &c, &d]);
         assert_eq!(offers, Offers { queued: 4, dropped: 0 });
-        // `c` keeps a position, so the task takes it; `d` waits behind it.
+        // `c` comes after a gap (6 is missing), so the task takes it; `d`
+        // waits behind it.
         for expected in ["c", "d"] {
             match socket.next() {
                 Some(Next::Entry(Outbound::Delivery(got))) => assert_eq!(got.frame, websocket::text(expected)),
@@ -690,8 +785,43 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn fan_out_skips_repeats_and_advances_the_position() {
+        let (socket, handle, mut client) = pair(10, 1_000).await;
+        socket.stream().writable().await.unwrap();
+        let news = ChannelName::parse("news").unwrap();
+        socket.set_position(
+            &news,
+            Position {
+                offset: 5,
+                epoch: "e".into(),
+            },
+        );
+        let (old, next) = (delivery("old", Some(5)), delivery("new", Some(6)));
+        let offers = handle.offer_all(&[&old, &next]);
+        assert_eq!(offers, Offers { queued: 1, dropped: 0 }, "the repeat is skipped");
+        assert_eq!(socket.position(&news).unwrap().offset, 6);
+        assert!(socket.next().is_none(), "in order: nothing for the task");
+        socket.flush().unwrap();
+        assert_eq!(read_exactly(&mut client, 5).await, b"\x81\x03new");
+        socket.step_over(&news, 7, "e");
+        assert_eq!(socket.position(&news).unwrap().offset, 7);
+        let other_epoch = Outbound::Delivery(Arc::new(Delivery {
+            frame: websocket::text("x"),
+            channel: news.clone(),
+            offset: Some(8),
+            epoch: Some("f".into()),
+        }));
+        handle.offer(&other_epoch);
+        assert!(
+            matches!(socket.next(), Some(Next::Entry(_))),
+            "a new epoch is the task's"
+        );
+    }
+
+    #[tokio::test]
     async fn a_full_queue_marks_the_connection_slow() {
         let (socket, handle, _client) = pair(2, 1_000).await;
+        socket.hold();
         assert_eq!(handle.offer(&delivery("12345", Some(1))), Offer::Queued);
         assert_eq!(handle.offer(&delivery("12345", Some(2))), Offer::Queued);
         assert_eq!(handle.offer(&delivery("12345", Some(3))), Offer::Dropped);
@@ -705,6 +835,7 @@ mod tests {
     #[tokio::test]
     async fn the_byte_bound_counts_too() {
         let (socket, handle, _client) = pair(100, 10).await;
+        socket.hold();
         assert_eq!(handle.offer(&delivery("1234", Some(1))), Offer::Queued);
         assert_eq!(
             handle.offer(&delivery("1234", Some(2))),

@@ -12,7 +12,7 @@
 //! for `limits.write_timeout`, or a full queue, end the connection with
 //! 4008, so a stalled peer never pins memory or the task.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::io;
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -42,7 +42,7 @@ use super::origin;
 use crate::api::json_error;
 use crate::auth::{AuthError, Identity, unix_now};
 use crate::broker::{MAX_HISTORY_PAGE, ReadCursor};
-use crate::fanout::{ConnectionHandle, ConnectionSocket, Next, Outbound, connection_socket, wire_frame};
+use crate::fanout::{ConnectionHandle, ConnectionSocket, Judgement, Next, Outbound, connection_socket, wire_frame};
 use crate::hub::{Admission, Hub, PublishError, PublishRequest, Rejection, Source};
 
 /// Bytes read from the socket at a time: commands are small.
@@ -387,9 +387,6 @@ struct Session<'a> {
     gate: CommandGate,
     /// Set when the token was replaced by `refresh`.
     expiry_changed: bool,
-    /// For subscribed channels that keep history: the last position
-    /// delivered here, to skip repeats and to notice gaps.
-    positions: HashMap<ChannelName, Position>,
     /// Missed messages a recovering subscribe sends right after its ack.
     replay: Vec<herald_core::Publication>,
 }
@@ -468,7 +465,6 @@ impl<'a> Session<'a> {
             identity,
             gate,
             expiry_changed: false,
-            positions: HashMap::new(),
             replay: Vec::new(),
         };
         tracing::debug!(user_id = %session.identity.user_id, connection_id = id, "connection authenticated");
@@ -603,25 +599,27 @@ impl<'a> Session<'a> {
     /// recovery) is skipped, and a gap (a message lost on its way to this
     /// node) is filled from history, or reported with `resync`.
     async fn take(&mut self, entry: Outbound) {
+        let verdict = self.socket.judge(&entry);
         let frame = match entry {
-            Outbound::Delivery(delivery) => {
-                if let (Some(offset), Some(epoch)) = (delivery.offset, &delivery.epoch)
-                    && let Some(position) = self.positions.get(&delivery.channel).cloned()
-                {
-                    if position.epoch == *epoch && offset <= position.offset {
+            Outbound::Delivery(delivery) => match verdict {
+                Judgement::Skip => return,
+                Judgement::Write => delivery.frame.clone(),
+                Judgement::Task => {
+                    // A gap or a new epoch: only deliveries with a position get here.
+                    let (Some(offset), Some(epoch)) = (delivery.offset, &delivery.epoch) else {
                         return;
-                    }
-                    if position.epoch != *epoch || offset > position.offset + 1 {
+                    };
+                    if let Some(position) = self.socket.position(&delivery.channel) {
                         self.fill_gap(&delivery.channel, position, offset, epoch).await;
                     }
                     let position = Position {
                         offset,
                         epoch: epoch.clone(),
                     };
-                    self.positions.insert(delivery.channel.clone(), position);
+                    self.socket.set_position(&delivery.channel, position);
+                    delivery.frame.clone()
                 }
-                delivery.frame.clone()
-            }
+            },
             Outbound::Subscribe(channel) => {
                 let limit = self.hub.limits().max_subscriptions;
                 if !self.subscriptions.contains(&channel) && self.subscriptions.len() >= limit {
@@ -633,10 +631,10 @@ impl<'a> Session<'a> {
                 // As a plain subscribe: the position is read before registering.
                 let keeps_history = self.hub.policies().policy(&channel).is_ok_and(|p| p.keeps_history());
                 if keeps_history
-                    && !self.positions.contains_key(&channel)
+                    && self.socket.position(&channel).is_none()
                     && let Ok(position) = self.read_position(&channel).await
                 {
-                    self.positions.insert(channel.clone(), position);
+                    self.socket.set_position(&channel, position);
                 }
                 self.granted_by_server.insert(channel.clone());
                 self.add_subscription(&channel).await;
@@ -656,11 +654,8 @@ impl<'a> Session<'a> {
     /// Advances the position past a message this connection will not
     /// receive (its own, excluded), when it is the next one.
     fn step_over(&mut self, channel: &ChannelName, offset: Option<u64>, epoch: Option<&str>) {
-        if let (Some(offset), Some(epoch), Some(position)) = (offset, epoch, self.positions.get_mut(channel))
-            && position.epoch == epoch
-            && offset == position.offset + 1
-        {
-            position.offset = offset;
+        if let (Some(offset), Some(epoch)) = (offset, epoch) {
+            self.socket.step_over(channel, offset, epoch);
         }
     }
 
@@ -861,7 +856,7 @@ impl<'a> Session<'a> {
         // Subscribed already and not asking to recover: nothing changes, and
         // the position stands (resetting it could skip queued messages).
         if recover.is_none()
-            && let Some(position) = self.positions.get(channel)
+            && let Some(position) = self.socket.position(channel)
         {
             return Ok(json!({"channel": channel, "epoch": position.epoch, "offset": position.offset}));
         }
@@ -922,7 +917,7 @@ impl<'a> Session<'a> {
         };
         data["epoch"] = json!(position.epoch);
         data["offset"] = json!(position.offset);
-        self.positions.insert(channel.clone(), position);
+        self.socket.set_position(channel, position);
         Ok(data)
     }
 
@@ -1093,7 +1088,7 @@ impl<'a> Session<'a> {
         if !self.subscriptions.remove(channel) {
             return false;
         }
-        self.positions.remove(channel);
+        self.socket.forget_position(channel);
         self.granted_by_server.remove(channel);
         self.hub.unsubscribe(channel, self.handle.id());
         if self.hub.tracks_presence(channel) {
