@@ -709,6 +709,32 @@ mod tests {
         (socket, handle, client)
     }
 
+    /// A pair whose connection keeps position 5 (epoch `e`) in `news`,
+    /// writable.
+    async fn pair_at_five() -> (ConnectionSocket, ConnectionHandle, TcpStream, ChannelName) {
+        let (socket, handle, client) = pair(10, 1_000).await;
+        socket.stream().writable().await.unwrap();
+        let news = ChannelName::parse("news").unwrap();
+        let position = Position {
+            offset: 5,
+            epoch: "e".into(),
+        };
+        socket.set_position(&news, position);
+        (socket, handle, client, news)
+    }
+
+    /// Takes the task's next entries, deliveries of `texts` in order, and
+    /// sends them as the task would.
+    fn take_deliveries(socket: &ConnectionSocket, texts: &[&str]) {
+        for expected in texts {
+            match socket.next() {
+                Some(Next::Entry(Outbound::Delivery(got))) => assert_eq!(got.frame, websocket::text(expected)),
+                other => panic!("unexpected {other:?}"),
+            }
+            socket.send(websocket::text(expected));
+        }
+    }
+
     async fn read_exactly(client: &mut TcpStream, len: usize) -> Vec<u8> {
         let mut bytes = vec![0; len];
         tokio::time::timeout(std::time::Duration::from_secs(5), client.read_exact(&mut bytes))
@@ -735,13 +761,7 @@ mod tests {
         socket.hold();
         assert_eq!(handle.offer(&delivery("a", None)), Offer::Queued);
         assert_eq!(handle.offer(&delivery("b", Some(1))), Offer::Queued);
-        for expected in ["a", "b"] {
-            match socket.next() {
-                Some(Next::Entry(Outbound::Delivery(got))) => assert_eq!(got.frame, websocket::text(expected)),
-                other => panic!("unexpected {other:?}"),
-            }
-            socket.send(websocket::text(expected));
-        }
+        take_deliveries(&socket, &["a", "b"]);
         assert!(socket.next().is_none(), "released");
         assert_eq!(handle.offer(&delivery("c", None)), Offer::Queued);
         socket.flush().unwrap();
@@ -750,16 +770,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_run_goes_out_in_one_write_and_in_order_around_task_entries() {
-        let (socket, handle, mut client) = pair(10, 1_000).await;
-        socket.stream().writable().await.unwrap();
-        let news = ChannelName::parse("news").unwrap();
-        socket.set_position(
-            &news,
-            Position {
-                offset: 5,
-                epoch: "e".into(),
-            },
-        );
+        let (socket, handle, mut client, news) = pair_at_five().await;
         let (a, b, c, d) = (
             delivery("a", None),
             delivery("b", None),
@@ -770,13 +781,7 @@ mod tests {
         assert_eq!(offers, Offers { queued: 4, dropped: 0 });
         // `c` comes after a gap (6 is missing), so the task takes it; `d`
         // waits behind it.
-        for expected in ["c", "d"] {
-            match socket.next() {
-                Some(Next::Entry(Outbound::Delivery(got))) => assert_eq!(got.frame, websocket::text(expected)),
-                other => panic!("unexpected {other:?}"),
-            }
-            socket.send(websocket::text(expected));
-        }
+        take_deliveries(&socket, &["c", "d"]);
         socket.flush().unwrap();
         assert_eq!(
             read_exactly(&mut client, 12).await,
@@ -786,16 +791,7 @@ mod tests {
 
     #[tokio::test]
     async fn fan_out_skips_repeats_and_advances_the_position() {
-        let (socket, handle, mut client) = pair(10, 1_000).await;
-        socket.stream().writable().await.unwrap();
-        let news = ChannelName::parse("news").unwrap();
-        socket.set_position(
-            &news,
-            Position {
-                offset: 5,
-                epoch: "e".into(),
-            },
-        );
+        let (socket, handle, mut client, news) = pair_at_five().await;
         let (old, next) = (delivery("old", Some(5)), delivery("new", Some(6)));
         let offers = handle.offer_all(&[&old, &next]);
         assert_eq!(offers, Offers { queued: 1, dropped: 0 }, "the repeat is skipped");
