@@ -770,7 +770,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_run_goes_out_in_one_write_and_in_order_around_task_entries() {
-        let (socket, handle, mut client, news) = pair_at_five().await;
+        let (socket, handle, mut client, _) = pair_at_five().await;
         let (a, b, c, d) = (
             delivery("a", None),
             delivery("b", None),
