@@ -7,7 +7,7 @@ use serde_json::json;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 
-use crate::harness::{Client, DEADLINE, Event, TestServer};
+use crate::harness::{Client, DEADLINE, Event, TestServer, wait_until};
 
 #[tokio::test]
 async fn an_oversized_frame_closes_with_1009() {
@@ -190,6 +190,44 @@ async fn a_subscriber_that_never_reads_is_cut_off_without_hurting_others() {
             Event::Frame(_) | Event::Binary(_) => continue,
         }
     }
+}
+
+/// Queued bytes the socket takes none of for `limits.write_timeout` end the
+/// connection with 4008, though the queue is far from full.
+#[tokio::test]
+async fn a_socket_that_takes_nothing_for_the_write_timeout_is_cut_off() {
+    let server = TestServer::start_with("[limits]\nwrite_timeout = \"300ms\"\nsend_buffer = 16384").await;
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let stream = socket.connect(server.addr).await.unwrap();
+    let request = format!("{}?token={}", server.ws_url(), server.token("stalled"))
+        .into_client_request()
+        .unwrap();
+    let (ws, _) = tokio_tungstenite::client_async(request, tokio_tungstenite::MaybeTlsStream::Plain(stream))
+        .await
+        .unwrap();
+    let mut stalled = Client { ws };
+    stalled.expect_type("auth_success").await;
+    stalled.subscribe("group:stall").await;
+    // About 320 KiB: more than the kernel holds for this pair, far less
+    // than the queue's 1,024 messages and 4 MiB.
+    let padding = "p".repeat(8 * 1024);
+    for seq in 0..40 {
+        server
+            .publish_ok("group:stall", json!({"seq": seq, "pad": padding}))
+            .await;
+    }
+    wait_until("the stalled client is cut off", || async {
+        server.metric("herald_disconnects_total{reason=\"slow_client\"}").await >= 1.0
+    })
+    .await;
+    assert_eq!(
+        server
+            .metric("herald_messages_dropped_total{reason=\"slow_client\"}")
+            .await,
+        0.0,
+        "the queue never filled: the write timeout ended it"
+    );
 }
 
 #[tokio::test]
