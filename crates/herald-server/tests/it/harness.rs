@@ -79,6 +79,24 @@ impl TestServer {
         client
     }
 
+    /// Connects (and authenticates) with a 4 KiB receive buffer: for a
+    /// client that will stop reading, so that the kernel does not absorb
+    /// megabytes on its behalf.
+    pub async fn connect_small_window(&self, user: &str) -> Client {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.set_recv_buffer_size(4096).unwrap();
+        let stream = socket.connect(self.addr).await.unwrap();
+        let request = format!("{}?token={}", self.ws_url(), self.token(user))
+            .into_client_request()
+            .unwrap();
+        let (ws, _) = tokio_tungstenite::client_async(request, MaybeTlsStream::Plain(stream))
+            .await
+            .unwrap();
+        let mut client = Client { ws };
+        client.expect_type("auth_success").await;
+        client
+    }
+
     /// Opens `/ws{query}` without waiting for anything.
     pub async fn connect_raw(&self, query: &str) -> Result<Client, tungstenite::Error> {
         let request = format!("{}{query}", self.ws_url()).into_client_request()?;

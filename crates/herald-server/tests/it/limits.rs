@@ -5,9 +5,8 @@ use std::time::Duration;
 use futures_util::SinkExt;
 use serde_json::json;
 use tokio_tungstenite::tungstenite::Message;
-use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 
-use crate::harness::{Client, DEADLINE, Event, TestServer, wait_until};
+use crate::harness::{DEADLINE, Event, TestServer, wait_until};
 
 #[tokio::test]
 async fn an_oversized_frame_closes_with_1009() {
@@ -113,19 +112,7 @@ async fn a_subscriber_that_never_reads_is_cut_off_without_hurting_others() {
     // A small kernel send buffer, so the stalled client is found quickly.
     let server =
         TestServer::start_with("[limits]\nqueue_messages = 16\nqueue_bytes = 131072\nsend_buffer = 16384").await;
-    // The stalled client asks for a tiny receive buffer so the kernel does
-    // not absorb megabytes on its behalf.
-    let socket = tokio::net::TcpSocket::new_v4().unwrap();
-    socket.set_recv_buffer_size(4096).unwrap();
-    let stream = socket.connect(server.addr).await.unwrap();
-    let request = format!("{}?token={}", server.ws_url(), server.token("slow"))
-        .into_client_request()
-        .unwrap();
-    let (ws, _) = tokio_tungstenite::client_async(request, tokio_tungstenite::MaybeTlsStream::Plain(stream))
-        .await
-        .unwrap();
-    let mut slow = Client { ws };
-    slow.expect_type("auth_success").await;
+    let mut slow = server.connect_small_window("slow").await;
     slow.subscribe("group:load").await;
 
     let mut normal = server.connect("normal").await;
@@ -197,17 +184,7 @@ async fn a_subscriber_that_never_reads_is_cut_off_without_hurting_others() {
 #[tokio::test]
 async fn a_socket_that_takes_nothing_for_the_write_timeout_is_cut_off() {
     let server = TestServer::start_with("[limits]\nwrite_timeout = \"300ms\"\nsend_buffer = 16384").await;
-    let socket = tokio::net::TcpSocket::new_v4().unwrap();
-    socket.set_recv_buffer_size(4096).unwrap();
-    let stream = socket.connect(server.addr).await.unwrap();
-    let request = format!("{}?token={}", server.ws_url(), server.token("stalled"))
-        .into_client_request()
-        .unwrap();
-    let (ws, _) = tokio_tungstenite::client_async(request, tokio_tungstenite::MaybeTlsStream::Plain(stream))
-        .await
-        .unwrap();
-    let mut stalled = Client { ws };
-    stalled.expect_type("auth_success").await;
+    let mut stalled = server.connect_small_window("stalled").await;
     stalled.subscribe("group:stall").await;
     // About 320 KiB: more than the kernel holds for this pair, far less
     // than the queue's 1,024 messages and 4 MiB.
