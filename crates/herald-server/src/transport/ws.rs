@@ -311,7 +311,7 @@ async fn authenticate(
         let text = match incoming {
             Message::Close(_) => return Err(Ending::ClientClosed),
             Message::Ping(payload) => {
-                socket.send(websocket::encode(websocket::OP_PONG, &payload));
+                answer_ping(socket, gate, &payload)?;
                 continue;
             }
             Message::Pong => continue,
@@ -336,6 +336,17 @@ async fn authenticate(
         };
         send_now(socket, hub, reply).await?;
     }
+}
+
+/// Answers a client's ping with a pong. Pings pass the command rate gate
+/// like any other frame: a refused one goes unanswered.
+fn answer_ping(socket: &ConnectionSocket, gate: &mut CommandGate, payload: &[u8]) -> Result<(), Ending> {
+    match gate.check(Instant::now().into()) {
+        Verdict::Serve => socket.send(websocket::encode(websocket::OP_PONG, payload)),
+        Verdict::Refuse => {}
+        Verdict::Disconnect => return Err(Ending::RateLimited),
+    }
+    Ok(())
 }
 
 /// The `rate_limited` error for a refused frame, naming its `message_id`
@@ -551,7 +562,9 @@ impl<'a> Session<'a> {
                         Err(ending) => return ending,
                         Ok(Message::Close(_)) => return Ending::ClientClosed,
                         Ok(Message::Ping(payload)) => {
-                            socket.send(websocket::encode(websocket::OP_PONG, &payload));
+                            if let Err(ending) = answer_ping(socket, &mut self.gate, &payload) {
+                                return ending;
+                            }
                             continue;
                         }
                         Ok(Message::Pong) => continue,

@@ -250,3 +250,23 @@ async fn a_message_over_the_limit_is_refused_from_its_header() {
     assert_eq!(raw.close_code().await, 1009);
     raw.expect_eof().await;
 }
+
+#[tokio::test]
+async fn a_ping_flood_meets_the_rate_limit() {
+    let server = TestServer::start_with("[limits]\ncommands_per_second = 1\ncommand_burst = 3").await;
+    let mut raw = Raw::authenticated(&server).await;
+    let pings: Vec<u8> = (0..20).flat_map(|_| client_frame(true, OP_PING, b"p")).collect();
+    raw.send(&pings).await;
+    let mut pongs = 0;
+    loop {
+        match raw.frame().await {
+            (OP_PONG, _) => pongs += 1,
+            (OP_CLOSE, payload) => {
+                assert_eq!(u16::from_be_bytes([payload[0], payload[1]]), 4029);
+                break;
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert!(pongs <= 3, "{pongs} pings answered past the burst");
+}
