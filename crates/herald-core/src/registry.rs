@@ -168,14 +168,6 @@ impl<S: Subscriber> Registry<S> {
         self.shards.iter().map(|shard| lock(shard).len()).sum()
     }
 
-    /// How many local connections of `user` are subscribed to `channel`.
-    pub fn user_connections(&self, channel: &ChannelName, user: &str) -> usize {
-        let shard = self.shard(channel);
-        shard.get(channel).map_or(0, |listeners| {
-            listeners.by_id.values().filter(|s| s.user_id() == user).count()
-        })
-    }
-
     /// Every channel with at least one local subscriber.
     pub fn channels(&self) -> Vec<ChannelName> {
         self.shards

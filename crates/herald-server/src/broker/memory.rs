@@ -1,10 +1,16 @@
-//! The in-process broker of the embedded default: a publish is delivered to
-//! this node's subscribers before `publish` returns. Nothing leaves the process.
+//! The in-process broker of the embedded default: a publish is handed to
+//! this node's fan-out before `publish` returns. Nothing leaves the process.
 //!
 //! Channels whose namespace keeps history get a [`ChannelHistory`]; the
-//! append and the delivery happen under that channel's lock, so offsets and
-//! delivery order always agree. There is one epoch per process: memory
-//! history is lost exactly when the process restarts.
+//! append and the hand-over happen under that channel's lock (and a channel
+//! always goes to the same fan-out lane), so offsets and delivery order
+//! always agree. There is one epoch per process: memory history is lost
+//! exactly when the process restarts.
+//!
+//! Presence is the registry itself. Where join/leave events are announced,
+//! each user's connections per channel are also counted here, one change at
+//! a time, so that simultaneous joins (or leaves) of one user announce
+//! exactly once.
 
 use std::collections::HashMap;
 use std::hash::{BuildHasher, RandomState};
@@ -30,6 +36,8 @@ pub struct MemoryBroker {
     hasher: RandomState,
     /// Read cursors by user, then channel.
     cursors: Mutex<HashMap<String, HashMap<String, ReadCursor>>>,
+    /// Connections per channel and user, in channels that announce join/leave.
+    members: Mutex<HashMap<(ChannelName, String), usize>>,
 }
 
 impl MemoryBroker {
@@ -41,6 +49,7 @@ impl MemoryBroker {
             histories: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
             hasher: RandomState::new(),
             cursors: Mutex::new(HashMap::new()),
+            members: Mutex::new(HashMap::new()),
         }
     }
 
@@ -158,11 +167,25 @@ impl Broker for MemoryBroker {
         channel: &ChannelName,
         user: &str,
         _connection: u64,
-        _joined: bool,
+        joined: bool,
         count: bool,
     ) -> BoxFuture<'_, Result<Option<usize>, BrokerError>> {
-        // Presence is the registry itself; only the count costs anything.
-        let count = count.then(|| self.fanout.registry.user_connections(channel, user));
+        // Presence is the registry itself; only the count is kept here.
+        let count = count.then(|| {
+            let mut members = lock(&self.members);
+            let key = (channel.clone(), user.to_owned());
+            let connections = members.entry(key.clone()).or_default();
+            *connections = if joined {
+                *connections + 1
+            } else {
+                connections.saturating_sub(1)
+            };
+            let now = *connections;
+            if now == 0 {
+                members.remove(&key);
+            }
+            now
+        });
         Box::pin(std::future::ready(Ok(count)))
     }
 
@@ -176,5 +199,26 @@ impl Broker for MemoryBroker {
             .map(|user| ChannelName::user(user).is_ok_and(|c| self.fanout.registry.subscriber_count(&c) > 0))
             .collect();
         Box::pin(std::future::ready(Ok(online)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn join_and_leave_counts_follow_each_change_not_the_registry() {
+        let broker = MemoryBroker::new(Arc::new(Fanout::new(Arc::default(), 1)), Policies::default());
+        let room = ChannelName::parse("room:1").unwrap();
+        let mut counts = Vec::new();
+        for joined in [true, true, false, false] {
+            counts.push(broker.presence_track(&room, "alice", 1, joined, true).await.unwrap());
+        }
+        // Two joins then two leaves of one user: exactly one 0→1 and one 1→0,
+        // whatever the registry holds at the time of each call.
+        assert_eq!(counts, [Some(1), Some(2), Some(1), Some(0)]);
+        assert!(lock(&broker.members).is_empty(), "nothing kept for users who left");
+        assert_eq!(broker.presence_track(&room, "bob", 2, true, false).await.unwrap(), None);
+        assert!(lock(&broker.members).is_empty(), "nothing kept where no one counts");
     }
 }
