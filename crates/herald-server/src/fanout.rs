@@ -221,17 +221,6 @@ pub struct ConnectionSocket {
     shared: Arc<ConnectionShared>,
 }
 
-/// The outcome of offering a frame to one connection.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Offer {
-    /// Written to the socket or queued for it.
-    Queued,
-    /// The queue was full: the frame is dropped and the connection is closing.
-    Dropped,
-    /// The connection is already gone.
-    Closed,
-}
-
 /// What a run of entries came to for one connection.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Offers {
@@ -277,20 +266,10 @@ impl ConnectionHandle {
         self.0.id
     }
 
-    /// Writes or queues `frame` without waiting. A full queue (in messages
-    /// or bytes) marks the connection slow; it is closed rather than
-    /// allowed to lag.
-    pub fn offer(&self, frame: &Outbound) -> Offer {
-        match self.offer_all(&[frame]) {
-            Offers { queued: 1, .. } => Offer::Queued,
-            Offers { dropped: 1, .. } => Offer::Dropped,
-            _ => Offer::Closed,
-        }
-    }
-
     /// Writes or queues `entries`, in order, without waiting: frames that
     /// can go straight to the socket go in one (vectored) write, the rest
-    /// are queued for the task. See [`offer`](Self::offer).
+    /// are queued for the task. A full queue (in messages or bytes) marks
+    /// the connection slow; it is closed rather than allowed to lag.
     pub fn offer_all(&self, entries: &[&Outbound]) -> Offers {
         static NONE: Bytes = Bytes::new();
         let shared = &*self.0;
@@ -699,6 +678,22 @@ mod tests {
         }))
     }
 
+    /// What offering one entry came to.
+    #[derive(Debug, PartialEq, Eq)]
+    enum Offer {
+        Queued,
+        Dropped,
+        Closed,
+    }
+
+    fn offer(handle: &ConnectionHandle, entry: &Outbound) -> Offer {
+        match handle.offer_all(&[entry]) {
+            Offers { queued: 1, .. } => Offer::Queued,
+            Offers { dropped: 1, .. } => Offer::Dropped,
+            _ => Offer::Closed,
+        }
+    }
+
     /// A connected pair: the server's end as a connection, and the client.
     async fn pair(max_messages: usize, max_bytes: usize) -> (ConnectionSocket, ConnectionHandle, TcpStream) {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -748,7 +743,7 @@ mod tests {
     async fn a_plain_delivery_reaches_the_socket_with_no_task() {
         let (socket, handle, mut client) = pair(10, 1_000).await;
         socket.stream().writable().await.unwrap();
-        assert_eq!(handle.offer(&delivery("hello", None)), Offer::Queued);
+        assert_eq!(offer(&handle, &delivery("hello", None)), Offer::Queued);
         // Whether written at once or queued, flushing leaves nothing behind.
         socket.flush().unwrap();
         assert_eq!(read_exactly(&mut client, 7).await, b"\x81\x05hello");
@@ -759,11 +754,11 @@ mod tests {
     async fn held_connections_and_positions_go_through_the_task_in_order() {
         let (socket, handle, mut client) = pair(10, 1_000).await;
         socket.hold();
-        assert_eq!(handle.offer(&delivery("a", None)), Offer::Queued);
-        assert_eq!(handle.offer(&delivery("b", Some(1))), Offer::Queued);
+        assert_eq!(offer(&handle, &delivery("a", None)), Offer::Queued);
+        assert_eq!(offer(&handle, &delivery("b", Some(1))), Offer::Queued);
         take_deliveries(&socket, &["a", "b"]);
         assert!(socket.next().is_none(), "released");
-        assert_eq!(handle.offer(&delivery("c", None)), Offer::Queued);
+        assert_eq!(offer(&handle, &delivery("c", None)), Offer::Queued);
         socket.flush().unwrap();
         assert_eq!(read_exactly(&mut client, 9).await, b"\x81\x01a\x81\x01b\x81\x01c");
     }
@@ -807,7 +802,7 @@ mod tests {
             offset: Some(8),
             epoch: Some("f".into()),
         }));
-        handle.offer(&other_epoch);
+        offer(&handle, &other_epoch);
         assert!(
             matches!(socket.next(), Some(Next::Entry(_))),
             "a new epoch is the task's"
@@ -818,23 +813,23 @@ mod tests {
     async fn a_full_queue_marks_the_connection_slow() {
         let (socket, handle, _client) = pair(2, 1_000).await;
         socket.hold();
-        assert_eq!(handle.offer(&delivery("12345", Some(1))), Offer::Queued);
-        assert_eq!(handle.offer(&delivery("12345", Some(2))), Offer::Queued);
-        assert_eq!(handle.offer(&delivery("12345", Some(3))), Offer::Dropped);
+        assert_eq!(offer(&handle, &delivery("12345", Some(1))), Offer::Queued);
+        assert_eq!(offer(&handle, &delivery("12345", Some(2))), Offer::Queued);
+        assert_eq!(offer(&handle, &delivery("12345", Some(3))), Offer::Dropped);
         assert!(
             matches!(socket.next(), Some(Next::FellBehind)),
             "slow wins over queued entries"
         );
-        assert_eq!(handle.offer(&delivery("1", None)), Offer::Dropped, "slow stays slow");
+        assert_eq!(offer(&handle, &delivery("1", None)), Offer::Dropped, "slow stays slow");
     }
 
     #[tokio::test]
     async fn the_byte_bound_counts_too() {
         let (socket, handle, _client) = pair(100, 10).await;
         socket.hold();
-        assert_eq!(handle.offer(&delivery("1234", Some(1))), Offer::Queued);
+        assert_eq!(offer(&handle, &delivery("1234", Some(1))), Offer::Queued);
         assert_eq!(
-            handle.offer(&delivery("1234", Some(2))),
+            offer(&handle, &delivery("1234", Some(2))),
             Offer::Dropped,
             "12 bytes exceed 10"
         );
@@ -846,7 +841,7 @@ mod tests {
         let (socket, handle, _client) = pair(1_000, 64 * 1024).await;
         let frame = delivery(&"x".repeat(16 * 1024), None);
         let mut offers = 0;
-        while handle.offer(&frame) == Offer::Queued {
+        while offer(&handle, &frame) == Offer::Queued {
             offers += 1;
             assert!(offers < 100_000, "the socket and the queue never filled");
         }
@@ -874,6 +869,6 @@ mod tests {
     async fn a_closed_connection_refuses_offers() {
         let (socket, handle, _client) = pair(100, 1_000).await;
         drop(socket);
-        assert_eq!(handle.offer(&delivery("x", None)), Offer::Closed);
+        assert_eq!(offer(&handle, &delivery("x", None)), Offer::Closed);
     }
 }
