@@ -245,6 +245,22 @@ const MAX_WRITE_SLICES: usize = 64;
 /// A deque that held more than this many entries is shrunk once drained.
 const SHRINK_ABOVE: usize = 64;
 
+/// Writes the first [`MAX_WRITE_SLICES`] of `frames` with one non-blocking
+/// (vectored) write; returns how many bytes the socket took.
+fn try_write_frames<'a>(stream: &TcpStream, frames: impl Iterator<Item = &'a Bytes>) -> io::Result<usize> {
+    let mut slices = [IoSlice::new(&[]); MAX_WRITE_SLICES];
+    let mut count = 0;
+    for (slice, frame) in slices.iter_mut().zip(frames) {
+        *slice = IoSlice::new(frame);
+        count += 1;
+    }
+    match count {
+        0 => Ok(0),
+        1 => stream.try_write(&slices[0]),
+        _ => stream.try_write_vectored(&slices[..count]),
+    }
+}
+
 /// Takes over an upgraded socket: the fan-out end is made with
 /// [`ConnectionSocket::handle`].
 pub fn connection_socket(id: u64, stream: TcpStream, max_messages: usize, max_bytes: usize) -> ConnectionSocket {
@@ -298,18 +314,7 @@ impl ConnectionHandle {
                 }
                 next += 1;
             }
-            let result = match count {
-                0 => Ok(0),
-                1 => shared.stream.try_write(frames[0]),
-                _ => {
-                    let mut slices = [IoSlice::new(&[]); MAX_WRITE_SLICES];
-                    for (slice, frame) in slices.iter_mut().zip(&frames[..count]) {
-                        *slice = IoSlice::new(frame);
-                    }
-                    shared.stream.try_write_vectored(&slices[..count])
-                }
-            };
-            let mut written = match result {
+            let mut written = match try_write_frames(&shared.stream, frames[..count].iter().copied()) {
                 Ok(written) => written,
                 Err(error) if error.kind() == io::ErrorKind::WouldBlock => 0,
                 Err(_) => {
@@ -411,15 +416,7 @@ impl ConnectionSocket {
     pub fn flush(&self) -> io::Result<()> {
         let mut state = lock(&self.shared.state);
         while !state.unsent.is_empty() {
-            let result = {
-                let mut slices = [IoSlice::new(&[]); MAX_WRITE_SLICES];
-                let count = state.unsent.len().min(MAX_WRITE_SLICES);
-                for (slice, frame) in slices.iter_mut().zip(&state.unsent) {
-                    *slice = IoSlice::new(frame);
-                }
-                self.shared.stream.try_write_vectored(&slices[..count])
-            };
-            match result {
+            match try_write_frames(&self.shared.stream, state.unsent.iter()) {
                 Ok(0) => {
                     state.failed = true;
                     return Err(io::ErrorKind::WriteZero.into());
@@ -536,20 +533,11 @@ impl Drop for ConnectionSocket {
     }
 }
 
-/// A publication on its way to a lane: its entry and who must not get it.
+/// A publication on its way to a lane, with its encoded entry.
 struct Pending {
-    channel: ChannelName,
+    publication: Publication,
     entry: Outbound,
-    exclude_connection: Option<u64>,
-    exclude_user: Option<String>,
     accepted_at: Instant,
-}
-
-impl Pending {
-    fn is_for(&self, connection: &ConnectionHandle) -> bool {
-        self.exclude_connection != Some(connection.connection_id())
-            && self.exclude_user.as_deref() != Some(connection.user_id())
-    }
 }
 
 /// One fan-out task's inbox. A channel always maps to the same lane, so its
@@ -595,20 +583,18 @@ impl Fanout {
 
     /// Hands `publication` to its channel's lane, for every local subscriber
     /// of the channel. `accepted_at` feeds the latency histogram.
-    pub fn deliver(&self, publication: &Publication, accepted_at: Instant) {
+    pub fn deliver(&self, publication: Publication, accepted_at: Instant) {
         let entry = match publication.control() {
             Some(Control::Subscribe(channel)) => Outbound::Subscribe(channel),
             Some(Control::Unsubscribe(channel)) => Outbound::Unsubscribe(channel),
-            None => Outbound::Delivery(Arc::new(Delivery::new(publication))),
-        };
-        let pending = Pending {
-            channel: publication.channel.clone(),
-            entry,
-            exclude_connection: publication.exclude_connection,
-            exclude_user: publication.exclude_user.clone(),
-            accepted_at,
+            None => Outbound::Delivery(Arc::new(Delivery::new(&publication))),
         };
         let lane = &self.lanes[self.hasher.hash_one(&publication.channel) as usize % self.lanes.len()];
+        let pending = Pending {
+            publication,
+            entry,
+            accepted_at,
+        };
         let mut queue = lock(&lane.pending);
         queue.push(pending);
         if queue.len() == 1 {
@@ -629,7 +615,7 @@ impl Fanout {
             // over joins this batch.
             tokio::task::yield_now().await;
             std::mem::swap(&mut batch, &mut *lock(&lane.pending));
-            for run in batch.chunk_by(|a, b| a.channel == b.channel) {
+            for run in batch.chunk_by(|a, b| a.publication.channel == b.publication.channel) {
                 self.deliver_run(run);
             }
             batch.clear();
@@ -641,9 +627,10 @@ impl Fanout {
     fn deliver_run(&self, run: &[Pending]) {
         let mut totals = Offers::default();
         let mut entries: Vec<&Outbound> = Vec::with_capacity(run.len());
-        self.registry.for_each(&run[0].channel, |connection| {
+        self.registry.for_each(&run[0].publication.channel, |connection| {
             entries.clear();
-            entries.extend(run.iter().filter(|p| p.is_for(connection)).map(|p| &p.entry));
+            let (id, user) = (connection.connection_id(), connection.user_id());
+            entries.extend(run.iter().filter(|p| p.publication.is_for(id, user)).map(|p| &p.entry));
             if entries.is_empty() {
                 return;
             }

@@ -62,24 +62,23 @@ impl Broker for MemoryBroker {
     fn publish(&self, mut publication: Publication) -> BoxFuture<'_, Result<Placement, BrokerError>> {
         let accepted_at = Instant::now();
         let policy = self.policies.history_for(&publication).copied();
-        match policy {
-            None => {
-                self.fanout.deliver(&publication, accepted_at);
-            }
-            Some(policy) => {
-                let mut histories = lock(self.shard(&publication.channel));
-                let history = histories
-                    .entry(publication.channel.clone())
-                    .or_insert_with(|| ChannelHistory::new(self.epoch.clone()));
-                let max_age = policy.history_ttl.as_millis() as u64;
-                history.append(&mut publication, policy.history_size, max_age, unix_millis());
-                self.fanout.deliver(&publication, accepted_at);
-            }
+        // With history, the append and the hand-over to fan-out happen under
+        // the channel's lock, so offsets and delivery order agree.
+        let mut histories = policy.map(|_| lock(self.shard(&publication.channel)));
+        if let (Some(policy), Some(histories)) = (policy, histories.as_mut()) {
+            let history = histories
+                .entry(publication.channel.clone())
+                .or_insert_with(|| ChannelHistory::new(self.epoch.clone()));
+            let max_age = policy.history_ttl.as_millis() as u64;
+            history.append(&mut publication, policy.history_size, max_age, unix_millis());
         }
-        Box::pin(std::future::ready(Ok(Placement {
+        let placement = Placement {
             offset: publication.offset,
-            epoch: publication.epoch,
-        })))
+            epoch: publication.epoch.clone(),
+        };
+        self.fanout.deliver(publication, accepted_at);
+        drop(histories);
+        Box::pin(std::future::ready(Ok(placement)))
     }
 
     fn channel_added(&self, _channel: &ChannelName) {}

@@ -249,7 +249,7 @@ fn inbound_handler(
         };
         match publications {
             Ok(publications) => {
-                for publication in &publications {
+                for publication in publications {
                     fanout.deliver(publication, received_at);
                 }
             }
