@@ -278,10 +278,6 @@ pub fn connection_socket(id: u64, stream: TcpStream, max_messages: usize, max_by
 }
 
 impl ConnectionHandle {
-    pub fn id(&self) -> u64 {
-        self.0.id
-    }
-
     /// Writes or queues `entries`, in order, without waiting: frames that
     /// can go straight to the socket go in one (vectored) write, the rest
     /// are queued for the task. A full queue (in messages or bytes) marks

@@ -405,7 +405,7 @@ struct Session<'a> {
 /// Unsubscribes everything when the session ends, however it ends.
 impl Drop for Session<'_> {
     fn drop(&mut self) {
-        let id = self.handle.id();
+        let id = self.socket.id();
         for channel in &self.subscriptions {
             self.hub.unsubscribe(channel, id);
         }
@@ -703,7 +703,7 @@ impl<'a> Session<'a> {
     /// Queues one publication encoded for this connection alone (recovery),
     /// unless it was not meant for this connection (a sender's own message).
     fn push_publication(&mut self, publication: &herald_core::Publication) {
-        if !publication.is_for(self.handle.id(), &self.identity.user_id) {
+        if !publication.is_for(self.socket.id(), &self.identity.user_id) {
             return;
         }
         self.socket.send(wire_frame(publication.encode()));
@@ -1025,7 +1025,7 @@ impl<'a> Session<'a> {
             payload: Payload::Json(data),
             from: Some(self.identity.user_id.clone()),
             exclude_user: None,
-            exclude_connection: Some(self.handle.id()),
+            exclude_connection: Some(self.socket.id()),
             ephemeral: true,
         };
         self.hub.publish(request, Source::Client).await.map_err(publish_error)?;
@@ -1090,7 +1090,7 @@ impl<'a> Session<'a> {
         if self.hub.tracks_presence(channel) {
             let user = self.identity.user_id.clone();
             self.hub
-                .presence_changed(channel.clone(), user, self.handle.id(), true)
+                .presence_changed(channel.clone(), user, self.socket.id(), true)
                 .await;
         }
         true
@@ -1103,11 +1103,11 @@ impl<'a> Session<'a> {
         }
         self.socket.forget_position(channel);
         self.granted_by_server.remove(channel);
-        self.hub.unsubscribe(channel, self.handle.id());
+        self.hub.unsubscribe(channel, self.socket.id());
         if self.hub.tracks_presence(channel) {
             let user = self.identity.user_id.clone();
             self.hub
-                .presence_changed(channel.clone(), user, self.handle.id(), false)
+                .presence_changed(channel.clone(), user, self.socket.id(), false)
                 .await;
         }
         true
