@@ -110,12 +110,7 @@ fn validate(text: &str) -> Result<(), ChannelError> {
     }
     let name = match text.split_once(':') {
         Some((namespace, name)) => {
-            let namespace_ok = !namespace.is_empty()
-                && namespace.len() <= MAX_NAMESPACE_LENGTH
-                && namespace
-                    .bytes()
-                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-');
-            if !namespace_ok {
+            if !is_valid_namespace(namespace) {
                 return Err(ChannelError::BadNamespace(namespace.to_owned()));
             }
             if name.is_empty() {
@@ -134,6 +129,16 @@ fn validate(text: &str) -> Result<(), ChannelError> {
 
 fn is_name_byte(byte: u8) -> bool {
     byte.is_ascii_alphanumeric() || b"_-.=@|+~:".contains(&byte)
+}
+
+/// Whether `namespace` may stand before the `:` of a channel name: 1 to
+/// [`MAX_NAMESPACE_LENGTH`] bytes of `a-z`, `0-9`, `_` and `-`.
+pub fn is_valid_namespace(namespace: &str) -> bool {
+    !namespace.is_empty()
+        && namespace.len() <= MAX_NAMESPACE_LENGTH
+        && namespace
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-')
 }
 
 #[cfg(test)]

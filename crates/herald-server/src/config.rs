@@ -490,12 +490,7 @@ impl Config {
         )?;
         let mut namespaces = HashMap::new();
         for (name, policy) in &raw.namespaces {
-            let valid = !name.is_empty()
-                && name.len() <= herald_core::channel::MAX_NAMESPACE_LENGTH
-                && name
-                    .bytes()
-                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-');
-            if !valid {
+            if !herald_core::channel::is_valid_namespace(name) {
                 return Err(invalid(
                     &format!("namespaces.{name}"),
                     "a namespace name is 1-32 of a-z 0-9 _ -",
