@@ -63,9 +63,14 @@ pub struct RedisConfig {
 }
 
 impl RedisConfig {
+    /// What every Redis channel carrying a Herald channel starts with.
+    fn channel_key_prefix(&self) -> String {
+        format!("{}ch:", self.prefix)
+    }
+
     /// The Redis channel that carries a Herald channel.
     pub fn channel_key(&self, channel: &ChannelName) -> Bytes {
-        Bytes::from(format!("{}ch:{channel}", self.prefix))
+        Bytes::from(format!("{}{channel}", self.channel_key_prefix()))
     }
 }
 
@@ -231,7 +236,7 @@ fn inbound_handler(
     fanout: Arc<Fanout>,
     metrics: Arc<Metrics>,
 ) -> pubsub::Handler {
-    let channel_prefix = format!("{}ch:", config.prefix);
+    let channel_prefix = config.channel_key_prefix();
     let counter = Arc::new(AtomicU64::new(1));
     Arc::new(move |redis_channel: &[u8], payload: Bytes| {
         let received_at = Instant::now();
@@ -270,6 +275,18 @@ impl RedisBroker {
         format!("{}nodes", self.config.prefix)
     }
 
+    fn node_stats_key(&self) -> String {
+        format!("{}nodestats", self.config.prefix)
+    }
+
+    fn presence_key(&self, channel: &ChannelName) -> String {
+        format!("{}presence:{channel}", self.config.prefix)
+    }
+
+    fn read_key(&self, user: &str) -> String {
+        format!("{}read:{user}", self.config.prefix)
+    }
+
     fn node_timeout_ms(&self) -> String {
         self.config.node_timeout.as_millis().to_string()
     }
@@ -281,7 +298,7 @@ impl RedisBroker {
         channel: &ChannelName,
         delete_dead: bool,
     ) -> Result<(Vec<(String, String)>, Vec<String>), BrokerError> {
-        let key = format!("{}presence:{channel}", self.config.prefix);
+        let key = self.presence_key(channel);
         let (nodes, now, timeout) = (self.nodes_key(), unix_millis().to_string(), self.node_timeout_ms());
         let delete = if delete_dead { "1" } else { "0" };
         let args: Vec<&str> = vec![&key, &nodes, &now, &timeout, delete];
@@ -306,7 +323,7 @@ impl RedisBroker {
     /// Records this node's heartbeat with its stats; returns every live
     /// node's stats.
     pub async fn heartbeat(&self, stats: &serde_json::Value) -> Result<Vec<serde_json::Value>, BrokerError> {
-        let stats_key = format!("{}nodestats", self.config.prefix);
+        let stats_key = self.node_stats_key();
         let (nodes, now, timeout) = (self.nodes_key(), unix_millis().to_string(), self.node_timeout_ms());
         let stats = stats.to_string();
         let args: Vec<&str> = vec![&nodes, &stats_key, &self.node_id, &now, &stats, &timeout];
@@ -327,12 +344,8 @@ impl Broker for RedisBroker {
         let payload = encode_wire(&publication, &self.node_id);
         let policy = self.policies.history_for(&publication).copied();
         Box::pin(async move {
-            let unavailable = |e: link::RedisError| BrokerError::Unavailable(e.to_string());
             let Some(policy) = policy else {
-                self.link
-                    .call(&[&b"PUBLISH"[..], &key, &payload])
-                    .await
-                    .map_err(unavailable)?;
+                self.link.call(&[&b"PUBLISH"[..], &key, &payload]).await?;
                 return Ok(Placement::default());
             };
             let [history, offset, epoch] = history::keys(&self.config, &publication.channel);
@@ -352,11 +365,7 @@ impl Broker for RedisBroker {
                 fresh_epoch.as_bytes(),
                 history::POSITION_TTL_MS.as_bytes(),
             ];
-            let reply = self
-                .link
-                .eval(&history::PUBLISH_LUA, 4, &args)
-                .await
-                .map_err(unavailable)?;
+            let reply = self.link.eval(&history::PUBLISH_LUA, 4, &args).await?;
             let (offset, epoch) = history::placement(&reply)
                 .ok_or_else(|| BrokerError::Unavailable("unexpected history reply".into()))?;
             Ok(Placement {
@@ -412,7 +421,7 @@ impl Broker for RedisBroker {
         channel: &ChannelName,
         cursor: ReadCursor,
     ) -> BoxFuture<'_, Result<(), BrokerError>> {
-        let key = format!("{}read:{user}", self.config.prefix);
+        let key = self.read_key(user);
         let (field, value) = (
             channel.to_string(),
             serde_json::to_string(&cursor).expect("cursors serialize"),
@@ -424,7 +433,7 @@ impl Broker for RedisBroker {
     }
 
     fn read_cursors(&self, user: &str) -> BoxFuture<'_, Result<HashMap<String, ReadCursor>, BrokerError>> {
-        let key = format!("{}read:{user}", self.config.prefix);
+        let key = self.read_key(user);
         Box::pin(async move {
             let reply = self.link.call(&["HGETALL", &key]).await?;
             let items = reply.as_array().unwrap_or_default();
@@ -447,7 +456,7 @@ impl Broker for RedisBroker {
         joined: bool,
         count: bool,
     ) -> BoxFuture<'_, Result<Option<usize>, BrokerError>> {
-        let key = format!("{}presence:{channel}", self.config.prefix);
+        let key = self.presence_key(channel);
         let field = format!("{}:{connection}", self.node_id);
         let user = user.to_owned();
         Box::pin(async move {
