@@ -247,8 +247,12 @@ fn inbound_handler(
                 .map_err(|e| e.to_string())
                 .and_then(|channel| decode_wire(channel, &payload, &node_id, next_id))
                 .map(|publication| vec![publication]),
-            None => match config.routes.iter().find(|route| route.matches(&name).is_some()) {
-                Some(route) => route.publications(&name, &payload, next_id),
+            None => match config
+                .routes
+                .iter()
+                .find_map(|route| Some((route, route.matches(&name)?)))
+            {
+                Some((route, captures)) => route.publications(&captures, &payload, next_id),
                 None => Ok(Vec::new()),
             },
         };

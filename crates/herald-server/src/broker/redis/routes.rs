@@ -133,13 +133,13 @@ impl Route {
 
     /// The publications one Redis message becomes (none if it names no
     /// destination this route knows).
+    /// `captures` are what [`matches`](Self::matches) took from the Redis channel.
     pub fn publications(
         &self,
-        redis_channel: &str,
+        captures: &[String],
         payload: &[u8],
         next_id: impl FnOnce() -> String,
     ) -> Result<Vec<Publication>, String> {
-        let captures = self.matches(redis_channel).ok_or("route does not match")?;
         let needs_fields = self.data_field.is_some()
             || self.exclude_user_field.is_some()
             || matches!(self.destination, Destination::Fields(_))
@@ -230,9 +230,14 @@ mod tests {
         Route::from_raw(wrapper.route, 0).unwrap()
     }
 
+    /// What one message on `channel` becomes through `route`, which must match it.
+    fn publish(route: &Route, channel: &str, payload: &[u8]) -> Result<Vec<Publication>, String> {
+        let captures = route.matches(channel).expect("the route matches");
+        route.publications(&captures, payload, || "id".into())
+    }
+
     fn frames(route: &Route, channel: &str, payload: &str) -> Vec<String> {
-        route
-            .publications(channel, payload.as_bytes(), || "id".into())
+        publish(route, channel, payload.as_bytes())
             .unwrap()
             .iter()
             .map(|p| match p.encode() {
@@ -276,29 +281,20 @@ mod tests {
         let routed = route(
             "redis_channel = \"message_notifications\"\nmessage_type = \"new_message\"\nexclude_user_field = \"from_user_id\"\ntargets = [{ field = \"to_user_id\", channel = \"user:{value}\" }, { field = \"group_id\", channel = \"group:{value}\" }]",
         );
-        let to_group = routed
-            .publications(
-                "message_notifications",
-                br#"{"group_id":42,"from_user_id":"alice","content":"hi"}"#,
-                || "i".into(),
-            )
-            .unwrap();
+        let to_group = publish(
+            &routed,
+            "message_notifications",
+            br#"{"group_id":42,"from_user_id":"alice","content":"hi"}"#,
+        )
+        .unwrap();
         assert_eq!(to_group[0].channel.as_str(), "group:42");
         assert_eq!(to_group[0].exclude_user.as_deref(), Some("alice"));
         assert_eq!(to_group[0].message_type, "new_message");
-        let to_user = routed
-            .publications("message_notifications", br#"{"to_user_id":"bob"}"#, || "i".into())
-            .unwrap();
+        let to_user = publish(&routed, "message_notifications", br#"{"to_user_id":"bob"}"#).unwrap();
         assert_eq!(to_user[0].channel.as_str(), "user:bob");
-        let nowhere = routed
-            .publications("message_notifications", br#"{"x":1}"#, || "i".into())
-            .unwrap();
+        let nowhere = publish(&routed, "message_notifications", br#"{"x":1}"#).unwrap();
         assert!(nowhere.is_empty());
-        assert!(
-            routed
-                .publications("message_notifications", b"not json", || "i".into())
-                .is_err()
-        );
+        assert!(publish(&routed, "message_notifications", b"not json").is_err());
     }
 
     #[test]
