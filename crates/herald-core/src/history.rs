@@ -109,7 +109,7 @@ impl ChannelHistory {
         self.messages.range(start..).take(limit).cloned().collect()
     }
 
-    /// Whether nothing is retained (the store may forget the channel).
+    /// Whether nothing is retained (offsets and the epoch remain).
     pub fn is_empty(&self) -> bool {
         self.messages.is_empty()
     }

@@ -232,27 +232,6 @@ impl RawConfig {
     }
 }
 
-/// The environment variables [`RawConfig::apply_env`] reads, for the docs and `--help`.
-pub const ENV_VARS: &[(&str, &str)] = &[
-    ("HERALD_LISTEN", "listen"),
-    ("HERALD_JWT_SECRET", "jwt.secret"),
-    ("HERALD_JWT_ALGORITHMS", "jwt.algorithms (comma-separated)"),
-    ("HERALD_JWT_ISSUER", "jwt.issuer"),
-    ("HERALD_JWT_AUDIENCE", "jwt.audience"),
-    ("HERALD_API_KEY", "api.key"),
-    ("HERALD_REDIS_URL", "redis.url"),
-    ("HERALD_REDIS_PREFIX", "redis.prefix"),
-    ("HERALD_ORIGINS_ALLOWED", "origins.allowed (comma-separated)"),
-    ("HERALD_MAX_CONNECTIONS", "limits.max_connections"),
-    ("HERALD_MAX_CONNECTIONS_PER_USER", "limits.max_connections_per_user"),
-    ("HERALD_MAX_CONNECTIONS_PER_IP", "limits.max_connections_per_ip"),
-    ("HERALD_MAX_MESSAGE_SIZE", "limits.max_message_size"),
-    ("HERALD_SHUTDOWN_TIMEOUT", "shutdown.timeout"),
-    ("HERALD_SHUTDOWN_DRAIN_WINDOW", "shutdown.drain_window"),
-    ("HERALD_LOG_FORMAT", "log.format"),
-    ("HERALD_LOG_LEVEL", "log.level"),
-];
-
 // ---------------------------------------------------------- validated layer
 
 /// Validated settings. Built once at start-up and handed out by parts.

@@ -149,10 +149,6 @@ impl Script {
             sha: std::sync::OnceLock::new(),
         }
     }
-
-    pub fn source(&self) -> &'static str {
-        self.source
-    }
 }
 
 struct Request {

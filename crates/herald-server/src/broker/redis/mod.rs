@@ -223,10 +223,6 @@ impl RedisBroker {
             pubsub,
         }
     }
-
-    pub fn config(&self) -> &RedisConfig {
-        &self.config
-    }
 }
 
 /// Turns Redis messages into local deliveries.
