@@ -401,7 +401,8 @@ pub async fn unread(
             .collect(),
         None => {
             let mut names: Vec<String> = cursors.keys().cloned().collect();
-            names.push(format!("user:{}", user.user_id));
+            let own = ChannelName::user(&user.user_id).expect("the verifier checks the user id");
+            names.push(own.to_string());
             names
         }
     };
@@ -421,10 +422,7 @@ pub async fn unread(
         let channel = ChannelName::parse(&name).map_err(|e| bad_request(&format!("channel `{name}`: {e}")))?;
         hub.policies()
             .check_subscribe(&subject, &channel)
-            .map_err(|e| match e {
-                herald_core::policy::PolicyError::UnknownNamespace(_) => bad_request(&e.to_string()),
-                _ => ApiError::new(StatusCode::FORBIDDEN, "forbidden", e.to_string()),
-            })?;
+            .map_err(policy_error)?;
         let cursor = cursors.get(channel.as_str());
         let mut entry = json!({"channel": channel, "last_read": cursor});
         if hub.policies().policy(&channel).is_ok_and(|p| p.keeps_history()) {
@@ -681,17 +679,22 @@ fn require_user(hub: &Hub, headers: &HeaderMap) -> Result<Identity, ApiError> {
 }
 
 fn check_publish(hub: &Hub, sender: &Identity, channel: &ChannelName) -> Result<(), ApiError> {
-    use herald_core::policy::{PolicyError, Subject};
+    use herald_core::policy::Subject;
     let subject = Subject {
         user_id: &sender.user_id,
         granted: &sender.channels,
     };
     hub.policies()
         .check_client_publish(&subject, channel)
-        .map_err(|e| match e {
-            PolicyError::UnknownNamespace(_) => bad_request(&e.to_string()),
-            _ => ApiError::new(StatusCode::FORBIDDEN, "forbidden", e.to_string()),
-        })
+        .map_err(policy_error)
+}
+
+/// A refused policy check: 400 for an unknown namespace, 403 otherwise.
+fn policy_error(error: herald_core::policy::PolicyError) -> ApiError {
+    match error {
+        herald_core::policy::PolicyError::UnknownNamespace(_) => bad_request(&error.to_string()),
+        _ => ApiError::new(StatusCode::FORBIDDEN, "forbidden", error.to_string()),
+    }
 }
 
 /// Compares without an early exit, so the time taken does not reveal how
