@@ -289,6 +289,18 @@ impl Client {
     }
 }
 
+/// Publishes a marker to `channel` and asserts it is the next frame `client`
+/// sees: proof that nothing else was delivered before it.
+pub async fn expect_only_marker(server: &TestServer, client: &mut Client, channel: &str) {
+    server.publish_ok(channel, json!({"marker": true})).await;
+    let frame = client.next_frame().await;
+    assert_eq!(
+        frame["data"],
+        json!({"marker": true}),
+        "expected only the marker, got {frame}"
+    );
+}
+
 /// How often `wait_until` re-checks its condition.
 const POLL_INTERVAL: Duration = Duration::from_millis(20);
 

@@ -4,19 +4,7 @@
 use futures_util::SinkExt;
 use serde_json::json;
 
-use crate::harness::{Client, TestServer};
-
-/// Publishes a marker to `channel` and asserts it is the next frame `client`
-/// sees: proof that nothing else was delivered before it.
-async fn expect_only_marker(server: &TestServer, client: &mut Client, channel: &str) {
-    server.publish_ok(channel, json!({"marker": true})).await;
-    let frame = client.next_frame().await;
-    assert_eq!(
-        frame["data"],
-        json!({"marker": true}),
-        "expected only the marker, got {frame}"
-    );
-}
+use crate::harness::{TestServer, expect_only_marker};
 
 #[tokio::test]
 async fn every_connection_of_a_user_receives_its_notifications() {

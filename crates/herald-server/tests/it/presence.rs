@@ -5,7 +5,7 @@ use std::process::Stdio;
 use serde_json::{Value, json};
 use tokio::io::{AsyncBufReadExt, BufReader};
 
-use crate::harness::{API_KEY, Client, DEADLINE, RedisServer, SECRET, TestServer, wait_until};
+use crate::harness::{API_KEY, Client, DEADLINE, RedisServer, SECRET, TestServer, expect_only_marker, wait_until};
 
 const ROOM: &str = "[namespaces.room]\nsubscribe = \"authenticated\"\npresence = true\njoin_leave = true";
 
@@ -49,12 +49,6 @@ async fn next_event(client: &mut Client) -> (String, String) {
             return (kind.to_owned(), frame["data"]["user_id"].as_str().unwrap().to_owned());
         }
     }
-}
-
-/// Publishes a marker and asserts it is the next frame: nothing came before.
-async fn expect_only_marker(server: &TestServer, client: &mut Client, channel: &str) {
-    server.publish_ok(channel, json!({"marker": true})).await;
-    assert_eq!(client.next_frame().await["data"], json!({"marker": true}));
 }
 
 #[tokio::test]

@@ -3,7 +3,7 @@
 
 use serde_json::json;
 
-use crate::harness::{Client, RedisServer, TestServer, wait_until};
+use crate::harness::{RedisServer, TestServer, expect_only_marker, wait_until};
 
 async fn node(redis: &RedisServer, extra: &str) -> TestServer {
     let server = TestServer::start_with(&redis.toml(extra)).await;
@@ -17,12 +17,6 @@ async fn ready(addr: std::net::SocketAddr) -> u16 {
         .await
         .map(|(status, _)| status)
         .unwrap_or(0)
-}
-
-/// Publishes a marker and asserts it is the next frame: nothing came before.
-async fn expect_only_marker(server: &TestServer, client: &mut Client, channel: &str) {
-    server.publish_ok(channel, json!({"marker": true})).await;
-    assert_eq!(client.next_frame().await["data"], json!({"marker": true}));
 }
 
 #[tokio::test]
