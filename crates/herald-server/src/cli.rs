@@ -175,10 +175,11 @@ async fn serve(common: &Common) -> anyhow::Result<ExitCode> {
 }
 
 fn print_banner(config: &Config, addr: std::net::SocketAddr) {
-    println!(
-        "Herald {} on http://{addr} (in-process broker, in-memory state)",
-        env!("CARGO_PKG_VERSION")
-    );
+    let mode = match &config.redis {
+        None => "in-process broker, in-memory state".to_owned(),
+        Some(redis) => format!("Redis at {}, prefix `{}`", redis.address.host_port, redis.prefix),
+    };
+    println!("Herald {} on http://{addr} ({mode})", env!("CARGO_PKG_VERSION"));
     if !config.ephemeral_secrets {
         return;
     }
