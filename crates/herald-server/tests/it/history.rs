@@ -3,7 +3,7 @@
 
 use serde_json::{Value, json};
 
-use crate::harness::{API_KEY, Client, RedisServer, TestServer, wait_until};
+use crate::harness::{API_KEY, Client, RedisServer, TestServer, expect_only_marker, wait_until};
 
 const FEED: &str = "[namespaces.feed]\nsubscribe = \"authenticated\"\nhistory_size = 5000\nhistory_ttl = \"10m\"";
 
@@ -486,13 +486,8 @@ async fn senders_never_get_their_own_messages_back(setup: Setup) {
         alice_again.expect_type("new_message").await["data"]["content"],
         "from bob"
     );
-    expect_marker(&nodes, &mut alice_again, "group:h").await;
+    expect_only_marker(&nodes.publisher, &mut alice_again, "group:h").await;
     assert_eq!(nodes.subscriber().metric("herald_gaps_unrecovered_total").await, 0.0);
-}
-
-async fn expect_marker(nodes: &Nodes, client: &mut Client, channel: &str) {
-    nodes.publisher.publish_ok(channel, json!({"marker": true})).await;
-    assert_eq!(client.next_frame().await["data"], json!({"marker": true}));
 }
 
 #[tokio::test]
