@@ -150,6 +150,20 @@ impl TestServer {
     pub async fn metric(&self, series: &str) -> f64 {
         metric_value(&self.metrics().await, series)
     }
+
+    /// Waits until `/ready` answers 200, failing the test after `DEADLINE`.
+    pub async fn wait_ready(&self) {
+        let addr = self.addr;
+        wait_until("the node is ready", || async move { ready_status(addr).await == 200 }).await;
+    }
+}
+
+/// The status `/ready` answers with, 0 when the request fails.
+pub async fn ready_status(addr: std::net::SocketAddr) -> u16 {
+    herald_server::http_client::request("GET", &format!("http://{addr}/ready"), None, None)
+        .await
+        .map(|(status, _)| status)
+        .unwrap_or(0)
 }
 
 pub fn metric_value(text: &str, series: &str) -> f64 {

@@ -3,7 +3,7 @@
 
 use serde_json::{Value, json};
 
-use crate::harness::{API_KEY, Client, RedisServer, TestServer, expect_only_marker, wait_until};
+use crate::harness::{API_KEY, Client, RedisServer, TestServer, expect_only_marker, ready_status, wait_until};
 
 const FEED: &str = "[namespaces.feed]\nsubscribe = \"authenticated\"\nhistory_size = 5000\nhistory_ttl = \"10m\"";
 
@@ -38,14 +38,7 @@ impl Nodes {
                     _ => None,
                 };
                 for node in std::iter::once(&publisher).chain(subscriber.iter()) {
-                    let addr = node.addr;
-                    wait_until("the node is ready", || async move {
-                        let url = format!("http://{addr}/ready");
-                        herald_server::http_client::request("GET", &url, None, None)
-                            .await
-                            .is_ok_and(|(s, _)| s == 200)
-                    })
-                    .await;
+                    node.wait_ready().await;
                 }
                 Nodes {
                     publisher,
@@ -221,11 +214,10 @@ async fn a_redis_restart_without_persistence_starts_a_new_epoch() {
     redis.kill();
     redis.restart().await;
     let addr = nodes.publisher.addr;
-    wait_until("the node is ready again", || async move {
-        herald_server::http_client::request("GET", &format!("http://{addr}/ready"), None, None)
-            .await
-            .is_ok_and(|(s, _)| s == 200)
-    })
+    wait_until(
+        "the node is ready again",
+        || async move { ready_status(addr).await == 200 },
+    )
     .await;
     let after = publish_seq(&nodes.publisher, channel, 1).await;
     assert_ne!(after["epoch"], old_epoch.as_str(), "history was lost: new epoch");

@@ -5,19 +5,15 @@ use std::process::Stdio;
 use serde_json::{Value, json};
 use tokio::io::{AsyncBufReadExt, BufReader};
 
-use crate::harness::{API_KEY, Client, DEADLINE, RedisServer, SECRET, TestServer, expect_only_marker, wait_until};
+use crate::harness::{
+    API_KEY, Client, DEADLINE, RedisServer, SECRET, TestServer, expect_only_marker, ready_status, wait_until,
+};
 
 const ROOM: &str = "[namespaces.room]\nsubscribe = \"authenticated\"\npresence = true\njoin_leave = true";
 
 async fn ready_node(redis: &RedisServer) -> TestServer {
     let server = TestServer::start_with(&format!("{ROOM}\n{}", redis.toml("node_timeout = \"3s\""))).await;
-    let addr = server.addr;
-    wait_until("the node is ready", || async move {
-        herald_server::http_client::request("GET", &format!("http://{addr}/ready"), None, None)
-            .await
-            .is_ok_and(|(status, _)| status == 200)
-    })
-    .await;
+    server.wait_ready().await;
     server
 }
 
@@ -132,9 +128,7 @@ async fn a_killed_nodes_users_leave_within_the_node_timeout() {
         config: a.config.clone(),
     };
     wait_until("the second node is ready", || async {
-        herald_server::http_client::request("GET", &format!("http://{addr}/ready"), None, None)
-            .await
-            .is_ok_and(|(status, _)| status == 200)
+        ready_status(view.addr).await == 200
     })
     .await;
     let mut carol = view.connect("carol").await;

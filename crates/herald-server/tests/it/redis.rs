@@ -3,20 +3,12 @@
 
 use serde_json::json;
 
-use crate::harness::{RedisServer, TestServer, expect_only_marker, wait_until};
+use crate::harness::{RedisServer, TestServer, expect_only_marker, ready_status, wait_until};
 
 async fn node(redis: &RedisServer, extra: &str) -> TestServer {
     let server = TestServer::start_with(&redis.toml(extra)).await;
-    let addr = server.addr;
-    wait_until("the node is ready", || async move { ready(addr).await == 200 }).await;
+    server.wait_ready().await;
     server
-}
-
-async fn ready(addr: std::net::SocketAddr) -> u16 {
-    herald_server::http_client::request("GET", &format!("http://{addr}/ready"), None, None)
-        .await
-        .map(|(status, _)| status)
-        .unwrap_or(0)
 }
 
 #[tokio::test]
@@ -268,7 +260,7 @@ async fn nodes_survive_redis_being_killed_and_restarted() {
     redis.kill();
     let (a_addr, b_addr) = (a.addr, b.addr);
     wait_until("both nodes report not ready", || async move {
-        ready(a_addr).await == 503 && ready(b_addr).await == 503
+        ready_status(a_addr).await == 503 && ready_status(b_addr).await == 503
     })
     .await;
     let (status, body) = a.publish(json!({"channel": "group:other", "data": 0})).await;
@@ -279,7 +271,7 @@ async fn nodes_survive_redis_being_killed_and_restarted() {
     );
     redis.restart().await;
     wait_until("both nodes are ready again", || async move {
-        ready(a_addr).await == 200 && ready(b_addr).await == 200
+        ready_status(a_addr).await == 200 && ready_status(b_addr).await == 200
     })
     .await;
     let key = format!("{}ch:group:steady", redis.prefix());
