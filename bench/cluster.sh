@@ -21,18 +21,15 @@
 # one). Everything the script starts is stopped on exit.
 set -euo pipefail
 
-usage() {
-  sed -n '2,5p' "$0" | sed 's/^# \{0,1\}//' >&2
-  exit 2
-}
+script_name=cluster
+usage_lines=2,5
+repo="$(cd "$(dirname "$0")/.." && pwd)"
+# shellcheck source=bench/lib.sh
+. "$repo/bench/lib.sh"
 
-[ $# -ge 1 ] || usage
+require_scenario "${1-}"
 scenario="$1"
 shift
-case "$scenario" in
-  idle | broadcast | notify | connect | slow) ;;
-  *) usage ;;
-esac
 
 rounds=3
 paths="memory http redis-pubsub redis-stream"
@@ -53,18 +50,12 @@ for path in $paths; do
   esac
 done
 
-repo="$(cd "$(dirname "$0")/.." && pwd)"
-target_dir="${CARGO_TARGET_DIR:-$repo/target}"
 out="${CLUSTER_BENCH_OUT:-$(mktemp -d -t herald-cluster-bench.XXXXXX)}"
 mkdir -p "$out"
 redis_port=16400
 node_ports=(18201 18202)
 server_cpu=0
 bench_cpu=1
-
-script_name=cluster
-# shellcheck source=bench/lib.sh
-. "$repo/bench/lib.sh"
 
 wait_for_redis() {
   local pid="$1"
@@ -76,22 +67,13 @@ wait_for_redis() {
   done
 }
 
-
-for port in "$redis_port" "${node_ports[@]}"; do
-  port_free "$port" || { echo "cluster: port $port is already in use" >&2; exit 1; }
-done
+require_free_ports "$redis_port" "${node_ports[@]}"
 for tool in redis-server redis-cli curl taskset python3; do
   command -v "$tool" >/dev/null || { echo "cluster: $tool is missing" >&2; exit 1; }
 done
 
-echo "cluster: building release binaries" >&2
-(cd "$repo" && cargo build --release --quiet -p herald-server -p herald-bench)
-herald="$target_dir/release/herald"
-bench="$target_dir/release/herald-bench"
-
-HERALD_JWT_SECRET="$(openssl rand -hex 32)"
-HERALD_API_KEY="$(openssl rand -hex 24)"
-export HERALD_JWT_SECRET HERALD_API_KEY
+build_release
+export_fresh_secrets
 unset HERALD_REDIS_URL HERALD_REDIS_PREFIX
 
 # Starts a node on port $1 (with Redis when $2 is set); sets $node_pid.

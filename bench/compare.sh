@@ -18,18 +18,15 @@
 # Everything the script starts is stopped on exit.
 set -euo pipefail
 
-usage() {
-  sed -n '2,4p' "$0" | sed 's/^# \{0,1\}//' >&2
-  exit 2
-}
+script_name=compare
+usage_lines=2,4
+repo="$(cd "$(dirname "$0")/.." && pwd)"
+# shellcheck source=bench/lib.sh
+. "$repo/bench/lib.sh"
 
-[ $# -ge 1 ] || usage
+require_scenario "${1-}"
 scenario="$1"
 shift
-case "$scenario" in
-  idle | broadcast | notify | connect | slow) ;;
-  *) usage ;;
-esac
 
 rounds=3
 bench_args=()
@@ -41,9 +38,7 @@ while [ $# -gt 0 ]; do
   esac
 done
 
-repo="$(cd "$(dirname "$0")/.." && pwd)"
 nchan_run="$repo/../shared/peers/nchan/run.sh"
-target_dir="${CARGO_TARGET_DIR:-$repo/target}"
 out="${COMPARE_OUT:-$(mktemp -d -t herald-compare.XXXXXX)}"
 mkdir -p "$out"
 herald_port=18081
@@ -51,24 +46,11 @@ nchan_port=18090
 server_cpu=0
 bench_cpu=1
 
-script_name=compare
-# shellcheck source=bench/lib.sh
-. "$repo/bench/lib.sh"
-
-
-for port in "$herald_port" "$nchan_port"; do
-  port_free "$port" || { echo "compare: port $port is already in use" >&2; exit 1; }
-done
+require_free_ports "$herald_port" "$nchan_port"
 [ -x "$nchan_run" ] || { echo "compare: $nchan_run not found (the shared/ peers folder)" >&2; exit 1; }
 
-echo "compare: building release binaries" >&2
-(cd "$repo" && cargo build --release --quiet -p herald-server -p herald-bench)
-herald="$target_dir/release/herald"
-bench="$target_dir/release/herald-bench"
-
-HERALD_JWT_SECRET="$(openssl rand -hex 32)"
-HERALD_API_KEY="$(openssl rand -hex 24)"
-export HERALD_JWT_SECRET HERALD_API_KEY
+build_release
+export_fresh_secrets
 
 run_herald_round() {
   local round="$1"
