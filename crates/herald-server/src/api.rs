@@ -12,8 +12,8 @@ use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use base64::Engine;
+use herald_core::frame::StreamPosition;
 use herald_core::frame::{self, validate_message_type};
-use herald_core::history::Position;
 use herald_core::publication::{CONTROL_SUBSCRIBE, CONTROL_UNSUBSCRIBE};
 use herald_core::{ChannelName, Payload, Publication};
 use serde::Deserialize;
@@ -452,15 +452,11 @@ async fn read_history(hub: &Hub, channel: &ChannelName, query: HistoryQuery) -> 
     }
     // A limit of 0 reads only the position, as over WebSocket.
     let limit = query.limit.unwrap_or(100).min(crate::broker::MAX_HISTORY_PAGE);
-    let since = match (query.offset, query.epoch) {
-        (None, _) => None,
-        (Some(offset), Some(epoch)) => Some(Position { offset, epoch }),
-        (Some(offset), None) => Some(Position {
-            offset,
-            epoch: hub.position(channel).await.map_err(unavailable)?.epoch,
-        }),
-    };
-    let page = hub.broker.history(channel, since, limit).await.map_err(unavailable)?;
+    let since = query.offset.map(|offset| StreamPosition {
+        offset,
+        epoch: query.epoch,
+    });
+    let page = hub.history(channel, since, limit).await.map_err(unavailable)?;
     let mut body = history_json(channel, &page);
     let next = page
         .publications

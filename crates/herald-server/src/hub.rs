@@ -225,6 +225,38 @@ impl Hub {
         Ok(self.broker.history(channel, None, 0).await?.current)
     }
 
+    /// A client's position in `channel`: an offset in the epoch it names, or
+    /// in the current one when it names none.
+    pub async fn resolve(
+        &self,
+        channel: &ChannelName,
+        since: herald_core::frame::StreamPosition,
+    ) -> Result<herald_core::history::Position, BrokerError> {
+        let epoch = match since.epoch {
+            Some(epoch) => epoch,
+            None => self.position(channel).await?.epoch,
+        };
+        Ok(herald_core::history::Position {
+            offset: since.offset,
+            epoch,
+        })
+    }
+
+    /// A page of `channel`'s history: what follows `since` (see
+    /// [`resolve`](Self::resolve)), or the oldest kept messages.
+    pub async fn history(
+        &self,
+        channel: &ChannelName,
+        since: Option<herald_core::frame::StreamPosition>,
+        limit: usize,
+    ) -> Result<crate::broker::HistoryPage, BrokerError> {
+        let since = match since {
+            Some(since) => Some(self.resolve(channel, since).await?),
+            None => None,
+        };
+        self.broker.history(channel, since, limit).await
+    }
+
     /// Subscribes a new connection to its personal channel, unless the user
     /// already has `limits.max_connections_per_user` connections here.
     pub fn subscribe_user(&self, user_channel: &ChannelName, connection: ConnectionHandle) -> Option<Change> {

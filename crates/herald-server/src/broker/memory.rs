@@ -17,7 +17,7 @@ use std::hash::{BuildHasher, RandomState};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use herald_core::history::{ChannelHistory, Position, Recovery};
+use herald_core::history::{ChannelHistory, Position};
 use herald_core::policy::Policies;
 use herald_core::{ChannelName, Publication};
 
@@ -100,45 +100,27 @@ impl Broker for MemoryBroker {
             .policy(channel)
             .map_or(0, |p| p.history_ttl.as_millis() as u64);
         let mut histories = lock(self.shard(channel));
-        let page = match histories.get_mut(channel) {
+        // A channel nothing was published to yet reads as an empty history.
+        let mut fresh;
+        let history = match histories.get_mut(channel) {
+            Some(history) => history,
             None => {
-                let current = Position {
-                    offset: 0,
-                    epoch: self.epoch.clone(),
-                };
-                let recovered = since.is_none_or(|since| since == current);
+                fresh = ChannelHistory::new(self.epoch.clone());
+                &mut fresh
+            }
+        };
+        history.expire(ttl_ms, unix_millis());
+        let current = history.position();
+        let page = match since {
+            None => {
+                let first = current.offset.saturating_sub(limit as u64);
                 HistoryPage {
-                    publications: Vec::new(),
+                    publications: history.after(first, limit),
                     current,
-                    recovered,
+                    recovered: true,
                 }
             }
-            Some(history) => {
-                history.expire(ttl_ms, unix_millis());
-                match since {
-                    None => {
-                        let current = history.position();
-                        let first = current.offset.saturating_sub(limit as u64);
-                        HistoryPage {
-                            publications: history.after(first, limit),
-                            current,
-                            recovered: true,
-                        }
-                    }
-                    Some(since) => match history.recover(&since, limit) {
-                        Recovery::Recovered(publications) => HistoryPage {
-                            publications,
-                            current: history.position(),
-                            recovered: true,
-                        },
-                        Recovery::Unrecoverable { current } => HistoryPage {
-                            publications: Vec::new(),
-                            current,
-                            recovered: false,
-                        },
-                    },
-                }
-            }
+            Some(since) => HistoryPage::from_recovery(history.recover(&since, limit), current),
         };
         Box::pin(std::future::ready(Ok(page)))
     }

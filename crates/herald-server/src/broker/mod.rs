@@ -14,7 +14,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::time::Duration;
 
-use herald_core::history::Position;
+use herald_core::history::{Position, Recovery};
 use herald_core::registry::Presence;
 use herald_core::{ChannelName, Publication};
 
@@ -52,6 +52,25 @@ pub struct HistoryPage {
     /// epoch, or messages after it are no longer kept); `publications` is
     /// then empty.
     pub recovered: bool,
+}
+
+impl HistoryPage {
+    /// The page a recovery decision makes; `current` is the channel's
+    /// position it was decided against.
+    pub fn from_recovery(recovery: Recovery, current: Position) -> Self {
+        match recovery {
+            Recovery::Recovered(publications) => HistoryPage {
+                publications,
+                current,
+                recovered: true,
+            },
+            Recovery::Unrecoverable { current } => HistoryPage {
+                publications: Vec::new(),
+                current,
+                recovered: false,
+            },
+        }
+    }
 }
 
 #[derive(Debug, Clone, thiserror::Error)]

@@ -895,16 +895,7 @@ impl<'a> Session<'a> {
             (Some(baseline), _) => baseline,
             (None, Some(recover)) => {
                 let read = async {
-                    let since = match recover.epoch {
-                        Some(epoch) => Position {
-                            offset: recover.offset,
-                            epoch,
-                        },
-                        None => Position {
-                            offset: recover.offset,
-                            epoch: self.read_position(channel).await?.epoch,
-                        },
-                    };
+                    let since = self.hub.resolve(channel, recover).await.map_err(broker_error)?;
                     self.read_since(channel, since).await
                 };
                 let (recovered, missed, current) = match read.await {
@@ -1050,23 +1041,7 @@ impl<'a> Session<'a> {
             ));
         }
         let limit = limit.map_or(DEFAULT_HISTORY_PAGE, |l| l as usize).min(MAX_HISTORY_PAGE);
-        let since = match since {
-            None => None,
-            Some(StreamPosition {
-                offset,
-                epoch: Some(epoch),
-            }) => Some(Position { offset, epoch }),
-            Some(StreamPosition { offset, epoch: None }) => Some(Position {
-                offset,
-                epoch: self.read_position(channel).await?.epoch,
-            }),
-        };
-        let page = self
-            .hub
-            .broker
-            .history(channel, since, limit)
-            .await
-            .map_err(broker_error)?;
+        let page = self.hub.history(channel, since, limit).await.map_err(broker_error)?;
         Ok(crate::api::history_json(channel, &page))
     }
 

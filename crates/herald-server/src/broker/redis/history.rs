@@ -124,17 +124,6 @@ pub fn page(
                 recovered: true,
             }
         }
-        Some(since) => match recover(&since, current.clone(), kept, limit) {
-            herald_core::history::Recovery::Recovered(publications) => HistoryPage {
-                publications,
-                current,
-                recovered: true,
-            },
-            herald_core::history::Recovery::Unrecoverable { current } => HistoryPage {
-                publications: Vec::new(),
-                current,
-                recovered: false,
-            },
-        },
+        Some(since) => HistoryPage::from_recovery(recover(&since, current.clone(), kept, limit), current),
     })
 }
