@@ -5,8 +5,8 @@ use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use serde_json::json;
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader};
-use tokio::process::{Child, Command};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader, Lines};
+use tokio::process::{Child, ChildStdout, Command};
 
 use crate::harness::{API_KEY, DEADLINE, SECRET, TestServer};
 
@@ -70,6 +70,20 @@ async fn spawn(args: &[&str], env: &[(&str, &str)]) -> Process {
     Process { child, addr, banner }
 }
 
+/// Starts `herald listen` against the node at `addr` with `token` and
+/// `extra` arguments; returns the child and its stdout, line by line.
+fn spawn_listen(addr: &str, token: &str, extra: &[&str]) -> (Child, Lines<BufReader<ChildStdout>>) {
+    let mut listener = Command::new(BIN)
+        .args(["listen", "--url", &format!("ws://{addr}/ws"), "--token", token])
+        .args(extra)
+        .stdout(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let lines = BufReader::new(listener.stdout.take().unwrap()).lines();
+    (listener, lines)
+}
+
 fn terminate(child: &Child) {
     let pid = child.id().expect("the child is running").to_string();
     let status = std::process::Command::new("kill")
@@ -120,21 +134,7 @@ async fn embedded_default_prints_a_token_and_publish_line_that_work() {
         .to_owned();
     assert!(publish_line.contains(&format!("http://{}/api/v1/publish", server.addr)));
 
-    let mut listener = Command::new(BIN)
-        .args([
-            "listen",
-            "--url",
-            &format!("ws://{}/ws", server.addr),
-            "--token",
-            &token,
-            "--count",
-            "1",
-        ])
-        .stdout(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let mut listener_out = BufReader::new(listener.stdout.take().unwrap()).lines();
+    let (mut listener, mut listener_out) = spawn_listen(&server.addr, &token, &["--count", "1"]);
     let hello = next_line(&mut listener_out).await;
     assert!(hello.contains("auth_success"), "{hello}");
     // The printed curl line's request, sent with the printed key.
@@ -179,23 +179,7 @@ async fn cli_token_publish_and_listen_work_together() {
     assert!(token.status.success(), "{}", String::from_utf8_lossy(&token.stderr));
     let token = String::from_utf8(token.stdout).unwrap().trim().to_owned();
 
-    let mut listener = Command::new(BIN)
-        .args([
-            "listen",
-            "--url",
-            &format!("ws://{}/ws", server.addr),
-            "--token",
-            &token,
-            "--subscribe",
-            "group:g1",
-            "--count",
-            "1",
-        ])
-        .stdout(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let mut out = BufReader::new(listener.stdout.take().unwrap()).lines();
+    let (mut listener, mut out) = spawn_listen(&server.addr, &token, &["--subscribe", "group:g1", "--count", "1"]);
     assert!(next_line(&mut out).await.contains("auth_success"));
     let ack = next_line(&mut out).await;
     assert!(ack.contains("\"ack\""), "subscribed: {ack}");
