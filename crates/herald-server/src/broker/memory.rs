@@ -64,8 +64,9 @@ impl Broker for MemoryBroker {
         let policy = self.policies.history_for(&publication).copied();
         // With history, the append and the hand-over to fan-out happen under
         // the channel's lock, so offsets and delivery order agree.
-        let mut histories = policy.map(|_| lock(self.shard(&publication.channel)));
-        if let (Some(policy), Some(histories)) = (policy, histories.as_mut()) {
+        let mut guard = None;
+        if let Some(policy) = policy {
+            let histories = guard.insert(lock(self.shard(&publication.channel)));
             let history = histories
                 .entry(publication.channel.clone())
                 .or_insert_with(|| ChannelHistory::new(self.epoch.clone()));
@@ -77,7 +78,7 @@ impl Broker for MemoryBroker {
             epoch: publication.epoch.clone(),
         };
         self.fanout.deliver(publication, accepted_at);
-        drop(histories);
+        drop(guard);
         Box::pin(std::future::ready(Ok(placement)))
     }
 
