@@ -64,7 +64,7 @@ pub async fn start(config: Config) -> std::io::Result<RunningServer> {
                     stopped.clone(),
                     services,
                 );
-                stream_consumer = Some((link, format!("{}publish", redis.prefix), streams.clone()));
+                stream_consumer = Some((link, redis.publish_stream_key(), streams.clone()));
             }
             let broker = RedisBroker::start(
                 redis.clone(),

@@ -63,6 +63,11 @@ pub struct RedisConfig {
 }
 
 impl RedisConfig {
+    /// The stream Streams ingest consumes.
+    pub fn publish_stream_key(&self) -> String {
+        format!("{}publish", self.prefix)
+    }
+
     /// What every Redis channel carrying a Herald channel starts with.
     fn channel_key_prefix(&self) -> String {
         format!("{}ch:", self.prefix)
