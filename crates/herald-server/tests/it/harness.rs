@@ -1,13 +1,16 @@
 //! Test harness: a real node on port 0, real WebSocket clients, a real HTTP
 //! client. Every wait has a deadline; nothing synchronises with a sleep.
 
+use std::process::Stdio;
 use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
 use herald_server::config::{Config, RawConfig};
 use herald_server::server::RunningServer;
 use serde_json::{Value, json};
+use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::net::TcpStream;
+use tokio::process::{Child, Command};
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::{self, Message};
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
@@ -435,4 +438,79 @@ pub fn free_port() -> u16 {
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
         .expect("a free port")
+}
+
+// `herald serve` in a child process.
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_herald");
+
+/// A `herald serve` child process, its address and the banner it printed.
+pub struct Process {
+    pub child: Child,
+    pub addr: String,
+    pub banner: Vec<String>,
+}
+
+/// Starts `herald serve` on a free port and reads its banner. `stderr` is
+/// the caller's: piped only by a test that reads it, so that nothing blocks
+/// on a full pipe.
+pub async fn spawn(args: &[&str], env: &[(&str, &str)], stderr: Stdio) -> Process {
+    let mut command = Command::new(BIN);
+    command
+        .args(["serve", "--listen", "127.0.0.1:0"])
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(stderr);
+    command
+        .env_remove("HERALD_JWT_SECRET")
+        .env_remove("HERALD_API_KEY")
+        .env_remove("RUST_LOG");
+    for (name, value) in env {
+        command.env(name, value);
+    }
+    command.kill_on_drop(true);
+    let mut child = command.spawn().expect("the herald binary starts");
+    let mut stdout = BufReader::new(child.stdout.take().unwrap()).lines();
+    let first = tokio::time::timeout(DEADLINE, stdout.next_line())
+        .await
+        .expect("banner in time")
+        .unwrap()
+        .expect("a banner line");
+    let addr = first
+        .split("http://")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .expect("address in banner")
+        .to_owned();
+    let mut banner = vec![first];
+    let embedded = !env.iter().any(|(name, _)| *name == "HERALD_JWT_SECRET");
+    if embedded {
+        while let Ok(Ok(Some(line))) = tokio::time::timeout(DEADLINE, stdout.next_line()).await {
+            let last = line.starts_with("Set jwt.secret");
+            banner.push(line);
+            if last {
+                break;
+            }
+        }
+    }
+    Process { child, addr, banner }
+}
+
+/// The environment of a configured (not embedded-default) node.
+pub fn configured_env() -> Vec<(&'static str, &'static str)> {
+    vec![("HERALD_JWT_SECRET", SECRET), ("HERALD_API_KEY", API_KEY)]
+}
+
+/// A `TestServer`-like view of a child process for token minting and clients.
+pub fn view(addr: &str) -> TestServer {
+    let raw = herald_server::config::RawConfig::from_toml(&format!(
+        "listen = \"{addr}\"\n[jwt]\nsecret = \"{SECRET}\"\n[api]\nkey = \"{API_KEY}\"\n"
+    ))
+    .unwrap();
+    let config = herald_server::config::Config::from_raw(raw).unwrap();
+    TestServer {
+        running: None,
+        addr: addr.parse().unwrap(),
+        config,
+    }
 }

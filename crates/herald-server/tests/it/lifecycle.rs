@@ -8,15 +8,7 @@ use serde_json::json;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader, Lines};
 use tokio::process::{Child, ChildStdout, Command};
 
-use crate::harness::{API_KEY, DEADLINE, SECRET, TestServer};
-
-const BIN: &str = env!("CARGO_BIN_EXE_herald");
-
-struct Process {
-    child: Child,
-    addr: String,
-    banner: Vec<String>,
-}
+use crate::harness::{API_KEY, BIN, DEADLINE, SECRET, configured_env, spawn, view};
 
 /// The next line a child process printed, within the deadline.
 async fn next_line<R: tokio::io::AsyncBufRead + Unpin>(lines: &mut tokio::io::Lines<R>) -> String {
@@ -25,49 +17,6 @@ async fn next_line<R: tokio::io::AsyncBufRead + Unpin>(lines: &mut tokio::io::Li
         .expect("a line within the deadline")
         .expect("the pipe is readable")
         .expect("the process printed a line before exiting")
-}
-
-/// Starts `herald serve` on a free port and reads its banner.
-async fn spawn(args: &[&str], env: &[(&str, &str)]) -> Process {
-    let mut command = Command::new(BIN);
-    command
-        .args(["serve", "--listen", "127.0.0.1:0"])
-        .args(args)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    command
-        .env_remove("HERALD_JWT_SECRET")
-        .env_remove("HERALD_API_KEY")
-        .env_remove("RUST_LOG");
-    for (name, value) in env {
-        command.env(name, value);
-    }
-    command.kill_on_drop(true);
-    let mut child = command.spawn().expect("the herald binary starts");
-    let mut stdout = BufReader::new(child.stdout.take().unwrap()).lines();
-    let first = tokio::time::timeout(DEADLINE, stdout.next_line())
-        .await
-        .expect("banner in time")
-        .unwrap()
-        .expect("a banner line");
-    let addr = first
-        .split("http://")
-        .nth(1)
-        .and_then(|rest| rest.split_whitespace().next())
-        .expect("address in banner")
-        .to_owned();
-    let mut banner = vec![first];
-    let embedded = !env.iter().any(|(name, _)| *name == "HERALD_JWT_SECRET");
-    if embedded {
-        while let Ok(Ok(Some(line))) = tokio::time::timeout(DEADLINE, stdout.next_line()).await {
-            let last = line.starts_with("Set jwt.secret");
-            banner.push(line);
-            if last {
-                break;
-            }
-        }
-    }
-    Process { child, addr, banner }
 }
 
 /// Starts `herald listen` against the node at `addr` with `token` and
@@ -93,27 +42,9 @@ fn terminate(child: &Child) {
     assert!(status.success());
 }
 
-fn configured_env() -> Vec<(&'static str, &'static str)> {
-    vec![("HERALD_JWT_SECRET", SECRET), ("HERALD_API_KEY", API_KEY)]
-}
-
-/// A `TestServer`-like view of a child process for token minting and clients.
-fn view(addr: &str) -> TestServer {
-    let raw = herald_server::config::RawConfig::from_toml(&format!(
-        "listen = \"{addr}\"\n[jwt]\nsecret = \"{SECRET}\"\n[api]\nkey = \"{API_KEY}\"\n"
-    ))
-    .unwrap();
-    let config = herald_server::config::Config::from_raw(raw).unwrap();
-    TestServer {
-        running: None,
-        addr: addr.parse().unwrap(),
-        config,
-    }
-}
-
 #[tokio::test]
 async fn embedded_default_prints_a_token_and_publish_line_that_work() {
-    let mut server = spawn(&[], &[]).await;
+    let mut server = spawn(&[], &[], Stdio::piped()).await;
     let banner = server.banner.join("\n");
     let token = banner
         .lines()
@@ -169,7 +100,7 @@ async fn embedded_default_prints_a_token_and_publish_line_that_work() {
 
 #[tokio::test]
 async fn cli_token_publish_and_listen_work_together() {
-    let mut server = spawn(&[], &configured_env()).await;
+    let mut server = spawn(&[], &configured_env(), Stdio::piped()).await;
     let token = Command::new(BIN)
         .args(["token", "--user", "alice", "--groups", "g1", "--ttl", "10m"])
         .env("HERALD_JWT_SECRET", SECRET)
@@ -225,7 +156,12 @@ async fn cli_token_publish_and_listen_work_together() {
 async fn sigterm_sends_going_away_and_exits_in_time() {
     let config = std::env::temp_dir().join(format!("herald-sigterm-{}.toml", std::process::id()));
     std::fs::write(&config, "[shutdown]\ndrain_window = \"500ms\"\ntimeout = \"3s\"\n").unwrap();
-    let mut server = spawn(&["--config", config.to_str().unwrap()], &configured_env()).await;
+    let mut server = spawn(
+        &["--config", config.to_str().unwrap()],
+        &configured_env(),
+        Stdio::piped(),
+    )
+    .await;
     let view = view(&server.addr);
     let mut clients = Vec::new();
     for user in ["a", "b", "c"] {
@@ -256,7 +192,7 @@ async fn sigterm_sends_going_away_and_exits_in_time() {
 async fn query_tokens_never_reach_the_logs() {
     let mut env = configured_env();
     env.push(("RUST_LOG", "trace"));
-    let mut server = spawn(&[], &env).await;
+    let mut server = spawn(&[], &env, Stdio::piped()).await;
     let view = view(&server.addr);
     let token = view.token("alice");
     let mut client = view.connect_token(&token).await;

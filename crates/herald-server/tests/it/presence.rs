@@ -3,10 +3,9 @@
 use std::process::Stdio;
 
 use serde_json::{Value, json};
-use tokio::io::{AsyncBufReadExt, BufReader};
 
 use crate::harness::{
-    API_KEY, Client, DEADLINE, RedisServer, SECRET, TestServer, expect_only_marker, ready_status, wait_until,
+    API_KEY, Client, RedisServer, TestServer, configured_env, expect_only_marker, ready_status, spawn, view, wait_until,
 };
 
 const ROOM: &str = "[namespaces.room]\nsubscribe = \"authenticated\"\npresence = true\njoin_leave = true";
@@ -101,32 +100,13 @@ async fn a_killed_nodes_users_leave_within_the_node_timeout() {
     // A second node in its own process, so that it can be killed outright.
     let config = std::env::temp_dir().join(format!("herald-presence-{}.toml", redis.port));
     std::fs::write(&config, format!("{ROOM}\n{}", redis.toml("node_timeout = \"3s\""))).unwrap();
-    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_herald"))
-        .args(["serve", "--listen", "127.0.0.1:0", "--config", config.to_str().unwrap()])
-        .env("HERALD_JWT_SECRET", SECRET)
-        .env("HERALD_API_KEY", API_KEY)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    let banner = tokio::time::timeout(DEADLINE, lines.next_line())
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
-    let addr = banner
-        .split("http://")
-        .nth(1)
-        .and_then(|rest| rest.split_whitespace().next())
-        .unwrap()
-        .to_owned();
-    let view = TestServer {
-        running: None,
-        addr: addr.parse().unwrap(),
-        config: a.config.clone(),
-    };
+    let mut second = spawn(
+        &["--config", config.to_str().unwrap()],
+        &configured_env(),
+        Stdio::null(),
+    )
+    .await;
+    let view = view(&second.addr);
     wait_until("the second node is ready", || async {
         ready_status(view.addr).await == 200
     })
@@ -135,8 +115,8 @@ async fn a_killed_nodes_users_leave_within_the_node_timeout() {
     carol.subscribe("room:9").await;
     assert_eq!(next_event(&mut alice).await, ("join".into(), "carol".into()));
 
-    child.start_kill().unwrap();
-    child.wait().await.unwrap();
+    second.child.start_kill().unwrap();
+    second.child.wait().await.unwrap();
     let killed_at = std::time::Instant::now();
     // Detected within node_timeout (3 s) plus a heartbeat (1 s) of margin.
     assert_eq!(next_event(&mut alice).await, ("leave".into(), "carol".into()));
