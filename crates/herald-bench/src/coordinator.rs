@@ -323,12 +323,7 @@ fn build_report(
             max_lag_ms: publish.max_lag.as_secs_f64() * 1_000.0,
         },
         deliveries: DeliverySummary {
-            expected: tally.expected,
-            received: tally.received,
-            lost: tally.lost,
-            duplicated: tally.duplicated,
-            out_of_range: tally.out_of_range,
-            malformed: tally.malformed,
+            tally,
             per_second: if window_s > 0.0 {
                 tally.received as f64 / window_s
             } else {

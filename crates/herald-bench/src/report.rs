@@ -5,7 +5,7 @@ use std::fmt::Write as _;
 
 use serde::{Deserialize, Serialize};
 
-use crate::accounting::Percentiles;
+use crate::accounting::{DeliveryTally, Percentiles};
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Report {
@@ -74,14 +74,10 @@ pub struct PublishSummary {
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct DeliverySummary {
-    /// Deliveries that should have arrived at subscribers that read
-    /// (slow subscribers are excluded).
-    pub expected: u64,
-    pub received: u64,
-    pub lost: u64,
-    pub duplicated: u64,
-    pub out_of_range: u64,
-    pub malformed: u64,
+    /// The counts over subscribers that read (slow subscribers are
+    /// excluded), as keys of this object itself (`deliveries.lost`).
+    #[serde(flatten)]
+    pub tally: DeliveryTally,
     /// Received deliveries per second of the measured window (first
     /// publish due to last delivery).
     pub per_second: f64,
@@ -210,20 +206,15 @@ impl Report {
             if let Some(error) = &self.publishes.first_error {
                 row("first error", error.clone());
             }
-            let deliveries = &self.deliveries;
+            let tally = &self.deliveries.tally;
             row(
                 "deliveries",
                 format!(
                     "{} expected, {} received, {} lost, {} duplicated, {} out of range, {} malformed",
-                    deliveries.expected,
-                    deliveries.received,
-                    deliveries.lost,
-                    deliveries.duplicated,
-                    deliveries.out_of_range,
-                    deliveries.malformed
+                    tally.expected, tally.received, tally.lost, tally.duplicated, tally.out_of_range, tally.malformed
                 ),
             );
-            row("delivery rate", format!("{:.0} /s", deliveries.per_second));
+            row("delivery rate", format!("{:.0} /s", self.deliveries.per_second));
             let latency = &self.latency_ms;
             row(
                 "latency",
@@ -298,5 +289,37 @@ fn ms(value: f64) -> String {
         format!("{value:.1}")
     } else {
         format!("{value:.2}")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Scripts read `deliveries.lost` and friends: the tally's counts are keys
+    /// of `deliveries` itself, in their old order, and read back the same.
+    #[test]
+    fn delivery_summary_json_is_flat() {
+        let summary = DeliverySummary {
+            tally: DeliveryTally {
+                expected: 6,
+                received: 5,
+                lost: 1,
+                duplicated: 2,
+                out_of_range: 3,
+                malformed: 4,
+            },
+            per_second: 2.5,
+            disconnects: 1,
+            first_disconnect: Some("closed".to_owned()),
+        };
+        let json = serde_json::to_string(&summary).unwrap();
+        assert_eq!(
+            json,
+            r#"{"expected":6,"received":5,"lost":1,"duplicated":2,"out_of_range":3,"malformed":4,"per_second":2.5,"disconnects":1,"first_disconnect":"closed"}"#
+        );
+        let back: DeliverySummary = serde_json::from_str(&json).unwrap();
+        assert_eq!(back.tally, summary.tally);
+        assert_eq!(back.first_disconnect, summary.first_disconnect);
     }
 }

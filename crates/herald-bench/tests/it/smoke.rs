@@ -90,14 +90,14 @@ pub fn assert_delivered(report: &Report, expected: u64) {
     assert_eq!(report.publishes.sent, MESSAGES);
     assert_eq!(report.publishes.errors, 0, "{:?}", report.publishes.first_error);
     let deliveries = &report.deliveries;
-    assert_eq!(deliveries.expected, expected, "{deliveries:?}");
-    assert_eq!(deliveries.received, expected, "{deliveries:?}");
+    assert_eq!(deliveries.tally.expected, expected, "{deliveries:?}");
+    assert_eq!(deliveries.tally.received, expected, "{deliveries:?}");
     assert_eq!(
         (
-            deliveries.lost,
-            deliveries.duplicated,
-            deliveries.out_of_range,
-            deliveries.malformed
+            deliveries.tally.lost,
+            deliveries.tally.duplicated,
+            deliveries.tally.out_of_range,
+            deliveries.tally.malformed
         ),
         (0, 0, 0, 0),
         "{deliveries:?}"
@@ -188,8 +188,8 @@ async fn idle_against_herald() {
     assert_connected(&report);
     assert_server_sampled(&report);
     assert_eq!(report.publishes.sent, 0);
-    assert_eq!(report.deliveries.expected, 0);
-    assert_eq!(report.deliveries.malformed, 0);
+    assert_eq!(report.deliveries.tally.expected, 0);
+    assert_eq!(report.deliveries.tally.malformed, 0);
 }
 
 #[tokio::test]
