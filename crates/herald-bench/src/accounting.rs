@@ -13,12 +13,12 @@ use hdrhistogram::serialization::{Deserializer, Serializer as _, V2Serializer};
 use serde::{Deserialize, Serialize};
 
 /// Lowest latency a histogram tells apart, in microseconds.
-pub const HISTOGRAM_LOW_MICROS: u64 = 1;
+const HISTOGRAM_LOW_MICROS: u64 = 1;
 /// Highest latency a histogram records, in microseconds (60 s); larger values
 /// are clamped to it rather than lost.
 pub const HISTOGRAM_HIGH_MICROS: u64 = 60_000_000;
 /// Significant decimal digits a histogram keeps.
-pub const HISTOGRAM_SIGNIFICANT_DIGITS: u8 = 3;
+const HISTOGRAM_SIGNIFICANT_DIGITS: u8 = 3;
 
 /// What recording one sequence number found.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -17,7 +17,7 @@ pub const MAX_SOCKETS_PER_WORKER: usize = 15_000;
 /// The channel of the broadcast and slow scenarios.
 pub const BROADCAST_CHANNEL: &str = "group:bench";
 /// How many groups the idle scenario spreads its connections over.
-pub const IDLE_GROUPS: usize = 100;
+const IDLE_GROUPS: usize = 100;
 /// What `{channel}` stands for in the peer URL templates.
 pub const CHANNEL_PLACEHOLDER: &str = "{channel}";
 

@@ -69,7 +69,7 @@ impl PublishTarget {
     }
 
     /// HTTP publishing to `target`.
-    pub fn from_target(target: &Target) -> anyhow::Result<Self> {
+    fn from_target(target: &Target) -> anyhow::Result<Self> {
         Ok(match target {
             Target::Herald { nodes, api_key, .. } => PublishTarget::Herald {
                 nodes: nodes.clone(),

@@ -23,7 +23,7 @@ use crate::payload::{self, HeraldFrame};
 
 /// The receive buffer a slow subscriber asks for: small, so that the
 /// server's writes back up after a few messages.
-pub const SLOW_RECEIVE_BUFFER: u32 = 4_096;
+const SLOW_RECEIVE_BUFFER: u32 = 4_096;
 /// The WebSocket read buffer per connection. tungstenite allocates it
 /// eagerly (128 KiB by default), which would cost the bench gigabytes at
 /// tens of thousands of connections, and zeroes this much room before every

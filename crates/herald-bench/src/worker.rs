@@ -326,7 +326,7 @@ impl ConnectionTask {
 }
 
 /// The connections worker `config` opens.
-pub fn subscriber_specs(config: &WorkerConfig) -> anyhow::Result<Vec<SubscriberSpec>> {
+fn subscriber_specs(config: &WorkerConfig) -> anyhow::Result<Vec<SubscriberSpec>> {
     config
         .connections
         .clone()
