@@ -4,7 +4,9 @@
 //! Bounded twice: entries older than the window are forgotten, and at most
 //! `capacity` entries are kept (the oldest go first), so a flood of unique
 //! ids cannot grow memory without limit. Past either bound a repeat is
-//! delivered again; that is the documented limit of the guarantee.
+//! delivered again; that is the documented limit of the guarantee. The
+//! claim order keeps at most twice `capacity` places: released claims leave
+//! stale places behind, which are swept out when that bound is reached.
 
 use std::collections::{HashMap, VecDeque};
 use std::time::{Duration, Instant};
@@ -69,6 +71,20 @@ impl<T: Clone> Dedup<T> {
     /// Forgets a claim whose publish failed, so that a retry goes through.
     pub fn release(&mut self, channel: &ChannelName, message_id: &str) {
         self.entries.remove(&(channel.clone(), message_id.to_owned()));
+        if self.order.len() >= 2 * self.capacity {
+            // At most `capacity` places are live, so this frees at least
+            // half of the order and runs at most once per `capacity`
+            // releases.
+            let entries = &self.entries;
+            self.order
+                .retain(|(claimed_at, key)| entries.get(key).is_some_and(|(time, _)| time == claimed_at));
+        }
+    }
+
+    /// Places kept in the claim order (live claims and released ones not
+    /// yet swept out).
+    pub fn order_len(&self) -> usize {
+        self.order.len()
     }
 
     pub fn len(&self) -> usize {
@@ -129,6 +145,25 @@ mod tests {
         // The retry's window counts from the retry, not the failed attempt.
         let after_first_window = now + Duration::from_secs(12);
         assert_eq!(dedup.claim(after_first_window, &news, "a"), Claim::Duplicate(None));
+    }
+
+    #[test]
+    fn released_claims_do_not_grow_the_order() {
+        let now = Instant::now();
+        let news = ChannelName::parse("news").unwrap();
+        let mut dedup = Dedup::<u64>::new(Duration::from_secs(60), 10);
+        dedup.claim(now, &news, "kept");
+        for id in 0..1_000 {
+            let id = id.to_string();
+            assert_eq!(dedup.claim(now, &news, &id), Claim::New);
+            dedup.release(&news, &id);
+            assert!(dedup.order_len() <= 20, "{} places after {id}", dedup.order_len());
+        }
+        assert_eq!(
+            dedup.claim(now, &news, "kept"),
+            Claim::Duplicate(None),
+            "a live claim survives the sweep"
+        );
     }
 
     #[test]

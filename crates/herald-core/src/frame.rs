@@ -124,6 +124,9 @@ pub enum ErrorCode {
     NotAvailable,
     /// The broker cannot take the message right now; retry later.
     Unavailable,
+    /// The publish was sent to the broker and no answer came: it may have
+    /// been published (the message names the id to retry with).
+    PublishOutcomeUnknown,
     Internal,
 }
 
@@ -146,6 +149,7 @@ impl ErrorCode {
             ErrorCode::LimitExceeded => "limit_exceeded",
             ErrorCode::NotAvailable => "not_available",
             ErrorCode::Unavailable => "unavailable",
+            ErrorCode::PublishOutcomeUnknown => "publish_outcome_unknown",
             ErrorCode::Internal => "internal",
         }
     }

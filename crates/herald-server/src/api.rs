@@ -38,6 +38,8 @@ pub struct ApiError {
     status: StatusCode,
     code: &'static str,
     message: String,
+    /// The id to retry with, when a publish's outcome is unknown.
+    message_id: Option<String>,
 }
 
 impl ApiError {
@@ -46,13 +48,23 @@ impl ApiError {
             status,
             code,
             message: message.into(),
+            message_id: None,
         }
+    }
+
+    /// The `{"code", "message", "message_id"?}` object of the body.
+    fn error_object(&self) -> serde_json::Value {
+        let mut error = json!({"code": self.code, "message": self.message});
+        if let Some(id) = &self.message_id {
+            error["message_id"] = json!(id);
+        }
+        error
     }
 }
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let body = Json(json!({"error": {"code": self.code, "message": self.message}}));
+        let body = Json(json!({"error": self.error_object()}));
         let mut response = (self.status, body).into_response();
         if self.status == StatusCode::UNAUTHORIZED {
             response
@@ -63,11 +75,21 @@ impl IntoResponse for ApiError {
     }
 }
 
+/// 503 means "not published, retry"; 504 means "sent, no answer: retry
+/// with the `message_id` given", which is published at most once.
 impl From<PublishError> for ApiError {
     fn from(error: PublishError) -> Self {
-        match error {
+        match &error {
             PublishError::TooLarge(_) => ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "too_large", error.to_string()),
             PublishError::Broker(_) => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", error.to_string()),
+            PublishError::OutcomeUnknown { message_id, .. } => ApiError {
+                message_id: Some(message_id.clone()),
+                ..ApiError::new(
+                    StatusCode::GATEWAY_TIMEOUT,
+                    "publish_outcome_unknown",
+                    error.to_string(),
+                )
+            },
         }
     }
 }
@@ -158,7 +180,7 @@ pub async fn publish(State(hub): State<Hub>, headers: HeaderMap, body: Body) -> 
     // A broadcast publishes every channel it can and reports each one, so
     // that a partial failure says exactly what to retry.
     let mut results = Vec::with_capacity(channels.len());
-    let mut failed = false;
+    let mut status = StatusCode::OK;
     for channel in channels {
         let publish = PublishRequest {
             channel: channel.clone(),
@@ -173,18 +195,17 @@ pub async fn publish(State(hub): State<Hub>, headers: HeaderMap, body: Body) -> 
         let mut result = match hub.publish(publish, Source::Http).await {
             Ok(receipt) => serde_json::to_value(receipt).expect("receipts serialize"),
             Err(error) => {
-                failed = true;
-                json!({"error": {"code": "unavailable", "message": error.to_string()}})
+                let error = ApiError::from(error);
+                // "Not published" outranks "unknown" for the whole answer.
+                if status != StatusCode::SERVICE_UNAVAILABLE {
+                    status = error.status;
+                }
+                json!({"error": error.error_object()})
             }
         };
         result["channel"] = json!(channel);
         results.push(result);
     }
-    let status = if failed {
-        StatusCode::SERVICE_UNAVAILABLE
-    } else {
-        StatusCode::OK
-    };
     Ok((status, Json(json!({"results": results}))).into_response())
 }
 

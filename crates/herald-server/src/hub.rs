@@ -38,6 +38,9 @@ pub struct HubInner {
     pub node_id: String,
     pub started: Instant,
     dedup: Mutex<Dedup<Receipt>>,
+    /// Woken whenever a claim in `dedup` completes or is released, for
+    /// repeats waiting on a publish in flight.
+    claims_settled: tokio::sync::Notify,
     next_connection_id: AtomicU64,
     next_message_id: AtomicU64,
     connections_per_ip: Mutex<HashMap<IpAddr, usize>>,
@@ -98,8 +101,46 @@ pub struct Receipt {
 pub enum PublishError {
     #[error("message is larger than {0} bytes")]
     TooLarge(usize),
+    /// Not published: retrying later is safe.
     #[error(transparent)]
     Broker(#[from] BrokerError),
+    /// Sent to the broker without an answer: it may have been published. A
+    /// retry with `message_id` is published at most once.
+    #[error("publish outcome unknown ({reason}); retry with message_id `{message_id}`")]
+    OutcomeUnknown { message_id: String, reason: String },
+}
+
+/// How long a publish whose id is claimed by an earlier publish still in
+/// flight waits for that one's outcome: longer than a broker request may
+/// take, so that the wait normally ends with the outcome.
+const PENDING_CLAIM_WAIT: std::time::Duration = std::time::Duration::from_secs(6);
+
+/// A publisher-chosen id claimed in this node's window. Dropped without
+/// [`complete`](Self::complete) (the publish failed, or its future was
+/// dropped), it releases the id so that a retry is not answered
+/// "duplicate" for a message that was never published.
+struct LocalClaim {
+    hub: Hub,
+    channel: ChannelName,
+    message_id: String,
+    completed: bool,
+}
+
+impl LocalClaim {
+    fn complete(mut self, receipt: Receipt) {
+        lock(&self.hub.dedup).complete(&self.channel, &self.message_id, receipt);
+        self.completed = true;
+        self.hub.claims_settled.notify_waiters();
+    }
+}
+
+impl Drop for LocalClaim {
+    fn drop(&mut self) {
+        if !self.completed {
+            lock(&self.hub.dedup).release(&self.channel, &self.message_id);
+            self.hub.claims_settled.notify_waiters();
+        }
+    }
 }
 
 /// Where a publish came from, for metrics.
@@ -158,6 +199,7 @@ impl Hub {
             node_id,
             started: Instant::now(),
             dedup: Mutex::new(dedup),
+            claims_settled: tokio::sync::Notify::new(),
             next_connection_id: AtomicU64::new(1),
             next_message_id: AtomicU64::new(1),
             connections_per_ip: Mutex::new(HashMap::new()),
@@ -294,50 +336,62 @@ impl Hub {
     }
 
     /// Records a connection joining or leaving `channel` (already applied to
-    /// the registry) and, on the user's first or last connection in the
-    /// channel cluster-wide, publishes `join` or `leave` where the namespace
-    /// asks for them.
+    /// the registry); on the user's first or last connection in the channel
+    /// cluster-wide, the broker announces `join` or `leave` in the same step
+    /// where the namespace asks for them (so events keep their order).
     pub async fn presence_changed(&self, channel: ChannelName, user: String, connection: u64, joined: bool) {
         let announces = self.policies().policy(&channel).is_ok_and(|p| p.join_leave);
-        let count = match self
+        let event = announces.then(|| self.presence_event(&channel, &user, joined));
+        if let Err(error) = self
             .broker
-            .presence_track(&channel, &user, connection, joined, announces)
+            .presence_track(&channel, &user, connection, joined, event)
             .await
         {
-            Ok(count) => count,
-            Err(error) => {
-                tracing::debug!(%channel, %error, "presence not recorded");
-                return;
-            }
-        };
-        if let Some(count) = count
-            && ((joined && count == 1) || (!joined && count == 0))
-        {
-            self.announce(&channel, &user, joined).await;
+            tracing::debug!(%channel, %error, "presence not recorded");
         }
     }
 
-    /// Publishes a `join` or `leave` event if `channel`'s namespace wants them.
+    /// Publishes a `join` or `leave` event if `channel`'s namespace wants
+    /// them (for users whose node died, found by the sweep).
     pub async fn announce(&self, channel: &ChannelName, user: &str, joined: bool) {
         if !self.policies().policy(channel).is_ok_and(|p| p.join_leave) {
             return;
         }
+        let event = self.presence_event(channel, user, joined);
+        if let Err(error) = self.broker.publish(event, None).await {
+            tracing::debug!(%channel, %error, "presence event not published");
+        }
+    }
+
+    /// The `join`/`leave` publication for `user` in `channel`: ephemeral,
+    /// and not sent to the user's own connections.
+    fn presence_event(&self, channel: &ChannelName, user: &str, joined: bool) -> Publication {
         let data = serde_json::json!({"user_id": user}).to_string();
-        let request = PublishRequest {
+        Publication {
             channel: channel.clone(),
-            message_type: Some(if joined { "join" } else { "leave" }.to_owned()),
-            message_id: None,
+            message_type: if joined { "join" } else { "leave" }.to_owned(),
+            message_id: self.generate_message_id(),
+            timestamp_ms: unix_millis(),
+            offset: None,
+            epoch: None,
             payload: Payload::Json(serde_json::value::RawValue::from_string(data).expect("json! is valid JSON")),
             from: None,
             exclude_user: Some(user.to_owned()),
             exclude_connection: None,
             ephemeral: true,
-        };
-        let _ = self.publish(request, Source::Client).await;
+        }
     }
 
     /// Publishes through the broker, once per `(channel, message_id)` within
     /// the idempotency window.
+    ///
+    /// A publisher-chosen id is claimed on this node first (a repeat while
+    /// the first publish is still in flight waits for its outcome, so that
+    /// "duplicate" always means "the first one was published"), then, in
+    /// Redis mode, cluster-wide in the same step as the publish itself. The
+    /// node's claim is released when the publish fails, or when the
+    /// publishing future is dropped before it finished (a client that gave
+    /// up): the broker's own claim then decides a retry.
     pub async fn publish(&self, request: PublishRequest, source: Source) -> Result<Receipt, PublishError> {
         let max = self.limits().max_message_size;
         if request.payload.len() > max {
@@ -345,43 +399,21 @@ impl Hub {
         }
         let given_id = request.message_id.is_some();
         let message_id = request.message_id.unwrap_or_else(|| self.generate_message_id());
-        if given_id {
-            let claim = lock(&self.dedup).claim(Instant::now(), &request.channel, &message_id);
-            if let Claim::Duplicate(receipt) = claim {
-                self.metrics.duplicates_suppressed.fetch_add(1, Ordering::Relaxed);
-                let mut receipt = receipt.unwrap_or(Receipt {
-                    message_id,
-                    offset: None,
-                    epoch: None,
-                    duplicate: false,
-                });
-                receipt.duplicate = true;
-                return Ok(receipt);
-            }
-            // Other nodes may have taken the same id (a retry sent elsewhere).
-            let window = self.config.idempotency.window;
-            match self
-                .broker
-                .claim_message_id(&request.channel, &message_id, window)
-                .await
-            {
-                Ok(true) => {}
-                Ok(false) => {
+        let local_claim = if given_id {
+            match self.claim_locally(&request.channel, &message_id).await? {
+                Ok(claim) => Some(claim),
+                Err(receipt) => {
                     self.metrics.duplicates_suppressed.fetch_add(1, Ordering::Relaxed);
-                    return Ok(Receipt {
-                        message_id,
-                        offset: None,
-                        epoch: None,
-                        duplicate: true,
-                    });
-                }
-                Err(error) => {
-                    lock(&self.dedup).release(&request.channel, &message_id);
-                    return Err(error.into());
+                    return Ok(receipt);
                 }
             }
-        }
-        let channel = request.channel.clone();
+        } else {
+            None
+        };
+        // Every publish a caller may retry is claimed in the broker, the
+        // ones with generated ids too: an "outcome unknown" answer names
+        // the id, and a retry with it must be published at most once.
+        let broker_claim = (!request.ephemeral).then_some(self.config.idempotency.window);
         let publication = Publication {
             channel: request.channel,
             message_type: request.message_type.unwrap_or_else(|| DEFAULT_MESSAGE_TYPE.to_owned()),
@@ -395,31 +427,76 @@ impl Hub {
             exclude_connection: request.exclude_connection,
             ephemeral: request.ephemeral,
         };
-        match self.broker.publish(publication).await {
-            Ok(placement) => {
-                let receipt = Receipt {
-                    message_id,
-                    offset: placement.offset,
-                    epoch: placement.epoch,
-                    duplicate: false,
-                };
-                if given_id {
-                    lock(&self.dedup).complete(&channel, &receipt.message_id, receipt.clone());
-                }
-                let source = match source {
-                    Source::Http => "http",
-                    Source::Client => "client",
-                    Source::Stream => "stream",
-                };
-                self.metrics.messages_published.add(source, 1);
-                Ok(receipt)
+        let placement = match self.broker.publish(publication, broker_claim).await {
+            Ok(placement) => placement,
+            // Dropping `local_claim` releases it: a retry goes to the broker.
+            Err(BrokerError::OutcomeUnknown(reason)) => {
+                return Err(PublishError::OutcomeUnknown { message_id, reason });
             }
-            Err(error) => {
-                if given_id {
-                    lock(&self.dedup).release(&channel, &message_id);
-                    self.broker.release_message_id(&channel, &message_id).await;
+            Err(error) => return Err(error.into()),
+        };
+        let receipt = Receipt {
+            message_id,
+            offset: placement.offset,
+            epoch: placement.epoch,
+            duplicate: placement.duplicate,
+        };
+        if let Some(claim) = local_claim {
+            claim.complete(Receipt {
+                duplicate: false,
+                ..receipt.clone()
+            });
+        }
+        if receipt.duplicate {
+            self.metrics.duplicates_suppressed.fetch_add(1, Ordering::Relaxed);
+        } else {
+            let source = match source {
+                Source::Http => "http",
+                Source::Client => "client",
+                Source::Stream => "stream",
+            };
+            self.metrics.messages_published.add(source, 1);
+        }
+        Ok(receipt)
+    }
+
+    /// Claims `message_id` on `channel` in this node's window: the claim, or
+    /// the receipt of the publish that holds it (marked duplicate). While
+    /// that publish is in flight this waits for it, at most
+    /// [`PENDING_CLAIM_WAIT`], then answers that the outcome is unknown.
+    async fn claim_locally(
+        &self,
+        channel: &ChannelName,
+        message_id: &str,
+    ) -> Result<Result<LocalClaim, Receipt>, PublishError> {
+        let deadline = tokio::time::Instant::now() + PENDING_CLAIM_WAIT;
+        loop {
+            // Registered before the check, so a settle in between is not missed.
+            let settled = self.claims_settled.notified();
+            tokio::pin!(settled);
+            settled.as_mut().enable();
+            match lock(&self.dedup).claim(Instant::now(), channel, message_id) {
+                Claim::New => {
+                    return Ok(Ok(LocalClaim {
+                        hub: self.clone(),
+                        channel: channel.clone(),
+                        message_id: message_id.to_owned(),
+                        completed: false,
+                    }));
                 }
-                Err(error.into())
+                Claim::Duplicate(Some(receipt)) => {
+                    return Ok(Err(Receipt {
+                        duplicate: true,
+                        ..receipt
+                    }));
+                }
+                Claim::Duplicate(None) => {}
+            }
+            if tokio::time::timeout_at(deadline, settled).await.is_err() {
+                return Err(PublishError::OutcomeUnknown {
+                    message_id: message_id.to_owned(),
+                    reason: "a publish with this id is still in flight".into(),
+                });
             }
         }
     }

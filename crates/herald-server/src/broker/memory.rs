@@ -15,7 +15,7 @@
 use std::collections::HashMap;
 use std::hash::{BuildHasher, RandomState};
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use herald_core::history::{ChannelHistory, Position};
 use herald_core::policy::Policies;
@@ -59,7 +59,11 @@ impl MemoryBroker {
 }
 
 impl Broker for MemoryBroker {
-    fn publish(&self, mut publication: Publication) -> BoxFuture<'_, Result<Placement, BrokerError>> {
+    fn publish(
+        &self,
+        mut publication: Publication,
+        _claim: Option<Duration>,
+    ) -> BoxFuture<'_, Result<Placement, BrokerError>> {
         let accepted_at = Instant::now();
         let policy = self.policies.history_for(&publication).copied();
         // With history, the append and the hand-over to fan-out happen under
@@ -76,6 +80,7 @@ impl Broker for MemoryBroker {
         let placement = Placement {
             offset: publication.offset,
             epoch: publication.epoch.clone(),
+            duplicate: false,
         };
         self.fanout.deliver(publication, accepted_at);
         drop(guard);
@@ -150,10 +155,11 @@ impl Broker for MemoryBroker {
         user: &str,
         _connection: u64,
         joined: bool,
-        count: bool,
-    ) -> BoxFuture<'_, Result<Option<usize>, BrokerError>> {
-        // Presence is the registry itself; only the count is kept here.
-        let count = count.then(|| {
+        event: Option<Publication>,
+    ) -> BoxFuture<'_, Result<(), BrokerError>> {
+        // Presence is the registry itself; only the count is kept here, and
+        // the event is handed to fan-out under the same lock as the count.
+        if let Some(event) = event {
             let mut members = lock(&self.members);
             let key = (channel.clone(), user.to_owned());
             let connections = members.entry(key.clone()).or_default();
@@ -166,9 +172,11 @@ impl Broker for MemoryBroker {
             if now == 0 {
                 members.remove(&key);
             }
-            now
-        });
-        Box::pin(std::future::ready(Ok(count)))
+            if (joined && now == 1) || (!joined && now == 0) {
+                self.fanout.deliver(event, Instant::now());
+            }
+        }
+        Box::pin(std::future::ready(Ok(())))
     }
 
     fn presence(&self, channel: &ChannelName) -> BoxFuture<'_, Result<Presence, BrokerError>> {
@@ -189,18 +197,36 @@ mod tests {
     use super::*;
 
     #[tokio::test]
-    async fn join_and_leave_counts_follow_each_change_not_the_registry() {
-        let broker = MemoryBroker::new(Arc::new(Fanout::new(Arc::default(), 1)), Policies::default());
+    async fn join_and_leave_are_announced_on_each_users_edges_only() {
+        let fanout = Arc::new(Fanout::new(Arc::default(), 1));
+        let broker = MemoryBroker::new(fanout.clone(), Policies::default());
         let room = ChannelName::parse("room:1").unwrap();
-        let mut counts = Vec::new();
+        let event = |kind: &str| {
+            Some(Publication {
+                channel: room.clone(),
+                message_type: kind.into(),
+                message_id: kind.into(),
+                timestamp_ms: 0,
+                offset: None,
+                epoch: None,
+                payload: herald_core::Payload::Json(serde_json::value::RawValue::from_string("{}".into()).unwrap()),
+                from: None,
+                exclude_user: None,
+                exclude_connection: None,
+                ephemeral: true,
+            })
+        };
         for joined in [true, true, false, false] {
-            counts.push(broker.presence_track(&room, "alice", 1, joined, true).await.unwrap());
+            let kind = if joined { "join" } else { "leave" };
+            broker
+                .presence_track(&room, "alice", 1, joined, event(kind))
+                .await
+                .unwrap();
         }
-        // Two joins then two leaves of one user: exactly one 0→1 and one 1→0,
-        // whatever the registry holds at the time of each call.
-        assert_eq!(counts, [Some(1), Some(2), Some(1), Some(0)]);
+        // Two joins then two leaves of one user: counted 1, 2, 1, 0 whatever
+        // the registry holds at the time of each call.
         assert!(lock(&broker.members).is_empty(), "nothing kept for users who left");
-        assert_eq!(broker.presence_track(&room, "bob", 2, true, false).await.unwrap(), None);
+        broker.presence_track(&room, "bob", 2, true, None).await.unwrap();
         assert!(lock(&broker.members).is_empty(), "nothing kept where no one counts");
     }
 }

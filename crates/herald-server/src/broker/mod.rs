@@ -25,6 +25,10 @@ pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 pub struct Placement {
     pub offset: Option<u64>,
     pub epoch: Option<String>,
+    /// True when the broker found the message id already claimed (see
+    /// [`Broker::publish`]) and did not publish again; `offset`/`epoch`
+    /// are then the first publish's, where known.
+    pub duplicate: bool,
 }
 
 /// How far a user has read in one channel.
@@ -75,21 +79,41 @@ impl HistoryPage {
 
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum BrokerError {
-    /// Retryable: the broker cannot be reached right now.
+    /// Retryable: the broker cannot be reached right now; nothing was done.
     #[error("broker unavailable: {0}")]
     Unavailable(String),
+    /// The request reached (or may have reached) the broker and no answer
+    /// came: it may have been carried out. A publish in this state is
+    /// retried safely only with the same message id.
+    #[error("broker did not answer: {0}")]
+    OutcomeUnknown(String),
 }
 
 impl From<redis::link::RedisError> for BrokerError {
     fn from(error: redis::link::RedisError) -> Self {
-        BrokerError::Unavailable(error.to_string())
+        match error {
+            redis::link::RedisError::NoReply(message) => BrokerError::OutcomeUnknown(message),
+            other => BrokerError::Unavailable(other.to_string()),
+        }
     }
 }
 
 pub trait Broker: Send + Sync + 'static {
     /// Publishes to every node (this one included). Resolves once the broker
     /// has accepted the message.
-    fn publish(&self, publication: Publication) -> BoxFuture<'_, Result<Placement, BrokerError>>;
+    ///
+    /// With `claim`, the publication's message id is claimed cluster-wide
+    /// for that long, atomically with the publish: if it is already claimed
+    /// nothing is published and the placement says `duplicate`. So a
+    /// duplicate always means that an earlier publish with this id was
+    /// carried out, and a retry after [`BrokerError::OutcomeUnknown`] is
+    /// published at most once. The memory broker has no other nodes and
+    /// ignores `claim` (the hub's own window is the authority there).
+    fn publish(
+        &self,
+        publication: Publication,
+        claim: Option<Duration>,
+    ) -> BoxFuture<'_, Result<Placement, BrokerError>>;
 
     /// The first local subscriber of `channel` arrived.
     fn channel_added(&self, channel: &ChannelName);
@@ -106,23 +130,6 @@ pub trait Broker: Send + Sync + 'static {
 
     /// Whether publishes can succeed now (`/ready`).
     fn is_ready(&self) -> bool;
-
-    /// Claims a publisher-chosen `message_id` on `channel` for `window`,
-    /// cluster-wide: false if another node claimed it first. The memory
-    /// broker has no other nodes (the hub's own window suffices).
-    fn claim_message_id(
-        &self,
-        _channel: &ChannelName,
-        _id: &str,
-        _window: Duration,
-    ) -> BoxFuture<'_, Result<bool, BrokerError>> {
-        Box::pin(std::future::ready(Ok(true)))
-    }
-
-    /// Gives back a claim whose publish failed, so that a retry goes through.
-    fn release_message_id(&self, _channel: &ChannelName, _id: &str) -> BoxFuture<'_, ()> {
-        Box::pin(std::future::ready(()))
-    }
 
     /// Reads `channel`'s history: the messages after `since` (exactly, or
     /// `recovered: false`), or without `since` the latest ones; at most
@@ -147,17 +154,22 @@ pub trait Broker: Send + Sync + 'static {
 
     /// Records that connection `connection` of `user` joined (or left)
     /// `channel`'s presence (the registry already holds this node's change).
-    /// With `count`, returns how many live connections the user has in the
-    /// channel afterwards, cluster-wide; counting walks the channel's
-    /// members, so it is asked only where join/leave events need it.
+    ///
+    /// With `event` (a namespace that announces join/leave), the broker
+    /// publishes it in the same step when this change is the user's first
+    /// connection in the channel cluster-wide (a join) or its last (a
+    /// leave): counting and announcing are one atomic step, so every node
+    /// sees a user's joins and leaves in the order they happened, whichever
+    /// task or node recorded them. Counting walks the channel's members, so
+    /// it happens only where an event is given.
     fn presence_track(
         &self,
         channel: &ChannelName,
         user: &str,
         connection: u64,
         joined: bool,
-        count: bool,
-    ) -> BoxFuture<'_, Result<Option<usize>, BrokerError>>;
+        event: Option<Publication>,
+    ) -> BoxFuture<'_, Result<(), BrokerError>>;
 
     /// Who is in `channel`, cluster-wide.
     fn presence(&self, channel: &ChannelName) -> BoxFuture<'_, Result<Presence, BrokerError>>;

@@ -1198,6 +1198,7 @@ fn publish_error(error: PublishError) -> (ErrorCode, String) {
     let code = match error {
         PublishError::TooLarge(_) => ErrorCode::TooLarge,
         PublishError::Broker(_) => ErrorCode::Unavailable,
+        PublishError::OutcomeUnknown { .. } => ErrorCode::PublishOutcomeUnknown,
     };
     (code, error.to_string())
 }

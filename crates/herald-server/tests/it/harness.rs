@@ -411,6 +411,18 @@ impl RedisServer {
         }
     }
 
+    /// SIGSTOP (`true`) or SIGCONT (`false`): a Redis that hangs with its
+    /// sockets open, as a stalled host does.
+    pub fn freeze(&self, frozen: bool) {
+        let child = self.child.as_ref().expect("redis is running");
+        let signal = if frozen { "-STOP" } else { "-CONT" };
+        let status = std::process::Command::new("kill")
+            .args([signal, &child.id().to_string()])
+            .status()
+            .expect("kill runs");
+        assert!(status.success(), "kill {signal} failed");
+    }
+
     /// Runs a command through `redis-cli`; returns its trimmed output.
     pub fn cli(&self, args: &[&str]) -> String {
         redis_cli_port(self.port, args).expect("redis-cli runs")

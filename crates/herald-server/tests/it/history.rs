@@ -255,16 +255,18 @@ async fn a_message_lost_on_the_way_to_a_node_is_recovered() {
         let reply = redis.cli(&[
             "EVAL",
             herald_server::broker::redis::history::PUBLISH_SCRIPT,
-            "4",
+            "5",
             &format!("{prefix}hist:{channel}"),
             &format!("{prefix}off:{channel}"),
             &format!("{prefix}epoch:{channel}"),
             &format!("{prefix}nowhere"),
+            "",
             &wire.to_string(),
             "5000",
             "600000",
             "unused-epoch",
             herald_server::broker::redis::history::POSITION_TTL_MS,
+            "",
         ]);
         assert!(
             reply.starts_with(&(seq + 1).to_string()),

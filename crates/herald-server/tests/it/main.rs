@@ -13,4 +13,5 @@ mod limits;
 mod messaging;
 mod presence;
 mod protocol_fuzz;
+mod publish_outcome;
 mod redis;

@@ -148,3 +148,48 @@ async fn join_leave_and_presence_in_memory() {
         json!({"alice": true, "bob": false})
     );
 }
+
+/// A user who reconnects quickly, over and over, is announced in order:
+/// joins and leaves alternate and the last one is a join, because each is
+/// published in the same step that counts the user's connections.
+#[tokio::test]
+async fn quick_reconnects_announce_join_and_leave_in_order() {
+    let redis = RedisServer::start().await;
+    let (a, b) = (ready_node(&redis).await, ready_node(&redis).await);
+    let mut alice = a.connect("alice").await;
+    alice.subscribe("room:9").await;
+    let mut bob = b.connect("bob").await;
+    bob.subscribe("room:9").await;
+    for _ in 0..40 {
+        drop(bob);
+        bob = b.connect("bob").await;
+        bob.subscribe("room:9").await;
+    }
+    // Every departure is recorded once presence holds bob's last tab only.
+    wait_until("only bob's last connection is present", || async {
+        let (_, body) = a
+            .http("GET", "/api/v1/channels/room:9/presence", Some(API_KEY), None)
+            .await;
+        serde_json::from_str::<Value>(&body).unwrap()["connections"] == 2
+    })
+    .await;
+    a.publish_ok("room:9", json!({"marker": true})).await;
+    let mut events = Vec::new();
+    loop {
+        let frame = alice.next_frame().await;
+        if frame["data"] == json!({"marker": true}) {
+            break;
+        }
+        if let Some(kind @ ("join" | "leave")) = frame["type"].as_str() {
+            assert_eq!(frame["data"]["user_id"], "bob", "{frame}");
+            events.push(kind.to_owned());
+        }
+    }
+    assert!(!events.is_empty());
+    for (index, kind) in events.iter().enumerate() {
+        let expected = if index % 2 == 0 { "join" } else { "leave" };
+        assert_eq!(kind, expected, "events out of order: {events:?}");
+    }
+    assert_eq!(events.last().map(String::as_str), Some("join"), "{events:?}");
+    assert_eq!(present(&a, "room:9").await, ["alice", "bob"]);
+}

@@ -14,16 +14,26 @@ use herald_core::resp::Value;
 
 use super::link::Script;
 use super::{RedisConfig, decode_wire};
-use crate::broker::HistoryPage;
+use crate::broker::{HistoryPage, Placement};
 use crate::hub::unix_millis;
 
-/// KEYS: history, offset, epoch, pubsub channel. ARGV: wire message (a JSON
-/// object), max length, retention in ms, a fresh epoch in case none exists,
-/// how long the offset and epoch outlive a quiet channel (ms). They outlive
-/// the messages so that a channel quiet past its retention keeps its epoch:
-/// connected clients see no false gap, and old positions are still judged.
-/// The published message is the wire message with `offset` and `epoch` added.
+/// KEYS: history, offset, epoch, pubsub channel, message-id claim. ARGV:
+/// wire message (a JSON object), max length, retention in ms, a fresh epoch
+/// in case none exists, how long the offset and epoch outlive a quiet
+/// channel (ms), how long the message id stays claimed (ms; '' for no
+/// claim). The offset and epoch outlive the messages so that a channel
+/// quiet past its retention keeps its epoch: connected clients see no
+/// false gap, and old positions are still judged. The published message
+/// is the wire message with `offset` and `epoch` added.
+///
+/// With a claim, a message id already claimed publishes nothing and
+/// returns `{'dup', 'offset:epoch'}` of the first publish; claim and
+/// publish are one step, so a claim exists exactly when the publish ran.
 pub const PUBLISH_SCRIPT: &str = r#"
+if ARGV[6] ~= '' then
+  local seen = redis.call('GET', KEYS[5])
+  if seen then return {'dup', seen} end
+end
 local epoch = redis.call('GET', KEYS[3])
 if not epoch then
   epoch = ARGV[4]
@@ -36,7 +46,21 @@ redis.call('PEXPIRE', KEYS[1], ARGV[3])
 redis.call('PEXPIRE', KEYS[2], ARGV[5])
 redis.call('PEXPIRE', KEYS[3], ARGV[5])
 redis.call('PUBLISH', KEYS[4], message)
+if ARGV[6] ~= '' then
+  redis.call('SET', KEYS[5], offset .. ':' .. epoch, 'PX', ARGV[6])
+end
 return {offset, epoch}
+"#;
+
+/// KEYS: pubsub channel, message-id claim. ARGV: wire message, how long the
+/// id stays claimed (ms). Publishes unless the id is claimed (then returns
+/// `{'dup', ''}`), and claims it in the same step; see [`PUBLISH_SCRIPT`].
+pub const PUBLISH_ONCE_SCRIPT: &str = r#"
+local seen = redis.call('GET', KEYS[2])
+if seen then return {'dup', seen} end
+redis.call('PUBLISH', KEYS[1], ARGV[1])
+redis.call('SET', KEYS[2], '', 'PX', ARGV[2])
+return {'ok'}
 "#;
 
 /// How long a channel's offset and epoch outlive its last message.
@@ -62,6 +86,7 @@ return {offset, epoch, entries}
 "#;
 
 pub static PUBLISH_LUA: Script = Script::new(PUBLISH_SCRIPT);
+pub static PUBLISH_ONCE_LUA: Script = Script::new(PUBLISH_ONCE_SCRIPT);
 pub static READ_LUA: Script = Script::new(READ_SCRIPT);
 
 /// The keys of one channel: history, offset, epoch.
@@ -74,12 +99,34 @@ pub fn keys(config: &RedisConfig, channel: &ChannelName) -> [String; 3] {
     ]
 }
 
-/// Reads the reply of [`PUBLISH_SCRIPT`].
-pub fn placement(reply: &Value) -> Option<(u64, String)> {
+/// Reads the reply of [`PUBLISH_SCRIPT`] or [`PUBLISH_ONCE_SCRIPT`].
+pub fn placement(reply: &Value) -> Option<Placement> {
     let items = reply.as_array()?;
-    let offset = u64::try_from(items.first()?.as_integer()?).ok()?;
+    let first = items.first()?;
+    if first.as_str() == Some("dup") {
+        // The first publish's position, when its channel keeps history.
+        let (offset, epoch) = items
+            .get(1)?
+            .as_str()?
+            .split_once(':')
+            .and_then(|(offset, epoch)| Some((offset.parse().ok()?, epoch.to_owned())))
+            .unzip();
+        return Some(Placement {
+            offset,
+            epoch,
+            duplicate: true,
+        });
+    }
+    if first.as_str() == Some("ok") {
+        return Some(Placement::default());
+    }
+    let offset = u64::try_from(first.as_integer()?).ok()?;
     let epoch = items.get(1)?.as_str()?.to_owned();
-    Some((offset, epoch))
+    Some(Placement {
+        offset: Some(offset),
+        epoch: Some(epoch),
+        duplicate: false,
+    })
 }
 
 /// Turns the reply of [`READ_SCRIPT`] into a page. `since` is what the

@@ -6,6 +6,11 @@
 //! to requests in order. While Redis is unreachable every request fails at
 //! once with [`RedisError::Unavailable`] (never queued to be lost later), and
 //! the task reconnects with exponential backoff and jitter.
+//!
+//! A request that was written to Redis but got no reply (its deadline
+//! passed, or the connection broke while it was in flight) fails with
+//! [`RedisError::NoReply`]: Redis may or may not have run it, and callers
+//! that promise "not done" on failure must not treat it as `Unavailable`.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -30,9 +35,13 @@ const MAX_PIPELINE: usize = 512;
 
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum RedisError {
-    /// Retryable: no connection, or the connection broke mid-request.
+    /// Retryable: the request was not sent (no connection).
     #[error("redis unavailable: {0}")]
     Unavailable(String),
+    /// The request was (or may have been) sent, and no reply came: Redis
+    /// may have run it.
+    #[error("no reply from redis: {0}")]
+    NoReply(String),
     /// Redis answered with an error reply.
     #[error("redis error: {0}")]
     Reply(String),
@@ -224,8 +233,13 @@ impl RedisLink {
         match tokio::time::timeout(REQUEST_TIMEOUT, receiver).await {
             Ok(Ok(Ok(Value::Error(message)))) => Err(RedisError::Reply(message)),
             Ok(Ok(result)) => result,
+            // The link answers every request it wrote; a dropped sender
+            // means the request was never written.
             Ok(Err(_)) => Err(RedisError::Unavailable("connection lost".into())),
-            Err(_) => Err(RedisError::Unavailable("request timed out".into())),
+            Err(_) => Err(RedisError::NoReply(format!(
+                "no reply within {} s",
+                REQUEST_TIMEOUT.as_secs()
+            ))),
         }
     }
 }
@@ -286,7 +300,7 @@ async fn run(
 
 /// Serves requests on one connection until it fails (`Some(error)`) or the
 /// node shuts down (`None`). Requests in flight when it fails are answered
-/// with the error.
+/// with the error, a [`RedisError::NoReply`]: they were written.
 async fn serve(
     stream: &mut TcpStream,
     requests: &mut mpsc::Receiver<Request>,
@@ -303,21 +317,29 @@ async fn serve(
                 // A closed request channel means the node is stopping.
                 let first = request?;
                 write_buffer.clear();
-                write_buffer.extend_from_slice(&first.command);
-                in_flight.push_back(first.reply);
-                while in_flight.len() < MAX_PIPELINE {
-                    let Ok(next) = requests.try_recv() else { break };
-                    write_buffer.extend_from_slice(&next.command);
-                    in_flight.push_back(next.reply);
+                let mut batch = Some(first);
+                let mut taken = 0;
+                while let Some(request) = batch.take() {
+                    taken += 1;
+                    // A caller that gave up (its deadline passed) is told
+                    // "no reply"; not running its command at all keeps
+                    // that answer as true as it can be.
+                    if !request.reply.is_closed() {
+                        write_buffer.extend_from_slice(&request.command);
+                        in_flight.push_back(request.reply);
+                    }
+                    if taken < MAX_PIPELINE {
+                        batch = requests.try_recv().ok();
+                    }
                 }
                 if let Err(error) = writer.write_all(&write_buffer).await {
-                    break RedisError::Unavailable(error.to_string());
+                    break RedisError::NoReply(error.to_string());
                 }
             }
             read = reader.read_buf(&mut read_buffer) => {
                 match read {
-                    Ok(0) => break RedisError::Unavailable("connection closed by redis".into()),
-                    Err(error) => break RedisError::Unavailable(error.to_string()),
+                    Ok(0) => break RedisError::NoReply("connection closed by redis".into()),
+                    Err(error) => break RedisError::NoReply(error.to_string()),
                     Ok(_) => {}
                 }
                 loop {
@@ -337,8 +359,10 @@ async fn serve(
 }
 
 fn fail_all(in_flight: &mut VecDeque<oneshot::Sender<Result<Value, RedisError>>>, error: RedisError) -> RedisError {
+    let (RedisError::Unavailable(message) | RedisError::NoReply(message) | RedisError::Reply(message)) = &error;
+    let unanswered = RedisError::NoReply(message.clone());
     for reply in in_flight.drain(..) {
-        let _ = reply.send(Err(error.clone()));
+        let _ = reply.send(Err(unanswered.clone()));
     }
     error
 }

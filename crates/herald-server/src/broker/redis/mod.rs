@@ -344,14 +344,33 @@ impl RedisBroker {
 }
 
 impl Broker for RedisBroker {
-    fn publish(&self, publication: Publication) -> BoxFuture<'_, Result<Placement, BrokerError>> {
+    fn publish(
+        &self,
+        publication: Publication,
+        claim: Option<Duration>,
+    ) -> BoxFuture<'_, Result<Placement, BrokerError>> {
         let key = self.config.channel_key(&publication.channel);
         let payload = encode_wire(&publication, &self.node_id);
         let policy = self.policies.history_for(&publication).copied();
+        // The claim's key and lifetime; a history publish without a claim
+        // passes an empty key that the script never touches.
+        let (claim_key, claim_ms) = match claim {
+            Some(window) => (
+                self.dedup_key(&publication.channel, &publication.message_id),
+                Some(window.as_millis().max(1).to_string()),
+            ),
+            None => (String::new(), None),
+        };
         Box::pin(async move {
+            let unexpected = || BrokerError::Unavailable("unexpected publish reply".into());
             let Some(policy) = policy else {
-                self.link.call(&[&b"PUBLISH"[..], &key, &payload]).await?;
-                return Ok(Placement::default());
+                let Some(claim_ms) = claim_ms else {
+                    self.link.call(&[&b"PUBLISH"[..], &key, &payload]).await?;
+                    return Ok(Placement::default());
+                };
+                let args: Vec<&[u8]> = vec![&key, claim_key.as_bytes(), &payload, claim_ms.as_bytes()];
+                let reply = self.link.eval(&history::PUBLISH_ONCE_LUA, 2, &args).await?;
+                return history::placement(&reply).ok_or_else(unexpected);
             };
             let [history, offset, epoch] = history::keys(&self.config, &publication.channel);
             let (max_len, ttl) = (
@@ -364,19 +383,16 @@ impl Broker for RedisBroker {
                 offset.as_bytes(),
                 epoch.as_bytes(),
                 &key,
+                claim_key.as_bytes(),
                 &payload,
                 max_len.as_bytes(),
                 ttl.as_bytes(),
                 fresh_epoch.as_bytes(),
                 history::POSITION_TTL_MS.as_bytes(),
+                claim_ms.as_deref().unwrap_or_default().as_bytes(),
             ];
-            let reply = self.link.eval(&history::PUBLISH_LUA, 4, &args).await?;
-            let (offset, epoch) = history::placement(&reply)
-                .ok_or_else(|| BrokerError::Unavailable("unexpected history reply".into()))?;
-            Ok(Placement {
-                offset: Some(offset),
-                epoch: Some(epoch),
-            })
+            let reply = self.link.eval(&history::PUBLISH_LUA, 5, &args).await?;
+            history::placement(&reply).ok_or_else(unexpected)
         })
     }
 
@@ -459,19 +475,32 @@ impl Broker for RedisBroker {
         user: &str,
         connection: u64,
         joined: bool,
-        count: bool,
-    ) -> BoxFuture<'_, Result<Option<usize>, BrokerError>> {
+        event: Option<Publication>,
+    ) -> BoxFuture<'_, Result<(), BrokerError>> {
         let key = self.presence_key(channel);
+        let pubsub_key = self.config.channel_key(channel);
         let field = format!("{}:{connection}", self.node_id);
         let user = user.to_owned();
+        let event = event
+            .map(|event| encode_wire(&event, &self.node_id))
+            .unwrap_or_default();
         Box::pin(async move {
             let nodes = self.nodes_key();
             let (now, timeout) = (unix_millis().to_string(), self.node_timeout_ms());
-            let joined = if joined { "1" } else { "0" };
-            let counted = if count { "1" } else { "0" };
-            let args: Vec<&str> = vec![&key, &nodes, &field, &user, joined, &now, &timeout, counted];
-            let reply = self.link.eval(&presence::TRACK_LUA, 2, &args).await?;
-            Ok(count.then(|| reply.as_integer().unwrap_or(0).max(0) as usize))
+            let joined: &[u8] = if joined { b"1" } else { b"0" };
+            let args: Vec<&[u8]> = vec![
+                key.as_bytes(),
+                nodes.as_bytes(),
+                &pubsub_key,
+                field.as_bytes(),
+                user.as_bytes(),
+                joined,
+                now.as_bytes(),
+                timeout.as_bytes(),
+                &event,
+            ];
+            self.link.eval(&presence::TRACK_LUA, 3, &args).await?;
+            Ok(())
         })
     }
 
@@ -506,27 +535,6 @@ impl Broker for RedisBroker {
                 }
             });
             futures_util::future::join_all(reads).await.into_iter().collect()
-        })
-    }
-
-    fn claim_message_id(
-        &self,
-        channel: &ChannelName,
-        id: &str,
-        window: Duration,
-    ) -> BoxFuture<'_, Result<bool, BrokerError>> {
-        let key = self.dedup_key(channel, id);
-        let window = window.as_millis().max(1).to_string();
-        Box::pin(async move {
-            let reply = self.link.call(&["SET", &key, "1", "NX", "PX", &window]).await?;
-            Ok(!reply.is_null())
-        })
-    }
-
-    fn release_message_id(&self, channel: &ChannelName, id: &str) -> BoxFuture<'_, ()> {
-        let key = self.dedup_key(channel, id);
-        Box::pin(async move {
-            let _ = self.link.call(&["DEL", &key]).await;
         })
     }
 }

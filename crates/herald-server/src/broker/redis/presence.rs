@@ -19,17 +19,20 @@ pub const HEARTBEAT: Duration = Duration::from_secs(1);
 /// The shortest `redis.node_timeout` accepted: a few missed heartbeats.
 pub const MIN_NODE_TIMEOUT: Duration = Duration::from_secs(3);
 
-/// KEYS: presence hash, nodes zset. ARGV: field, user, '1' join / '0' leave,
-/// now ms, node timeout ms, '1' to count. Returns the user's live
-/// connections afterwards when counting (a walk of the channel's members,
-/// so only for join/leave events), else 0.
+/// KEYS: presence hash, nodes zset, pubsub channel. ARGV: field, user, '1'
+/// join / '0' leave, now ms, node timeout ms, the join/leave event as a wire
+/// message ('' when the namespace announces nothing). With an event, counts
+/// the user's live connections afterwards (a walk of the channel's members)
+/// and publishes the event when that count is 1 after a join or 0 after a
+/// leave: counting and announcing in one step keep every node's view of a
+/// user's joins and leaves in the order they happened.
 pub const TRACK_SCRIPT: &str = r#"
 if ARGV[3] == '1' then
   redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
 else
   redis.call('HDEL', KEYS[1], ARGV[1])
 end
-if ARGV[6] ~= '1' then return 0 end
+if ARGV[6] == '' then return 0 end
 local live = {}
 for _, node in ipairs(redis.call('ZRANGEBYSCORE', KEYS[2], tonumber(ARGV[4]) - tonumber(ARGV[5]), '+inf')) do
   live[node] = true
@@ -39,6 +42,9 @@ local count = 0
 for i = 1, #entries, 2 do
   local node = string.match(entries[i], '^(.*):%d+$')
   if node and live[node] and entries[i + 1] == ARGV[2] then count = count + 1 end
+end
+if (ARGV[3] == '1' and count == 1) or (ARGV[3] == '0' and count == 0) then
+  redis.call('PUBLISH', KEYS[3], ARGV[6])
 end
 return count
 "#;
