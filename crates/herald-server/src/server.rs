@@ -83,9 +83,11 @@ pub async fn start(config: Config) -> std::io::Result<RunningServer> {
     let verifier = Arc::new(JwtVerifier::new(&config.jwt));
     let hub = Hub::new(config.clone(), fanout, broker, verifier, metrics, shutdown, node_id);
     if let Some(broker) = redis_broker {
-        hub.shutdown
-            .services
-            .spawn(crate::broker::redis::presence::heartbeat_loop(hub.clone(), broker));
+        use crate::broker::redis::presence::{heartbeat_loop, sweep_loop};
+        let (found_dead, deaths) = tokio::sync::mpsc::channel(1);
+        let services = &hub.shutdown.services;
+        services.spawn(heartbeat_loop(hub.clone(), broker.clone(), found_dead));
+        services.spawn(sweep_loop(hub.clone(), broker, deaths));
     }
     if let Some((link, key, streams)) = stream_consumer {
         hub.shutdown

@@ -193,3 +193,42 @@ async fn quick_reconnects_announce_join_and_leave_in_order() {
     assert_eq!(events.last().map(String::as_str), Some("join"), "{events:?}");
     assert_eq!(present(&a, "room:9").await, ["alice", "bob"]);
 }
+
+/// A killed node leaves no presence entry behind in Redis, in channels
+/// without join/leave events and with no subscriber on a live node too:
+/// the node that finds it dead walks every presence hash.
+#[tokio::test]
+async fn a_killed_nodes_presence_entries_are_all_deleted() {
+    let redis = RedisServer::start().await;
+    let seen = "[namespaces.seen]\nsubscribe = \"authenticated\"\npresence = true";
+    let _a = ready_node(&redis).await;
+    let config = std::env::temp_dir().join(format!("herald-presence-gc-{}.toml", redis.port));
+    std::fs::write(&config, format!("{seen}\n{}", redis.toml("node_timeout = \"3s\""))).unwrap();
+    let mut second = spawn(
+        &["--config", config.to_str().unwrap()],
+        &configured_env(),
+        Stdio::null(),
+    )
+    .await;
+    let view = view(&second.addr);
+    wait_until("the second node is ready", || async {
+        ready_status(view.addr).await == 200
+    })
+    .await;
+    let mut carol = view.connect("carol").await;
+    carol.subscribe("seen:1").await;
+    let keys = [
+        format!("{}presence:user:carol", redis.prefix()),
+        format!("{}presence:seen:1", redis.prefix()),
+    ];
+    for key in &keys {
+        assert_eq!(redis.cli(&["EXISTS", key]), "1", "{key}");
+    }
+    second.child.start_kill().unwrap();
+    second.child.wait().await.unwrap();
+    wait_until("the dead node's presence entries are gone", || async {
+        keys.iter().all(|key| redis.cli(&["EXISTS", key]) == "0")
+    })
+    .await;
+    let _ = std::fs::remove_file(config);
+}

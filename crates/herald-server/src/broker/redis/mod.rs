@@ -326,20 +326,62 @@ impl RedisBroker {
     }
 
     /// Records this node's heartbeat with its stats; returns every live
-    /// node's stats.
-    pub async fn heartbeat(&self, stats: &serde_json::Value) -> Result<Vec<serde_json::Value>, BrokerError> {
+    /// node's stats and the nodes this call found dead.
+    pub async fn heartbeat(
+        &self,
+        stats: &serde_json::Value,
+    ) -> Result<(Vec<serde_json::Value>, Vec<String>), BrokerError> {
         let stats_key = self.node_stats_key();
         let (nodes, now, timeout) = (self.nodes_key(), unix_millis().to_string(), self.node_timeout_ms());
         let stats = stats.to_string();
         let args: Vec<&str> = vec![&nodes, &stats_key, &self.node_id, &now, &stats, &timeout];
         let reply = self.link.eval(&presence::HEARTBEAT_LUA, 2, &args).await?;
         self.heartbeat_ok.store(true, Ordering::Relaxed);
-        Ok(reply
-            .as_array()
+        let parts = reply.as_array().unwrap_or_default();
+        let live = parts
+            .first()
+            .and_then(Value::as_array)
             .unwrap_or_default()
             .iter()
             .filter_map(|v| serde_json::from_slice(v.as_bytes()?).ok())
-            .collect())
+            .collect();
+        let dead = parts
+            .get(1)
+            .and_then(Value::as_array)
+            .unwrap_or_default()
+            .iter()
+            .filter_map(|v| v.as_str().map(str::to_owned))
+            .collect();
+        Ok((live, dead))
+    }
+
+    /// Every channel with a presence hash in Redis, walked with `SCAN` (a
+    /// few keys per round trip, never one blocking `KEYS`).
+    pub async fn presence_channels(&self) -> Result<Vec<ChannelName>, BrokerError> {
+        let prefix = format!("{}presence:", self.config.prefix);
+        let pattern = format!("{prefix}*");
+        let mut cursor = "0".to_owned();
+        let mut channels = Vec::new();
+        loop {
+            let reply = self
+                .link
+                .call(&["SCAN", &cursor, "MATCH", &pattern, "COUNT", "1000"])
+                .await?;
+            let parts = reply.as_array().unwrap_or_default();
+            cursor = parts.first().and_then(Value::as_str).unwrap_or("0").to_owned();
+            for key in parts.get(1).and_then(Value::as_array).unwrap_or_default() {
+                if let Some(channel) = key
+                    .as_str()
+                    .and_then(|key| key.strip_prefix(prefix.as_str()))
+                    .and_then(|name| ChannelName::parse(name).ok())
+                {
+                    channels.push(channel);
+                }
+            }
+            if cursor == "0" {
+                return Ok(channels);
+            }
+        }
     }
 }
 

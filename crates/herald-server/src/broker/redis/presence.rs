@@ -83,22 +83,30 @@ pub static QUERY_LUA: Script = Script::new(QUERY_SCRIPT);
 pub static HEARTBEAT_LUA: Script = Script::new(HEARTBEAT_SCRIPT);
 
 /// KEYS: nodes zset, node stats hash. ARGV: node id, now ms, stats JSON,
-/// node timeout ms. Records the heartbeat; returns the stats of live nodes.
+/// node timeout ms. Records the heartbeat; returns {the stats of live
+/// nodes, the nodes this call found dead and removed}. A dead node is
+/// removed by exactly one caller, which then sweeps its presence entries.
 pub const HEARTBEAT_SCRIPT: &str = r#"
 redis.call('ZADD', KEYS[1], ARGV[2], ARGV[1])
 redis.call('HSET', KEYS[2], ARGV[1], ARGV[3])
 local cutoff = tonumber(ARGV[2]) - tonumber(ARGV[4])
-for _, node in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', '(' .. cutoff)) do
+local dead = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', '(' .. cutoff)
+for _, node in ipairs(dead) do
   redis.call('HDEL', KEYS[2], node)
 end
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', '(' .. cutoff)
-return redis.call('HVALS', KEYS[2])
+return {redis.call('HVALS', KEYS[2]), dead}
 "#;
 
-/// Records this node's heartbeat every [`HEARTBEAT`] (keeping the cluster
-/// totals of `/stats` fresh) and sweeps dead nodes' entries from the
-/// channels this node serves, announcing their users' `leave`.
-pub async fn heartbeat_loop(hub: crate::hub::Hub, broker: std::sync::Arc<super::RedisBroker>) {
+/// Records this node's heartbeat every [`HEARTBEAT`], keeping the cluster
+/// totals of `/stats` fresh. It does nothing else, so that no amount of
+/// sweeping can delay it past `node_timeout` (other nodes would declare this
+/// one dead). A node it finds dead is handed to [`sweep_loop`].
+pub async fn heartbeat_loop(
+    hub: crate::hub::Hub,
+    broker: std::sync::Arc<super::RedisBroker>,
+    found_dead: tokio::sync::mpsc::Sender<()>,
+) {
     use std::sync::atomic::Ordering::Relaxed;
     let stopped = hub.shutdown.stopped.clone();
     let mut tick = tokio::time::interval(HEARTBEAT);
@@ -111,7 +119,7 @@ pub async fn heartbeat_loop(hub: crate::hub::Hub, broker: std::sync::Arc<super::
             "connections": hub.metrics.connections_current.load(Relaxed),
             "users_online": hub.users_online(),
         });
-        if let Ok(nodes) = broker.heartbeat(&stats).await {
+        if let Ok((nodes, dead)) = broker.heartbeat(&stats).await {
             let total = |key: &str| nodes.iter().filter_map(|n| n[key].as_i64()).sum();
             let cluster = crate::hub::ClusterStats {
                 nodes: nodes.len(),
@@ -119,14 +127,52 @@ pub async fn heartbeat_loop(hub: crate::hub::Hub, broker: std::sync::Arc<super::
                 users_online: total("users_online"),
             };
             *crate::hub::lock(&hub.cluster) = Some(cluster);
+            if !dead.is_empty() {
+                tracing::info!(nodes = ?dead, "nodes stopped heartbeating; sweeping their presence");
+                // A full channel means a sweep is already due.
+                let _ = found_dead.try_send(());
+            }
         }
-        let announced = hub
-            .fanout
-            .registry
-            .channels()
-            .into_iter()
-            .filter(|channel| hub.policies().policy(channel).is_ok_and(|p| p.join_leave));
-        for channel in announced {
+    }
+}
+
+/// Removes dead nodes' presence entries and announces their users' `leave`.
+///
+/// Every [`HEARTBEAT`] it sweeps the join/leave channels this node serves
+/// (cheap, and it covers a sweeper that died mid-sweep). When the heartbeat
+/// found a node dead, it walks every presence hash in Redis (`SCAN`), so that
+/// a dead node leaves no entry behind, in channels without join/leave events
+/// or without subscribers on this node too: what a dead node left is
+/// bounded by this walk, not by who happens to look.
+pub async fn sweep_loop(
+    hub: crate::hub::Hub,
+    broker: std::sync::Arc<super::RedisBroker>,
+    mut found_dead: tokio::sync::mpsc::Receiver<()>,
+) {
+    let stopped = hub.shutdown.stopped.clone();
+    let mut tick = tokio::time::interval(HEARTBEAT);
+    loop {
+        let channels = tokio::select! {
+            _ = stopped.cancelled() => return,
+            _ = tick.tick() => hub
+                .fanout
+                .registry
+                .channels()
+                .into_iter()
+                .filter(|channel| hub.policies().policy(channel).is_ok_and(|p| p.join_leave))
+                .collect(),
+            Some(()) = found_dead.recv() => match broker.presence_channels().await {
+                Ok(channels) => channels,
+                Err(error) => {
+                    tracing::warn!(%error, "presence sweep could not list channels; the next death retries");
+                    continue;
+                }
+            },
+        };
+        for channel in channels {
+            if stopped.is_cancelled() {
+                return;
+            }
             if let Ok((_, gone)) = broker.presence_sweep(&channel, true).await {
                 for user in gone {
                     hub.announce(&channel, &user, false).await;
