@@ -109,6 +109,11 @@ impl ChannelHistory {
         self.messages.range(start..).take(limit).cloned().collect()
     }
 
+    /// How many messages are retained.
+    pub fn len(&self) -> usize {
+        self.messages.len()
+    }
+
     /// Whether nothing is retained (offsets and the epoch remain).
     pub fn is_empty(&self) -> bool {
         self.messages.is_empty()

@@ -119,6 +119,10 @@ pub struct Metrics {
     pub gaps_recovered: AtomicU64,
     /// Gaps that history could not fill (the client got `resync`).
     pub gaps_unrecovered: AtomicU64,
+    /// Channels and messages the memory broker keeps in history, as of its
+    /// last sweep (0 in Redis mode, where Redis keeps them).
+    pub history_channels: AtomicI64,
+    pub history_messages: AtomicI64,
 }
 
 impl Default for Metrics {
@@ -175,6 +179,8 @@ impl Default for Metrics {
             stream_entries: AtomicU64::new(0),
             gaps_recovered: AtomicU64::new(0),
             gaps_unrecovered: AtomicU64::new(0),
+            history_channels: AtomicI64::new(0),
+            history_messages: AtomicI64::new(0),
         }
     }
 }
@@ -277,6 +283,18 @@ impl Metrics {
             "herald_gaps_unrecovered_total",
             "Gaps history could not fill (the client was sent resync).",
             self.gaps_unrecovered.load(Relaxed),
+        );
+        gauge(
+            &mut out,
+            "herald_history_channels",
+            "Channels with history kept in memory (memory broker, as of its last sweep).",
+            self.history_channels.load(Relaxed),
+        );
+        gauge(
+            &mut out,
+            "herald_history_messages",
+            "Messages kept in memory history (memory broker, as of its last sweep).",
+            self.history_messages.load(Relaxed),
         );
         out
     }

@@ -53,7 +53,12 @@ pub async fn start(config: Config) -> std::io::Result<RunningServer> {
     let mut stream_consumer = None;
     let mut redis_broker = None;
     let broker: Arc<dyn Broker> = match &config.redis {
-        None => Arc::new(MemoryBroker::new(fanout.clone(), config.policies.clone())),
+        None => {
+            let broker = Arc::new(MemoryBroker::new(fanout.clone(), config.policies.clone()));
+            let sweep = broker.clone().sweep_loop(metrics.clone(), shutdown.stopped.clone());
+            shutdown.services.spawn(sweep);
+            broker
+        }
         Some(redis) => {
             let (stopped, services) = (shutdown.stopped.clone(), &shutdown.services);
             if let Some(streams) = &redis.streams {

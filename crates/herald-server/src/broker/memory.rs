@@ -4,8 +4,17 @@
 //! Channels whose namespace keeps history get a [`ChannelHistory`]; the
 //! append and the hand-over happen under that channel's lock (and a channel
 //! always goes to the same fan-out lane), so offsets and delivery order
-//! always agree. There is one epoch per process: memory history is lost
-//! exactly when the process restarts.
+//! always agree.
+//!
+//! Bounded by time, not by trust: a sweep every [`SWEEP_INTERVAL`] expires
+//! messages past their namespace's `history_ttl` in every channel (not only
+//! in channels someone touches), and forgets a channel once it keeps no
+//! message and has no subscriber on this node. A forgotten channel starts
+//! again with a new epoch (each channel's epoch is unique for its life in
+//! this process), so an old position in it is reported unrecoverable rather
+//! than misread. Read cursors are kept at most [`MAX_READ_CURSORS`] per
+//! user (the least recently moved goes first) and forgotten after
+//! [`READ_CURSOR_TTL`] without a move, as in Redis.
 //!
 //! Presence is the registry itself. Where join/leave events are announced,
 //! each user's connections per channel are also counted here, one change at
@@ -28,14 +37,29 @@ use herald_core::registry::Presence;
 
 const SHARDS: usize = 64;
 
+/// How often expired messages and forgotten channels are swept.
+pub const SWEEP_INTERVAL: Duration = Duration::from_secs(1);
+/// Read cursors kept per user; at the bound the least recently moved one
+/// is forgotten.
+pub const MAX_READ_CURSORS: usize = 1_000;
+/// A user's read cursors are forgotten this long after the last move (the
+/// same lifetime Redis gives them).
+pub const READ_CURSOR_TTL: Duration = Duration::from_secs(30 * 24 * 3600);
+
+/// One user's read cursors by channel name, each with when it last moved.
+type UserCursors = HashMap<String, (ReadCursor, Instant)>;
+
 pub struct MemoryBroker {
     fanout: Arc<Fanout>,
     policies: Policies,
+    /// This process's epoch; each channel's epoch is it plus a number from
+    /// `next_channel`.
     epoch: String,
+    next_channel: std::sync::atomic::AtomicU64,
     histories: Box<[Mutex<HashMap<ChannelName, ChannelHistory>>]>,
     hasher: RandomState,
     /// Read cursors by user, then channel.
-    cursors: Mutex<HashMap<String, HashMap<String, ReadCursor>>>,
+    cursors: Mutex<HashMap<String, UserCursors>>,
     /// Connections per channel and user, in channels that announce join/leave.
     members: Mutex<HashMap<(ChannelName, String), usize>>,
 }
@@ -46,6 +70,7 @@ impl MemoryBroker {
             fanout,
             policies,
             epoch: crate::config::random_token(6),
+            next_channel: std::sync::atomic::AtomicU64::new(1),
             histories: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
             hasher: RandomState::new(),
             cursors: Mutex::new(HashMap::new()),
@@ -55,6 +80,57 @@ impl MemoryBroker {
 
     fn shard(&self, channel: &ChannelName) -> &Mutex<HashMap<ChannelName, ChannelHistory>> {
         &self.histories[self.hasher.hash_one(channel) as usize % SHARDS]
+    }
+
+    /// A new channel's history, in an epoch no earlier life of it had.
+    fn new_history(&self) -> ChannelHistory {
+        let number = self.next_channel.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        ChannelHistory::new(format!("{}-{number}", self.epoch))
+    }
+
+    /// One sweep (see the module docs); returns the channels and messages
+    /// kept afterwards.
+    pub fn sweep(&self, now: Instant) -> (usize, usize) {
+        let now_ms = unix_millis();
+        let (mut channels, mut messages) = (0, 0);
+        for shard in &self.histories {
+            let mut histories = lock(shard);
+            histories.retain(|channel, history| {
+                let ttl_ms = self
+                    .policies
+                    .policy(channel)
+                    .map_or(0, |p| p.history_ttl.as_millis() as u64);
+                history.expire(ttl_ms, now_ms);
+                !history.is_empty() || self.fanout.registry.subscriber_count(channel) > 0
+            });
+            channels += histories.len();
+            messages += histories.values().map(ChannelHistory::len).sum::<usize>();
+        }
+        lock(&self.cursors).retain(|_, cursors| {
+            cursors.retain(|_, (_, moved)| now.duration_since(*moved) < READ_CURSOR_TTL);
+            !cursors.is_empty()
+        });
+        (channels, messages)
+    }
+
+    /// Sweeps every [`SWEEP_INTERVAL`] until `stopped`, reporting what is
+    /// kept in `herald_history_channels` / `herald_history_messages`.
+    pub async fn sweep_loop(
+        self: Arc<Self>,
+        metrics: Arc<crate::metrics::Metrics>,
+        stopped: tokio_util::sync::CancellationToken,
+    ) {
+        use std::sync::atomic::Ordering::Relaxed;
+        let mut tick = tokio::time::interval(SWEEP_INTERVAL);
+        loop {
+            tokio::select! {
+                _ = stopped.cancelled() => return,
+                _ = tick.tick() => {}
+            }
+            let (channels, messages) = self.sweep(Instant::now());
+            metrics.history_channels.store(channels as i64, Relaxed);
+            metrics.history_messages.store(messages as i64, Relaxed);
+        }
     }
 }
 
@@ -73,7 +149,7 @@ impl Broker for MemoryBroker {
             let histories = guard.insert(lock(self.shard(&publication.channel)));
             let history = histories
                 .entry(publication.channel.clone())
-                .or_insert_with(|| ChannelHistory::new(self.epoch.clone()));
+                .or_insert_with(|| self.new_history());
             let max_age = policy.history_ttl.as_millis() as u64;
             history.append(&mut publication, policy.history_size, max_age, unix_millis());
         }
@@ -106,15 +182,10 @@ impl Broker for MemoryBroker {
             .policy(channel)
             .map_or(0, |p| p.history_ttl.as_millis() as u64);
         let mut histories = lock(self.shard(channel));
-        // A channel nothing was published to yet reads as an empty history.
-        let mut fresh;
-        let history = match histories.get_mut(channel) {
-            Some(history) => history,
-            None => {
-                fresh = ChannelHistory::new(self.epoch.clone());
-                &mut fresh
-            }
-        };
+        // A channel nothing was published to yet reads as an empty history,
+        // in the epoch its first publish will have (the sweep forgets it
+        // again if nothing comes and nobody here subscribes).
+        let history = histories.entry(channel.clone()).or_insert_with(|| self.new_history());
         history.expire(ttl_ms, unix_millis());
         let current = history.position();
         let page = match since {
@@ -137,15 +208,32 @@ impl Broker for MemoryBroker {
         channel: &ChannelName,
         cursor: ReadCursor,
     ) -> BoxFuture<'_, Result<(), BrokerError>> {
-        lock(&self.cursors)
-            .entry(user.to_owned())
-            .or_default()
-            .insert(channel.to_string(), cursor);
+        let mut users = lock(&self.cursors);
+        let cursors = users.entry(user.to_owned()).or_default();
+        let channel = channel.to_string();
+        if cursors.len() >= MAX_READ_CURSORS && !cursors.contains_key(&channel) {
+            let oldest = cursors
+                .iter()
+                .min_by_key(|(_, (_, moved))| *moved)
+                .map(|(channel, _)| channel.clone());
+            if let Some(oldest) = oldest {
+                cursors.remove(&oldest);
+            }
+        }
+        cursors.insert(channel, (cursor, Instant::now()));
         Box::pin(std::future::ready(Ok(())))
     }
 
     fn read_cursors(&self, user: &str) -> BoxFuture<'_, Result<HashMap<String, ReadCursor>, BrokerError>> {
-        let cursors = lock(&self.cursors).get(user).cloned().unwrap_or_default();
+        let cursors = lock(&self.cursors)
+            .get(user)
+            .map(|cursors| {
+                cursors
+                    .iter()
+                    .map(|(channel, (cursor, _))| (channel.clone(), cursor.clone()))
+                    .collect()
+            })
+            .unwrap_or_default();
         Box::pin(std::future::ready(Ok(cursors)))
     }
 
@@ -228,5 +316,26 @@ mod tests {
         assert!(lock(&broker.members).is_empty(), "nothing kept for users who left");
         broker.presence_track(&room, "bob", 2, true, None).await.unwrap();
         assert!(lock(&broker.members).is_empty(), "nothing kept where no one counts");
+    }
+
+    #[tokio::test]
+    async fn read_cursors_are_bounded_per_user_and_expire() {
+        let broker = MemoryBroker::new(Arc::new(Fanout::new(Arc::default(), 1)), Policies::default());
+        let cursor = |id: usize| ReadCursor {
+            message_id: id.to_string(),
+            offset: None,
+            epoch: None,
+        };
+        for id in 0..=MAX_READ_CURSORS {
+            let channel = ChannelName::parse(&format!("room:{id}")).unwrap();
+            broker.set_read_cursor("alice", &channel, cursor(id)).await.unwrap();
+        }
+        let cursors = broker.read_cursors("alice").await.unwrap();
+        assert_eq!(cursors.len(), MAX_READ_CURSORS);
+        assert!(!cursors.contains_key("room:0"), "the least recently moved went first");
+        assert!(cursors.contains_key(&format!("room:{MAX_READ_CURSORS}")));
+        broker.sweep(Instant::now() + READ_CURSOR_TTL);
+        assert!(broker.read_cursors("alice").await.unwrap().is_empty());
+        assert!(lock(&broker.cursors).is_empty(), "nothing kept for the user");
     }
 }

@@ -4,6 +4,7 @@
 mod harness;
 
 mod auth;
+mod bounds;
 mod cluster;
 mod framing;
 mod history;

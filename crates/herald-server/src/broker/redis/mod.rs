@@ -271,6 +271,9 @@ fn inbound_handler(
     })
 }
 
+/// How long a user's read cursors outlive their last move (30 days).
+const READ_CURSOR_TTL_MS: &str = "2592000000";
+
 impl RedisBroker {
     fn dedup_key(&self, channel: &ChannelName, id: &str) -> String {
         format!("{}dedup:{channel}:{id}", self.config.prefix)
@@ -490,7 +493,16 @@ impl Broker for RedisBroker {
             serde_json::to_string(&cursor).expect("cursors serialize"),
         );
         Box::pin(async move {
-            self.link.call(&["HSET", &key, &field, &value]).await?;
+            // Issued together (one pipelined write): a user's cursors live
+            // READ_CURSOR_TTL after the last move, then Redis forgets them.
+            let ttl = READ_CURSOR_TTL_MS;
+            let (set, expire) = futures_util::future::join(
+                self.link.call(&["HSET", &key, &field, &value]),
+                self.link.call(&["PEXPIRE", &key, ttl]),
+            )
+            .await;
+            set?;
+            expire?;
             Ok(())
         })
     }
