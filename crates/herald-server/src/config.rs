@@ -99,6 +99,7 @@ pub struct RawRedis {
     pub subscribe_timeout: Option<String>,
     pub streams: Option<bool>,
     pub claim_idle: Option<String>,
+    pub dead_letter_max_len: Option<usize>,
     pub node_timeout: Option<String>,
     #[serde(default)]
     pub routes: Vec<crate::broker::redis::routes::RawRoute>,
@@ -581,6 +582,7 @@ fn redis_config(raw: RawRedis) -> Result<Option<RedisConfig>, ConfigError> {
     let streams = match raw.streams.unwrap_or(true) {
         true => Some(StreamsConfig {
             claim_idle: duration("redis.claim_idle", raw.claim_idle, "30s")?,
+            dead_letter_max_len: positive("redis.dead_letter_max_len", raw.dead_letter_max_len, 10_000)?,
         }),
         false => None,
     };

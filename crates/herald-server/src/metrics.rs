@@ -115,6 +115,9 @@ pub struct Metrics {
     pub broker_reconnects: AtomicU64,
     /// Stream entries published and acknowledged.
     pub stream_entries: AtomicU64,
+    /// Stream entries refused as invalid (acknowledged and dead-lettered), by
+    /// reason (the labels of `streams::Invalid`).
+    pub stream_entries_invalid: Family<5>,
     /// Gaps in a channel's offsets filled from history for a connection.
     pub gaps_recovered: AtomicU64,
     /// Gaps that history could not fill (the client got `resync`).
@@ -173,6 +176,7 @@ impl Default for Metrics {
             broker_up: AtomicI64::new(1),
             broker_reconnects: AtomicU64::new(0),
             stream_entries: AtomicU64::new(0),
+            stream_entries_invalid: Family::new("reason", crate::broker::redis::streams::Invalid::LABELS),
             gaps_recovered: AtomicU64::new(0),
             gaps_unrecovered: AtomicU64::new(0),
         }
@@ -265,6 +269,11 @@ impl Metrics {
             "herald_stream_entries_total",
             "Stream entries published and acknowledged.",
             self.stream_entries.load(Relaxed),
+        );
+        self.stream_entries_invalid.render(
+            &mut out,
+            "herald_stream_entries_invalid_total",
+            "Stream entries acknowledged as invalid and copied to the dead-letter stream.",
         );
         counter(
             &mut out,

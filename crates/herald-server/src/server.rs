@@ -64,7 +64,7 @@ pub async fn start(config: Config) -> std::io::Result<RunningServer> {
                     stopped.clone(),
                     services,
                 );
-                stream_consumer = Some((link, redis.publish_stream_key(), streams.clone()));
+                stream_consumer = Some((link, redis.stream_keys(), streams.clone()));
             }
             let broker = RedisBroker::start(
                 redis.clone(),
@@ -87,10 +87,10 @@ pub async fn start(config: Config) -> std::io::Result<RunningServer> {
             .services
             .spawn(crate::broker::redis::presence::heartbeat_loop(hub.clone(), broker));
     }
-    if let Some((link, key, streams)) = stream_consumer {
+    if let Some((link, keys, streams)) = stream_consumer {
         hub.shutdown
             .services
-            .spawn(crate::broker::redis::streams::run(hub.clone(), link, key, streams));
+            .spawn(crate::broker::redis::streams::run(hub.clone(), link, keys, streams));
     }
     let router = router(hub.clone());
     let accept_loop = tokio::spawn(accept_loop(listener, router, hub.clone()));

@@ -63,9 +63,12 @@ pub struct RedisConfig {
 }
 
 impl RedisConfig {
-    /// The stream Streams ingest consumes.
-    pub fn publish_stream_key(&self) -> String {
-        format!("{}publish", self.prefix)
+    /// The keys of Streams ingest: the stream it consumes and its dead-letter stream.
+    pub fn stream_keys(&self) -> streams::Keys {
+        streams::Keys {
+            stream: format!("{}publish", self.prefix),
+            dead: format!("{}publish:dead", self.prefix),
+        }
     }
 
     /// What every Redis channel carrying a Herald channel starts with.

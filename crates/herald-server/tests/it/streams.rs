@@ -1,0 +1,77 @@
+//! Redis Streams ingest against a real `redis-server`: invalid entries,
+//! error replies from Redis, and per-channel order across nodes.
+
+use serde_json::json;
+
+use crate::harness::{RedisServer, TestServer, expect_only_marker, wait_until};
+
+async fn node(redis: &RedisServer, extra: &str) -> TestServer {
+    let server = TestServer::start_with(&redis.toml(extra)).await;
+    server.wait_ready().await;
+    server
+}
+
+fn stream_key(redis: &RedisServer) -> String {
+    format!("{}publish", redis.prefix())
+}
+
+/// The consumer group's last delivered entry id ("" before the group exists).
+fn last_delivered(redis: &RedisServer) -> String {
+    let info = redis.cli(&["XINFO", "GROUPS", &stream_key(redis)]);
+    let lines: Vec<&str> = info.lines().collect();
+    lines
+        .iter()
+        .position(|line| *line == "last-delivered-id")
+        .and_then(|i| lines.get(i + 1))
+        .map_or_else(String::new, |id| (*id).to_owned())
+}
+
+/// Entries that are too large, name an invalid channel or carry data that is
+/// not JSON are acknowledged, counted, copied to the (capped) dead-letter
+/// stream, and do not hold up the entries after them.
+#[tokio::test]
+async fn invalid_stream_entries_are_dead_lettered_and_ingest_goes_on() {
+    let redis = RedisServer::start().await;
+    let server = node(&redis, "dead_letter_max_len = 2\n[limits]\nmax_message_size = 200").await;
+    let mut reader = server.connect("reader").await;
+    reader.subscribe("group:feed").await;
+    let stream = stream_key(&redis);
+    let big = json!({"pad": "x".repeat(500)}).to_string();
+    let bad: [&[&str]; 3] = [
+        &["channel", "group:feed", "data", &big],
+        &["channel", "no spaces allowed", "data", "{}"],
+        &["channel", "group:feed", "data", "not json"],
+    ];
+    let mut ids = Vec::new();
+    for fields in bad {
+        let mut command = vec!["XADD", &stream, "*"];
+        command.extend(fields);
+        let id = redis.cli(&command);
+        // Each bad entry is read on its own, before the next is added.
+        wait_until("the node read the entry", || async { last_delivered(&redis) == id }).await;
+        ids.push(id);
+    }
+    redis.cli(&["XADD", &stream, "*", "channel", "group:feed", "data", r#"{"good":1}"#]);
+    let frame = reader.next_frame().await;
+    assert_eq!(frame["data"], json!({"good": 1}), "{frame}");
+    wait_until("every entry is acknowledged", || async {
+        redis.cli(&["XPENDING", &stream, "herald"]).starts_with('0')
+    })
+    .await;
+    expect_only_marker(&server, &mut reader, "group:feed").await;
+
+    for reason in ["too_large", "channel", "data"] {
+        let series = format!("herald_stream_entries_invalid_total{{reason=\"{reason}\"}}");
+        assert_eq!(server.metric(&series).await, 1.0, "{series}");
+    }
+    assert_eq!(server.metric("herald_stream_entries_total").await, 1.0);
+    // Capped at 2: the oldest dead letter was trimmed.
+    let dead = format!("{stream}:dead");
+    assert_eq!(redis.cli(&["XLEN", &dead]), "2");
+    let last = redis.cli(&["XREVRANGE", &dead, "+", "-", "COUNT", "1"]);
+    let lines: Vec<&str> = last.lines().skip(1).collect();
+    let field = |name: &str| lines.chunks(2).find(|pair| pair[0] == name).map_or("", |pair| pair[1]);
+    assert_eq!(field("dead.entry"), ids[2], "{last}");
+    assert_eq!(field("dead.reason"), "data", "{last}");
+    assert_eq!(field("data"), "not json", "the original fields are kept: {last}");
+}
