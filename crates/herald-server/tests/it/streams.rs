@@ -1,9 +1,13 @@
 //! Redis Streams ingest against a real `redis-server`: invalid entries,
 //! error replies from Redis, and per-channel order across nodes.
 
-use serde_json::json;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
 
-use crate::harness::{RedisServer, TestServer, expect_only_marker, wait_until};
+use serde_json::json;
+use tokio::io::AsyncReadExt;
+
+use crate::harness::{RedisServer, TestServer, configured_env, expect_only_marker, spawn, wait_until};
 
 async fn node(redis: &RedisServer, extra: &str) -> TestServer {
     let server = TestServer::start_with(&redis.toml(extra)).await;
@@ -74,4 +78,79 @@ async fn invalid_stream_entries_are_dead_lettered_and_ingest_goes_on() {
     assert_eq!(field("dead.entry"), ids[2], "{last}");
     assert_eq!(field("dead.reason"), "data", "{last}");
     assert_eq!(field("data"), "not json", "the original fields are kept: {last}");
+}
+
+/// `XGROUP CREATE` requests Redis has seen (executed or refused).
+fn xgroup_creates(redis: &RedisServer) -> u64 {
+    let stats = redis.cli(&["INFO", "commandstats"]);
+    let Some(line) = stats.lines().find(|l| l.starts_with("cmdstat_xgroup|create:")) else {
+        return 0;
+    };
+    line.split([':', ','])
+        .filter_map(|field| field.split_once('='))
+        .filter(|(name, _)| ["calls", "rejected_calls"].contains(name))
+        .map(|(_, value)| value.parse::<u64>().unwrap_or(0))
+        .sum()
+}
+
+/// Runs `herald serve` against `redis` (as `url`) while creating the
+/// consumer group fails, and checks that it backs off and warns once; then
+/// `fix` removes the cause and ingest must start working.
+async fn backs_off_and_recovers(redis: &RedisServer, url: &str, fix: &[&str]) {
+    let mut env = configured_env();
+    env.push(("HERALD_REDIS_URL", url));
+    let mut server = spawn(&[], &env, Stdio::piped()).await;
+    wait_until("a first attempt", || async { xgroup_creates(redis) >= 1 }).await;
+    let first = Instant::now();
+    wait_until("three more attempts", || async { xgroup_creates(redis) >= 4 }).await;
+    // Back-off from 50 ms, doubling, each delay at least half its step:
+    // three delays take at least 25 + 50 + 100 ms.
+    let elapsed = first.elapsed();
+    assert!(
+        elapsed >= Duration::from_millis(150),
+        "three retries in {elapsed:?}: {} attempts so far",
+        xgroup_creates(redis)
+    );
+    redis.cli(fix);
+    wait_until("the consumer group exists", || async {
+        redis.cli(&["XINFO", "GROUPS", "herald:publish"]).contains("herald")
+    })
+    .await;
+    let _ = server.child.start_kill();
+    let mut stderr = String::new();
+    let mut pipe = server.child.stderr.take().expect("stderr is piped");
+    tokio::time::timeout(crate::harness::DEADLINE, pipe.read_to_string(&mut stderr))
+        .await
+        .expect("stderr ends with the process")
+        .expect("stderr is text");
+    let warnings = stderr.lines().filter(|l| l.contains("stream ingest failed")).count();
+    assert_eq!(warnings, 1, "one warning for one lasting error:\n{stderr}");
+    assert!(stderr.contains("stream ingest works again"), "{stderr}");
+}
+
+/// `{prefix}publish` holding a string: every `XGROUP CREATE` gets `WRONGTYPE`.
+#[tokio::test]
+async fn a_wrongtype_stream_key_is_retried_with_backoff() {
+    let redis = RedisServer::start().await;
+    redis.cli(&["SET", "herald:publish", "not a stream"]);
+    backs_off_and_recovers(&redis, &redis.url(), &["DEL", "herald:publish"]).await;
+}
+
+/// A Redis user without `XGROUP`: every attempt gets `NOPERM`.
+#[tokio::test]
+async fn a_missing_redis_permission_is_retried_with_backoff() {
+    let redis = RedisServer::start().await;
+    redis.cli(&[
+        "ACL",
+        "SETUSER",
+        "ingest",
+        "on",
+        ">ingest-pw",
+        "~*",
+        "&*",
+        "+@all",
+        "-xgroup",
+    ]);
+    let url = format!("redis://ingest:ingest-pw@127.0.0.1:{}", redis.port);
+    backs_off_and_recovers(&redis, &url, &["ACL", "SETUSER", "ingest", "+xgroup"]).await;
 }

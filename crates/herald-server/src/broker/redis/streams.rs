@@ -29,7 +29,7 @@ use herald_core::ChannelName;
 use herald_core::frame::validate_message_type;
 use herald_core::resp::Value;
 
-use super::link::{RedisError, RedisLink};
+use super::link::{Backoff, RedisError, RedisLink};
 use crate::hub::{Hub, PublishError, PublishRequest, Source};
 
 /// The consumer group all nodes share.
@@ -90,6 +90,46 @@ impl Invalid {
     }
 }
 
+/// The consumer's retry state. Every failed step waits a growing, jittered
+/// delay ([`Backoff`]) before it is tried again, and is logged at `warn` only
+/// when it is news (the first failure, or a different error): a lasting
+/// error reply (`WRONGTYPE`, `NOPERM`, …) costs one request and at most one
+/// log line per back-off step, never a spinning core.
+struct Retry {
+    backoff: Backoff,
+    /// The failure being retried (step and error), until a step succeeds.
+    failing: Option<String>,
+}
+
+impl Retry {
+    fn new() -> Self {
+        Retry {
+            backoff: Backoff::new(),
+            failing: None,
+        }
+    }
+
+    /// Records a failure of `step`; returns how long to wait before retrying.
+    fn failed(&mut self, step: &'static str, error: &dyn std::fmt::Display) -> Duration {
+        let text = format!("{step}: {error}");
+        if self.failing.as_deref() == Some(text.as_str()) {
+            tracing::debug!(step, %error, "stream ingest still failing");
+        } else {
+            tracing::warn!(step, %error, "stream ingest failed; retrying with back-off");
+            self.failing = Some(text);
+        }
+        self.backoff.next_delay()
+    }
+
+    /// A read went through: the next failure starts from the shortest delay.
+    fn succeeded(&mut self) {
+        self.backoff.reset();
+        if self.failing.take().is_some() {
+            tracing::info!("stream ingest works again");
+        }
+    }
+}
+
 /// Runs the consumer until shutdown. It uses its own link, because a
 /// blocking read would stall every command pipelined behind it.
 pub async fn run(hub: Hub, link: RedisLink, keys: Keys, config: StreamsConfig) {
@@ -97,12 +137,21 @@ pub async fn run(hub: Hub, link: RedisLink, keys: Keys, config: StreamsConfig) {
     let consumer = hub.node_id.clone();
     let draining = hub.shutdown.draining.clone();
     let mut group_ready = false;
+    let mut retry = Retry::new();
+    // Set by a failed step: how long to wait before the next attempt.
+    let mut pause: Option<Duration> = None;
     let mut last_claim = tokio::time::Instant::now();
     // Start by re-reading our own pending entries (id 0), then new ones (>).
     let mut read_from = "0".to_owned();
     loop {
         if draining.is_cancelled() {
             return;
+        }
+        if let Some(delay) = pause.take() {
+            tokio::select! {
+                _ = draining.cancelled() => return,
+                _ = tokio::time::sleep(delay) => {}
+            }
         }
         if !link.is_up() {
             tokio::select! {
@@ -118,7 +167,7 @@ pub async fn run(hub: Hub, link: RedisLink, keys: Keys, config: StreamsConfig) {
                 Ok(_) => group_ready = true,
                 Err(RedisError::Reply(message)) if message.starts_with("BUSYGROUP") => group_ready = true,
                 Err(error) => {
-                    tracing::warn!(%error, "cannot create the stream consumer group");
+                    pause = Some(retry.failed("create the consumer group", &error));
                     continue;
                 }
             }
@@ -173,25 +222,26 @@ pub async fn run(hub: Hub, link: RedisLink, keys: Keys, config: StreamsConfig) {
                 if failed > 0 {
                     // The cluster cannot take messages right now; pause before retrying.
                     read_from = "0".to_owned();
-                    tokio::select! {
-                        _ = draining.cancelled() => return,
-                        _ = tokio::time::sleep(Duration::from_millis(200)) => {}
-                    }
+                    pause = Some(retry.failed("publish entries", &"the broker refused them"));
                     continue;
                 }
+                retry.succeeded();
                 // Our pending list is drained once a read of it comes back empty.
                 if read_from == "0" && processed == 0 {
                     read_from = ">".to_owned();
                 }
             }
             Ok(_) => {
+                retry.succeeded();
                 if read_from == "0" {
                     read_from = ">".to_owned();
                 }
             }
-            Err(RedisError::Reply(message)) if message.starts_with("NOGROUP") => group_ready = false,
             Err(error) => {
-                tracing::debug!(%error, "stream read failed");
+                if matches!(&error, RedisError::Reply(message) if message.starts_with("NOGROUP")) {
+                    group_ready = false;
+                }
+                pause = Some(retry.failed("read entries", &error));
                 // After a failure, go back over what may be pending on us.
                 read_from = "0".to_owned();
             }
