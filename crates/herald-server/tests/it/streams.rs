@@ -4,8 +4,11 @@
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
+use bytes::BytesMut;
+use herald_core::resp::encode_command;
+use herald_server::broker::redis::link::read_value;
 use serde_json::json;
-use tokio::io::AsyncReadExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::harness::{RedisServer, TestServer, configured_env, expect_only_marker, spawn, wait_until};
 
@@ -153,4 +156,163 @@ async fn a_missing_redis_permission_is_retried_with_backoff() {
     ]);
     let url = format!("redis://ingest:ingest-pw@127.0.0.1:{}", redis.port);
     backs_off_and_recovers(&redis, &url, &["ACL", "SETUSER", "ingest", "+xgroup"]).await;
+}
+
+/// Adds `per_channel` entries to each of `channels`, numbered `seq` 0.. per
+/// channel, in bursts (one pipelined write of `burst` entries per channel
+/// every 10 ms: a few hundred entries a second). Uses a connection of its
+/// own: one `redis-cli` per entry would be far too slow.
+async fn add_numbered_entries(port: u16, stream: &str, channels: &[&str], per_channel: u64, burst: u64) {
+    let mut connection = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .expect("redis accepts");
+    let (mut out, mut replies) = (BytesMut::new(), BytesMut::new());
+    let mut tick = tokio::time::interval(Duration::from_millis(10));
+    for first in (0..per_channel).step_by(burst as usize) {
+        tick.tick().await;
+        out.clear();
+        let mut added = 0;
+        // A channel's entries back to back, so that nodes reading in
+        // parallel would get neighbours of the same channel.
+        for channel in channels {
+            for seq in first..(first + burst).min(per_channel) {
+                let data = json!({"seq": seq}).to_string();
+                encode_command(&["XADD", stream, "*", "channel", channel, "data", &data], &mut out);
+                added += 1;
+            }
+        }
+        connection.write_all(&out).await.expect("redis takes the entries");
+        for _ in 0..added {
+            read_value(&mut connection, &mut replies).await.expect("XADD answered");
+        }
+    }
+}
+
+/// Two nodes share the consumer group; entries of one channel reach its
+/// subscribers (on both nodes) in `XADD` order, each once.
+#[tokio::test]
+async fn two_consuming_nodes_keep_each_channels_stream_order() {
+    const CHANNELS: [&str; 2] = ["group:order0", "group:order1"];
+    const PER_CHANNEL: u64 = 400;
+    let redis = RedisServer::start().await;
+    let (a, b) = (node(&redis, "").await, node(&redis, "").await);
+    let mut readers = Vec::new();
+    for server in [&a, &b] {
+        for channel in CHANNELS {
+            let mut client = server.connect("reader").await;
+            client.subscribe(channel).await;
+            readers.push(tokio::spawn(async move {
+                let mut seen = Vec::new();
+                while seen.len() < PER_CHANNEL as usize {
+                    let frame = client.next_frame().await;
+                    assert_eq!(frame["channel"], channel, "{frame}");
+                    seen.push(frame["data"]["seq"].as_u64().expect("a sequence number"));
+                }
+                (channel, seen)
+            }));
+        }
+    }
+    add_numbered_entries(redis.port, &stream_key(&redis), &CHANNELS, PER_CHANNEL, 4).await;
+    for reader in readers {
+        let (channel, seen) = reader.await.expect("the reader saw every entry");
+        let inversions = seen.windows(2).filter(|pair| pair[1] <= pair[0]).count();
+        assert_eq!(inversions, 0, "{channel}: {inversions} entries out of order: {seen:?}");
+        assert_eq!(
+            seen,
+            (0..PER_CHANNEL).collect::<Vec<_>>(),
+            "{channel}: every entry once"
+        );
+    }
+}
+
+/// Collects `count` sequence numbers delivered on `channel` to `client`.
+fn collect_sequence(
+    mut client: crate::harness::Client,
+    channel: &'static str,
+    count: u64,
+) -> tokio::task::JoinHandle<Vec<u64>> {
+    tokio::spawn(async move {
+        let mut seen = Vec::new();
+        while seen.len() < count as usize {
+            let frame = client.next_frame().await;
+            assert_eq!(frame["channel"], channel, "{frame}");
+            seen.push(frame["data"]["seq"].as_u64().expect("a sequence number"));
+        }
+        seen
+    })
+}
+
+/// A reader that died holding the lease: after the lease expires
+/// (`claim_idle`), the next reader publishes what the dead one left pending
+/// before anything newer, in order.
+#[tokio::test]
+async fn a_dead_readers_entries_are_taken_over_in_order() {
+    const CHANNEL: &str = "group:handover";
+    let redis = RedisServer::start().await;
+    let listener = node(&redis, "streams = false").await;
+    let mut client = listener.connect("reader").await;
+    client.subscribe(CHANNEL).await;
+    let seen = collect_sequence(client, CHANNEL, 20);
+    let stream = stream_key(&redis);
+    redis.cli(&["SET", &format!("{stream}:reader"), "dead-node", "PX", "1000"]);
+    redis.cli(&["XGROUP", "CREATE", &stream, "herald", "0", "MKSTREAM"]);
+    let xadd = |seq: u64| {
+        let data = json!({"seq": seq}).to_string();
+        redis.cli(&["XADD", &stream, "*", "channel", CHANNEL, "data", &data]);
+    };
+    (0..10).for_each(xadd);
+    let read = [
+        "XREADGROUP",
+        "GROUP",
+        "herald",
+        "dead-node",
+        "COUNT",
+        "100",
+        "STREAMS",
+        &stream,
+        ">",
+    ];
+    redis.cli(&read);
+    let reader = node(&redis, "claim_idle = \"1s\"").await;
+    (10..20).for_each(xadd);
+    assert_eq!(seen.await.expect("every entry arrives"), (0..20).collect::<Vec<_>>());
+    assert_eq!(reader.metric("herald_stream_reader").await, 1.0);
+    wait_until("everything is acknowledged", || async {
+        redis.cli(&["XPENDING", &stream, "herald"]).starts_with('0')
+    })
+    .await;
+}
+
+/// The reading node drains mid-stream: it gives the lease up, the other
+/// node takes over, and subscribers see every entry once, in order.
+#[tokio::test]
+async fn a_draining_reader_hands_over_without_loss_or_reordering() {
+    const CHANNEL: &str = "group:relay";
+    const COUNT: u64 = 300;
+    let redis = RedisServer::start().await;
+    let listener = node(&redis, "streams = false").await;
+    let mut client = listener.connect("reader").await;
+    client.subscribe(CHANNEL).await;
+    let seen = collect_sequence(client, CHANNEL, COUNT);
+    let mut nodes = vec![node(&redis, "").await, node(&redis, "").await];
+    wait_until("one node reads the stream", || async {
+        nodes[0].metric("herald_stream_reader").await + nodes[1].metric("herald_stream_reader").await == 1.0
+    })
+    .await;
+    let reader = usize::from(nodes[0].metric("herald_stream_reader").await == 0.0);
+    let mut draining = nodes.swap_remove(reader);
+    let adding = {
+        let (port, stream) = (redis.port, stream_key(&redis));
+        tokio::spawn(async move { add_numbered_entries(port, &stream, &[CHANNEL], COUNT, 3).await })
+    };
+    wait_until("some entries went through", || async {
+        draining.metric("herald_stream_entries_total").await >= 30.0
+    })
+    .await;
+    let running = draining.running.take().expect("an in-process node");
+    assert!(running.stop().await, "the node stops in time");
+    adding.await.expect("every entry was added");
+    assert_eq!(seen.await.expect("every entry arrives"), (0..COUNT).collect::<Vec<_>>());
+    assert_eq!(nodes[0].metric("herald_stream_reader").await, 1.0);
+    assert!(nodes[0].metric("herald_stream_entries_total").await >= 1.0);
 }
