@@ -1,5 +1,6 @@
 //! Redis Streams ingest against a real `redis-server`: invalid entries,
-//! error replies from Redis, and per-channel order across nodes.
+//! error replies from Redis, and per-channel order across nodes; and the
+//! Redis links' reconnect loops.
 
 use std::process::Stdio;
 use std::time::{Duration, Instant};
@@ -315,4 +316,63 @@ async fn a_draining_reader_hands_over_without_loss_or_reordering() {
     assert_eq!(seen.await.expect("every entry arrives"), (0..COUNT).collect::<Vec<_>>());
     assert_eq!(nodes[0].metric("herald_stream_reader").await, 1.0);
     assert!(nodes[0].metric("herald_stream_entries_total").await >= 1.0);
+}
+
+/// Sends one command on `connection` and returns its reply.
+async fn command(connection: &mut tokio::net::TcpStream, args: &[&str]) -> herald_core::resp::Value {
+    let (mut out, mut replies) = (BytesMut::new(), BytesMut::new());
+    encode_command(args, &mut out);
+    connection.write_all(&out).await.expect("redis takes the command");
+    read_value(connection, &mut replies).await.expect("redis answers")
+}
+
+/// Connections Redis accepted and closed at once because of `maxclients`.
+async fn rejected_connections(admin: &mut tokio::net::TcpStream) -> u64 {
+    let info = command(admin, &["INFO", "stats"]).await;
+    let text = String::from_utf8_lossy(info.as_bytes().unwrap_or_default()).into_owned();
+    text.lines()
+        .find_map(|line| line.strip_prefix("rejected_connections:"))
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// Waits (with the harness deadline) until Redis has rejected `count`
+/// connections; returns when that was seen.
+async fn until_rejected(admin: &mut tokio::net::TcpStream, count: u64) -> Instant {
+    let deadline = Instant::now() + crate::harness::DEADLINE;
+    while rejected_connections(admin).await < count {
+        assert!(Instant::now() < deadline, "Redis did not reject {count} connections");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    Instant::now()
+}
+
+/// Redis accepting a connection and closing it at once (here: `maxclients`
+/// reached) is retried with back-off, like a refused connection, and the
+/// node recovers once Redis takes clients again.
+#[tokio::test]
+async fn a_redis_that_drops_new_connections_is_retried_with_backoff() {
+    let redis = RedisServer::start().await;
+    let server = node(&redis, "streams = false").await;
+    // The test's own connection outlives the limit.
+    let mut admin = tokio::net::TcpStream::connect(("127.0.0.1", redis.port))
+        .await
+        .expect("redis accepts");
+    let ok = command(&mut admin, &["CONFIG", "SET", "maxclients", "1"]).await;
+    assert_eq!(ok.as_str(), Some("OK"), "{ok:?}");
+    // Drops the node's two links (command and Pub/Sub: it subscribes to nothing yet).
+    command(&mut admin, &["CLIENT", "KILL", "TYPE", "normal", "SKIPME", "yes"]).await;
+    let first = until_rejected(&mut admin, 1).await;
+    let seventh = until_rejected(&mut admin, 7).await;
+    // Six more attempts from two links: one of them made three. Back-off
+    // from 50 ms, doubling, each delay at least half its step: 25 + 50 + 100 ms.
+    let elapsed = seventh - first;
+    assert!(
+        elapsed >= Duration::from_millis(150),
+        "six reconnects in {elapsed:?}: {} rejected so far",
+        rejected_connections(&mut admin).await
+    );
+    command(&mut admin, &["CONFIG", "SET", "maxclients", "10000"]).await;
+    server.wait_ready().await;
+    expect_only_marker(&server, &mut server.connect("after").await, "user:after").await;
 }
