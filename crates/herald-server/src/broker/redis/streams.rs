@@ -57,6 +57,9 @@ const BATCH: usize = 100;
 const BLOCK: Duration = Duration::from_secs(1);
 /// The longest a node waits between attempts to take the lease.
 const FOLLOW: Duration = Duration::from_secs(1);
+/// The shortest `redis.claim_idle` (the lease time): a third of it is how
+/// often the reader renews and the others poll, so it must not approach 0.
+pub const MIN_CLAIM_IDLE: Duration = Duration::from_millis(300);
 /// How long a draining node tries to give the lease up (within the
 /// shutdown's grace for services).
 const RELEASE_TIMEOUT: Duration = Duration::from_millis(500);
