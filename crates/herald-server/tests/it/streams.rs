@@ -243,6 +243,43 @@ fn collect_sequence(
     })
 }
 
+/// An entry Redis refuses to publish (here the channel's offset key holds a
+/// hash, so the publish script fails) is a broker error, not an invalid
+/// entry: it stays pending with the entries behind it on its channel, is
+/// retried, and they all arrive in order, each once, when Redis takes them.
+#[tokio::test]
+async fn entries_redis_refuses_are_retried_in_order() {
+    const CHANNEL: &str = "feed:a";
+    let redis = RedisServer::start().await;
+    let server = node(
+        &redis,
+        "[namespaces.feed]\nsubscribe = \"authenticated\"\nhistory_size = 10",
+    )
+    .await;
+    let mut client = server.connect("reader").await;
+    client.subscribe(CHANNEL).await;
+    let seen = collect_sequence(client, CHANNEL, 6);
+    let offset_key = format!("{}off:{CHANNEL}", redis.prefix());
+    redis.cli(&["HSET", &offset_key, "broken", "1"]);
+    let stream = stream_key(&redis);
+    for seq in 0..6 {
+        let data = json!({"seq": seq}).to_string();
+        redis.cli(&["XADD", &stream, "*", "channel", CHANNEL, "data", &data]);
+    }
+    wait_until("the first entry was retried", || async {
+        let pending = redis.cli(&["XPENDING", &stream, "herald", "-", "+", "1"]);
+        pending.lines().nth(3).and_then(|n| n.parse::<u64>().ok()) >= Some(2)
+    })
+    .await;
+    redis.cli(&["DEL", &offset_key]);
+    assert_eq!(seen.await.expect("every entry arrives"), (0..6).collect::<Vec<_>>());
+    wait_until("everything is acknowledged", || async {
+        redis.cli(&["XPENDING", &stream, "herald"]).starts_with('0')
+    })
+    .await;
+    assert_eq!(redis.cli(&["XLEN", &format!("{stream}:dead")]), "0");
+}
+
 /// A reader that died holding the lease: after the lease expires
 /// (`claim_idle`), the next reader publishes what the dead one left pending
 /// before anything newer, in order.
