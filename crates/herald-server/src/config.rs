@@ -99,6 +99,7 @@ pub struct RawRedis {
     pub subscribe_timeout: Option<String>,
     pub streams: Option<bool>,
     pub claim_idle: Option<String>,
+    pub dead_letter_max_len: Option<usize>,
     pub node_timeout: Option<String>,
     #[serde(default)]
     pub routes: Vec<crate::broker::redis::routes::RawRoute>,
@@ -580,7 +581,14 @@ fn redis_config(raw: RawRedis) -> Result<Option<RedisConfig>, ConfigError> {
         .collect::<Result<Vec<_>, _>>()?;
     let streams = match raw.streams.unwrap_or(true) {
         true => Some(StreamsConfig {
-            claim_idle: duration("redis.claim_idle", raw.claim_idle, "30s")?,
+            claim_idle: match duration("redis.claim_idle", raw.claim_idle, "30s")? {
+                // The reader renews its lease every third of it and the others poll for it.
+                idle if idle < crate::broker::redis::streams::MIN_CLAIM_IDLE => {
+                    return Err(invalid("redis.claim_idle", "must be at least 300ms"));
+                }
+                idle => idle,
+            },
+            dead_letter_max_len: positive("redis.dead_letter_max_len", raw.dead_letter_max_len, 10_000)?,
         }),
         false => None,
     };
@@ -729,6 +737,14 @@ mod tests {
             "`jwt.algorithms`: `none` is not supported",
         );
         check_error("[jwt]\nsecret = \"short\"", "`jwt.secret`: must be at least 16 bytes");
+        check_error(
+            "[redis]\nurl = \"redis://h\"\nclaim_idle = \"299ms\"",
+            "`redis.claim_idle`: must be at least 300ms",
+        );
+        check_error(
+            "[redis]\nurl = \"redis://h\"\ndead_letter_max_len = 0",
+            "`redis.dead_letter_max_len`: must be greater than 0",
+        );
         check_error("[origins]\nallowed = [\"example.com\"]", "`origins.allowed`");
         check_error("[limitz]\nx = 1", "unknown field `limitz`");
         check_error(

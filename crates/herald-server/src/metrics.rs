@@ -115,6 +115,12 @@ pub struct Metrics {
     pub broker_reconnects: AtomicU64,
     /// Stream entries published and acknowledged.
     pub stream_entries: AtomicU64,
+    /// Stream entries refused as invalid (acknowledged and dead-lettered), by
+    /// reason (the labels of `streams::Invalid`).
+    pub stream_entries_invalid: Family<5>,
+    /// 1 while this node holds the lease that makes it the one reader of
+    /// the publish stream.
+    pub stream_reader: AtomicI64,
     /// Gaps in a channel's offsets filled from history for a connection.
     pub gaps_recovered: AtomicU64,
     /// Gaps that history could not fill (the client got `resync`).
@@ -177,6 +183,8 @@ impl Default for Metrics {
             broker_up: AtomicI64::new(1),
             broker_reconnects: AtomicU64::new(0),
             stream_entries: AtomicU64::new(0),
+            stream_entries_invalid: Family::new("reason", crate::broker::redis::streams::Invalid::LABELS),
+            stream_reader: AtomicI64::new(0),
             gaps_recovered: AtomicU64::new(0),
             gaps_unrecovered: AtomicU64::new(0),
             history_channels: AtomicI64::new(0),
@@ -271,6 +279,17 @@ impl Metrics {
             "herald_stream_entries_total",
             "Stream entries published and acknowledged.",
             self.stream_entries.load(Relaxed),
+        );
+        self.stream_entries_invalid.render(
+            &mut out,
+            "herald_stream_entries_invalid_total",
+            "Stream entries acknowledged as invalid and copied to the dead-letter stream.",
+        );
+        gauge(
+            &mut out,
+            "herald_stream_reader",
+            "1 while this node is the one that reads the publish stream.",
+            self.stream_reader.load(Relaxed),
         );
         counter(
             &mut out,

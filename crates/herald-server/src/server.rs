@@ -62,14 +62,16 @@ pub async fn start(config: Config) -> std::io::Result<RunningServer> {
         Some(redis) => {
             let (stopped, services) = (shutdown.stopped.clone(), &shutdown.services);
             if let Some(streams) = &redis.streams {
+                // Stopped by the consumer itself, once it has given its lease up.
+                let link_stop = tokio_util::sync::CancellationToken::new();
                 let link = RedisLink::start(
                     "streams",
                     redis.address.clone(),
                     metrics.clone(),
-                    stopped.clone(),
+                    link_stop.clone(),
                     services,
                 );
-                stream_consumer = Some((link, redis.publish_stream_key(), streams.clone()));
+                stream_consumer = Some((link, link_stop, redis.stream_keys(), streams.clone()));
             }
             let broker = RedisBroker::start(
                 redis.clone(),
@@ -94,10 +96,12 @@ pub async fn start(config: Config) -> std::io::Result<RunningServer> {
         services.spawn(heartbeat_loop(hub.clone(), broker.clone(), found_dead));
         services.spawn(sweep_loop(hub.clone(), broker, deaths));
     }
-    if let Some((link, key, streams)) = stream_consumer {
-        hub.shutdown
-            .services
-            .spawn(crate::broker::redis::streams::run(hub.clone(), link, key, streams));
+    if let Some((link, link_stop, keys, streams)) = stream_consumer {
+        let consumer = crate::broker::redis::streams::run(hub.clone(), link, keys, streams);
+        hub.shutdown.services.spawn(async move {
+            consumer.await;
+            link_stop.cancel();
+        });
     }
     let router = router(hub.clone());
     let accept_loop = tokio::spawn(accept_loop(listener, router, hub.clone()));

@@ -16,3 +16,4 @@ mod presence;
 mod protocol_fuzz;
 mod publish_outcome;
 mod redis;
+mod streams;

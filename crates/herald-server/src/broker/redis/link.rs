@@ -254,6 +254,8 @@ async fn run(
 ) {
     let mut backoff = Backoff::new();
     let mut first = true;
+    // Connections in a row that Redis closed at once (see `STABLE`).
+    let mut quick_drops = 0u32;
     loop {
         let stream = tokio::select! {
             _ = shutdown.cancelled() => return,
@@ -266,18 +268,8 @@ async fn run(
                     tracing::warn!(link = name, %error, "cannot reach redis; retrying");
                     first = false;
                 }
-                let delay = tokio::time::sleep(backoff.next_delay());
-                tokio::pin!(delay);
-                // Fail what arrives meanwhile rather than hold it.
-                loop {
-                    tokio::select! {
-                        _ = shutdown.cancelled() => return,
-                        _ = &mut delay => break,
-                        request = requests.recv() => match request {
-                            Some(request) => { let _ = request.reply.send(Err(RedisError::Unavailable("not connected".into()))); }
-                            None => return,
-                        },
-                    }
+                if !pause(backoff.next_delay(), &mut requests, &shutdown).await {
+                    return;
                 }
                 continue;
             }
@@ -285,15 +277,51 @@ async fn run(
         if !first {
             metrics.broker_reconnects.fetch_add(1, Ordering::Relaxed);
         }
-        tracing::info!(link = name, address = %address.host_port, "connected to redis");
+        if quick_drops == 0 {
+            tracing::info!(link = name, address = %address.host_port, "connected to redis");
+        }
         first = false;
-        backoff.reset();
         up.store(true, Ordering::Relaxed);
+        let connected_at = tokio::time::Instant::now();
         let error = serve(&mut stream, &mut requests, &shutdown).await;
         up.store(false, Ordering::Relaxed);
-        match error {
-            None => return,
-            Some(error) => tracing::warn!(link = name, %error, "redis connection lost; reconnecting"),
+        let Some(error) = error else { return };
+        if connected_at.elapsed() >= STABLE {
+            tracing::warn!(link = name, %error, "redis connection lost; reconnecting");
+            quick_drops = 0;
+            backoff.reset();
+            continue;
+        }
+        // Redis accepted and closed at once (`maxclients` reached, a proxy
+        // without a backend): back off like a failed connect, warn once.
+        if quick_drops == 0 {
+            tracing::warn!(link = name, %error, "redis closes the connection at once; retrying with back-off");
+        }
+        quick_drops = quick_drops.saturating_add(1);
+        if !pause(backoff.next_delay(), &mut requests, &shutdown).await {
+            return;
+        }
+    }
+}
+
+/// A connection that lasted less than this before breaking does not reset
+/// the back-off: the next attempt waits as after a failed connect.
+pub const STABLE: Duration = Duration::from_secs(1);
+
+/// Waits `delay` before the next connection attempt, failing the requests
+/// that arrive meanwhile rather than holding them. False when the node is
+/// stopping.
+async fn pause(delay: Duration, requests: &mut mpsc::Receiver<Request>, shutdown: &CancellationToken) -> bool {
+    let delay = tokio::time::sleep(delay);
+    tokio::pin!(delay);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return false,
+            _ = &mut delay => return true,
+            request = requests.recv() => match request {
+                Some(request) => { let _ = request.reply.send(Err(RedisError::Unavailable("not connected".into()))); }
+                None => return false,
+            },
         }
     }
 }

@@ -7,7 +7,7 @@
 //!   (see [`pubsub`]); routes ([`routes`]) adopt existing publishers' Redis
 //!   channels and payloads.
 //! - Streams ingest ([`streams`]) consumes `{prefix}publish` with a consumer
-//!   group shared by the nodes.
+//!   group shared by the nodes, read by one node at a time (a lease).
 //!
 //! Pub/Sub is at-most-once: a message published while a node is
 //! disconnected from Redis does not reach that node's clients. Publishing
@@ -63,9 +63,14 @@ pub struct RedisConfig {
 }
 
 impl RedisConfig {
-    /// The stream Streams ingest consumes.
-    pub fn publish_stream_key(&self) -> String {
-        format!("{}publish", self.prefix)
+    /// The keys of Streams ingest: the stream it consumes, its dead-letter
+    /// stream and the lease of the node that reads it.
+    pub fn stream_keys(&self) -> streams::Keys {
+        streams::Keys {
+            stream: format!("{}publish", self.prefix),
+            dead: format!("{}publish:dead", self.prefix),
+            lease: format!("{}publish:reader", self.prefix),
+        }
     }
 
     /// What every Redis channel carrying a Herald channel starts with.

@@ -11,6 +11,7 @@
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use herald_core::resp::{self, Value};
@@ -112,7 +113,25 @@ impl Task {
     async fn run(mut self, mut changes: mpsc::UnboundedReceiver<Change>, shutdown: CancellationToken) {
         let mut backoff = Backoff::new();
         let mut connected_before = false;
+        // Set after a failed connect or a connection Redis closed at once.
+        let mut delay: Option<Duration> = None;
+        // Connections in a row that Redis closed at once (see `link::STABLE`).
+        let mut quick_drops = 0u32;
         loop {
+            if let Some(delay) = delay.take() {
+                let delay = tokio::time::sleep(delay);
+                tokio::pin!(delay);
+                loop {
+                    tokio::select! {
+                        _ = shutdown.cancelled() => return,
+                        _ = &mut delay => break,
+                        change = changes.recv() => match change {
+                            Some(change) => self.apply(change),
+                            None => return,
+                        },
+                    }
+                }
+            }
             let stream = tokio::select! {
                 _ = shutdown.cancelled() => return,
                 connected = connect(&self.address) => connected,
@@ -120,40 +139,41 @@ impl Task {
             let mut stream = match stream {
                 Ok(stream) => stream,
                 Err(_) => {
-                    let delay = tokio::time::sleep(backoff.next_delay());
-                    tokio::pin!(delay);
-                    loop {
-                        tokio::select! {
-                            _ = shutdown.cancelled() => return,
-                            _ = &mut delay => break,
-                            change = changes.recv() => match change {
-                                Some(change) => self.apply(change),
-                                None => return,
-                            },
-                        }
-                    }
+                    delay = Some(backoff.next_delay());
                     continue;
                 }
             };
             if connected_before {
                 self.metrics.broker_reconnects.fetch_add(1, Ordering::Relaxed);
-                tracing::info!(
-                    channels = self.desired.len(),
-                    "redis pub/sub reconnected; resubscribing"
-                );
+                if quick_drops == 0 {
+                    tracing::info!(
+                        channels = self.desired.len(),
+                        "redis pub/sub reconnected; resubscribing"
+                    );
+                }
             }
             connected_before = true;
-            backoff.reset();
+            let connected_at = tokio::time::Instant::now();
             self.sent.clear();
             self.confirmed.clear();
             // A new connection has nothing: everything desired must be sent.
             self.dirty.extend(self.desired.iter().cloned());
             let error = self.serve(&mut stream, &mut changes, &shutdown).await;
             self.up.store(false, Ordering::Relaxed);
-            match error {
-                None => return,
-                Some(error) => tracing::warn!(%error, "redis pub/sub connection lost; reconnecting"),
+            let Some(error) = error else { return };
+            if connected_at.elapsed() >= super::link::STABLE {
+                tracing::warn!(%error, "redis pub/sub connection lost; reconnecting");
+                quick_drops = 0;
+                backoff.reset();
+                continue;
             }
+            // Redis accepted and closed at once (`maxclients` reached, a
+            // proxy without a backend): back off like a failed connect.
+            if quick_drops == 0 {
+                tracing::warn!(%error, "redis closes the pub/sub connection at once; retrying with back-off");
+            }
+            quick_drops = quick_drops.saturating_add(1);
+            delay = Some(backoff.next_delay());
         }
     }
 
