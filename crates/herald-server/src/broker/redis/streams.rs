@@ -455,7 +455,10 @@ async fn process(hub: &Hub, link: &RedisLink, keys: &Keys, config: &StreamsConfi
                 continue;
             }
             let outcome = hub.publish(request, Source::Stream).await;
-            stopped = matches!(outcome, Err(PublishError::Broker(_)));
+            stopped = matches!(
+                outcome,
+                Err(PublishError::Broker(_) | PublishError::OutcomeUnknown { .. })
+            );
             outcomes.push((id, fields, Some(outcome)));
         }
         outcomes
@@ -476,7 +479,7 @@ async fn process(hub: &Hub, link: &RedisLink, keys: &Keys, config: &StreamsConfi
             // Stays pending: retried after a pause or claimed by the next
             // reader. Its id is its message_id, so a publish that did reach
             // Redis is suppressed as a repeat.
-            Some(Err(PublishError::Broker(error))) => {
+            Some(Err(error @ (PublishError::Broker(_) | PublishError::OutcomeUnknown { .. }))) => {
                 tracing::debug!(entry = id, %error, "stream entry not published yet");
                 failed += 1;
             }
