@@ -35,6 +35,25 @@ pub enum ConfigError {
     Invalid { key: String, problem: String },
 }
 
+/// A `log.level` is a level, or `RUST_LOG`-style directives
+/// (`info,herald_server::hub=debug`). A bare word must be a level: the
+/// logger would read `debugg` as "everything from a module named debugg"
+/// and log nothing else, so a typo stops the start instead.
+fn validate_log_level(filter: &str) -> Result<(), String> {
+    const LEVELS: [&str; 6] = ["trace", "debug", "info", "warn", "error", "off"];
+    for directive in filter.split(',').map(str::trim).filter(|d| !d.is_empty()) {
+        if !directive.contains(['=', '[']) && !LEVELS.contains(&directive.to_ascii_lowercase().as_str()) {
+            return Err(format!(
+                "`{directive}` is not a level (trace, debug, info, warn, error, off) or a `target=level` directive"
+            ));
+        }
+    }
+    tracing_subscriber::EnvFilter::builder()
+        .parse(filter)
+        .map(drop)
+        .map_err(|error| format!("`{filter}` is not a log filter: {error}"))
+}
+
 fn invalid(key: &str, problem: impl Into<String>) -> ConfigError {
     ConfigError::Invalid {
         key: key.to_owned(),
@@ -455,7 +474,11 @@ impl Config {
                 "json" => LogFormat::Json,
                 other => return Err(invalid("log.format", format!("`{other}` is not `text` or `json`"))),
             },
-            level: raw.log.level.unwrap_or_else(|| "info".into()),
+            level: {
+                let level = raw.log.level.unwrap_or_else(|| "info".into());
+                validate_log_level(&level).map_err(|problem| invalid("log.level", problem))?;
+                level
+            },
         };
 
         let idempotency = Idempotency {
@@ -746,6 +769,14 @@ mod tests {
             "`redis.dead_letter_max_len`: must be greater than 0",
         );
         check_error("[origins]\nallowed = [\"example.com\"]", "`origins.allowed`");
+        check_error("[log]\nlevel = \"debugg\"", "`log.level`: `debugg` is not a level");
+        check_error(
+            "[log]\nlevel = \"info,herald=loud\"",
+            "`log.level`: `info,herald=loud` is not a log filter",
+        );
+        for fine in ["info", "WARN", "info,herald_server::hub=debug", "herald_server=trace"] {
+            load(&format!("[log]\nlevel = \"{fine}\""), &[]).unwrap_or_else(|e| panic!("{fine}: {e}"));
+        }
         check_error("[limitz]\nx = 1", "unknown field `limitz`");
         check_error(
             "[namespaces.user]\nsubscribe = \"authenticated\"",
