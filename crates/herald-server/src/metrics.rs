@@ -113,6 +113,12 @@ pub struct Metrics {
     pub broker_up: AtomicI64,
     /// Reconnections to the broker after a lost connection.
     pub broker_reconnects: AtomicU64,
+    /// Times a Redis connection stopped answering for
+    /// `link::UNRESPONSIVE_AFTER` (the node reported not-ready meanwhile).
+    pub broker_unresponsive: AtomicU64,
+    /// End-to-end probes (published on the node's own probe channel) not
+    /// heard back on its Pub/Sub connection in time.
+    pub broker_probe_failures: AtomicU64,
     /// Stream entries published and acknowledged.
     pub stream_entries: AtomicU64,
     /// Gaps in a channel's offsets filled from history for a connection.
@@ -172,6 +178,8 @@ impl Default for Metrics {
             fanout_latency: Histogram::new(LATENCY_BOUNDS),
             broker_up: AtomicI64::new(1),
             broker_reconnects: AtomicU64::new(0),
+            broker_unresponsive: AtomicU64::new(0),
+            broker_probe_failures: AtomicU64::new(0),
             stream_entries: AtomicU64::new(0),
             gaps_recovered: AtomicU64::new(0),
             gaps_unrecovered: AtomicU64::new(0),
@@ -259,6 +267,18 @@ impl Metrics {
             "herald_broker_reconnects_total",
             "Reconnections to the broker after a lost connection.",
             self.broker_reconnects.load(Relaxed),
+        );
+        counter(
+            &mut out,
+            "herald_broker_unresponsive_total",
+            "Times a Redis connection stopped answering (the node reported not-ready until it did).",
+            self.broker_unresponsive.load(Relaxed),
+        );
+        counter(
+            &mut out,
+            "herald_broker_probe_failures_total",
+            "Probes published on the node's own channel and not heard back on its Pub/Sub connection in time.",
+            self.broker_probe_failures.load(Relaxed),
         );
         counter(
             &mut out,

@@ -411,6 +411,26 @@ impl RedisServer {
         }
     }
 
+    /// SIGSTOP: Redis hangs (connections stay open, nothing is answered)
+    /// until [`resume`](Self::resume).
+    pub fn hang(&self) {
+        self.signal("-STOP");
+    }
+
+    /// SIGCONT after [`hang`](Self::hang).
+    pub fn resume(&self) {
+        self.signal("-CONT");
+    }
+
+    fn signal(&self, signal: &str) {
+        let child = self.child.as_ref().expect("redis-server runs");
+        let status = std::process::Command::new("kill")
+            .args([signal, &child.id().to_string()])
+            .status()
+            .expect("kill runs");
+        assert!(status.success(), "kill {signal} failed");
+    }
+
     /// Runs a command through `redis-cli`; returns its trimmed output.
     pub fn cli(&self, args: &[&str]) -> String {
         redis_cli_port(self.port, args).expect("redis-cli runs")
@@ -430,6 +450,21 @@ fn redis_cli_port(port: u16, args: &[&str]) -> std::io::Result<String> {
         .args(args)
         .output()?;
     Ok(String::from_utf8_lossy(&output.stdout).trim().to_owned())
+}
+
+/// Waits until `condition` holds, failing the test after `limit`; returns
+/// how long it took. For tests whose point is a time bound.
+pub async fn wait_within<F, Fut>(limit: Duration, what: &str, mut condition: F) -> Duration
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let start = tokio::time::Instant::now();
+    while !condition().await {
+        assert!(start.elapsed() < limit, "not {what} within {limit:?}");
+        tokio::time::sleep(POLL_INTERVAL).await;
+    }
+    start.elapsed()
 }
 
 /// A port that was free a moment ago.

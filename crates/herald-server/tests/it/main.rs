@@ -14,3 +14,4 @@ mod messaging;
 mod presence;
 mod protocol_fuzz;
 mod redis;
+mod redis_link;

@@ -7,10 +7,17 @@
 //! (client libraries have lost subscriptions exactly there). Callers may
 //! wait until a channel is confirmed, so that "subscribed" means messages
 //! published from then on arrive.
+//!
+//! The connection is health-checked like the command link (see
+//! [`super::link::Health`]): a `PING` when idle, not-ready while a reply is
+//! overdue, replaced when it stays silent. That catches a hung Redis; a
+//! connection that answers `PING` but has lost its subscriptions is caught
+//! by the end-to-end probe ([`super::probe`]).
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
 
 use bytes::{Bytes, BytesMut};
 use herald_core::resp::{self, Value};
@@ -18,7 +25,10 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
-use super::link::{Backoff, RedisAddress, RedisError, connect, take_value};
+use super::link::{
+    Backoff, DEAD_AFTER, HEALTH_TICK, Health, HealthCheck, RedisAddress, RedisError, UNRESPONSIVE_AFTER, connect,
+    take_value,
+};
 use crate::metrics::Metrics;
 
 /// Channels per SUBSCRIBE/UNSUBSCRIBE command.
@@ -191,13 +201,27 @@ impl Task {
             command.extend(self.patterns.iter().map(|p| &p[..]));
             resp::encode_command(&command, &mut out);
         }
-        // Confirmation of the patterns (or a PING) marks the link usable.
-        resp::encode_command(&["PING"], &mut out);
         self.reconcile(&mut out);
-        if let Err(error) = writer.write_all(&out).await {
-            return Some(RedisError::Unavailable(error.to_string()));
-        }
+        // Redis answers in order: the reply to this PING, behind every
+        // (re)subscription, marks the link usable.
+        resp::encode_command(&["PING"], &mut out);
+        // Whether `out` holds a PING, whose reply the health check awaits.
+        let mut pinged = true;
+        let mut health = Health::new(Instant::now());
+        let mut tick = tokio::time::interval(HEALTH_TICK);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
+            if !out.is_empty() {
+                if std::mem::take(&mut pinged) {
+                    health.expect_reply(Instant::now());
+                }
+                // A Redis that stopped reading must not hold the task forever.
+                match tokio::time::timeout(DEAD_AFTER, writer.write_all(&out)).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(error)) => return Some(RedisError::Unavailable(error.to_string())),
+                    Err(_) => return Some(RedisError::Unavailable("redis stopped reading".into())),
+                }
+            }
             out.clear();
             tokio::select! {
                 _ = shutdown.cancelled() => return None,
@@ -216,19 +240,37 @@ impl Task {
                         Err(error) => return Some(RedisError::Unavailable(error.to_string())),
                         Ok(_) => {}
                     }
+                    health.activity(Instant::now());
                     loop {
                         match take_value(&mut buffer) {
-                            Ok(Some(value)) => self.on_value(value),
+                            Ok(Some(value)) => {
+                                if self.on_value(value) && health.replied(Instant::now(), false) {
+                                    tracing::info!("redis pub/sub answers again");
+                                }
+                            }
                             Ok(None) => break,
                             Err(error) => return Some(error),
                         }
                     }
                 }
-            }
-            if !out.is_empty()
-                && let Err(error) = writer.write_all(&out).await
-            {
-                return Some(RedisError::Unavailable(error.to_string()));
+                _ = tick.tick() => match health.check(Instant::now()) {
+                    HealthCheck::Fine => {}
+                    HealthCheck::Ping => {
+                        resp::encode_command(&["PING"], &mut out);
+                        pinged = true;
+                    }
+                    HealthCheck::BecameUnresponsive => {
+                        self.up.store(false, Ordering::Relaxed);
+                        self.metrics.broker_unresponsive.fetch_add(1, Ordering::Relaxed);
+                        tracing::warn!(waited = ?UNRESPONSIVE_AFTER, "redis pub/sub does not answer; reporting not ready");
+                    }
+                    HealthCheck::Dead => {
+                        return Some(RedisError::Unavailable(format!(
+                            "redis answered nothing for {}s",
+                            DEAD_AFTER.as_secs()
+                        )));
+                    }
+                },
             }
         }
     }
@@ -271,15 +313,17 @@ impl Task {
         }
     }
 
-    fn on_value(&mut self, value: Value) {
+    /// Handles one value from Redis; true when it answered a `PING` (which
+    /// marks the link up).
+    fn on_value(&mut self, value: Value) -> bool {
         // PING answers `+PONG` outside subscribe mode and `["pong", ""]` in it.
         if let Value::Simple(text) = &value
             && text.eq_ignore_ascii_case("pong")
         {
             self.up.store(true, Ordering::Relaxed);
-            return;
+            return true;
         }
-        let Some(items) = value.as_array() else { return };
+        let Some(items) = value.as_array() else { return false };
         let kind = items.first().and_then(Value::as_bytes).unwrap_or_default();
         match kind {
             b"message" if items.len() == 3 => {
@@ -303,8 +347,12 @@ impl Task {
                     self.confirmed.insert(channel);
                 }
             }
-            b"pong" | b"PONG" => self.up.store(true, Ordering::Relaxed),
+            b"pong" | b"PONG" => {
+                self.up.store(true, Ordering::Relaxed);
+                return true;
+            }
             _ => {}
         }
+        false
     }
 }
