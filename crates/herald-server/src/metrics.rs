@@ -125,6 +125,8 @@ pub struct Metrics {
     pub gaps_recovered: AtomicU64,
     /// Gaps that history could not fill (the client got `resync`).
     pub gaps_unrecovered: AtomicU64,
+    /// Gap repairs that found the broker unreachable and waited for it.
+    pub gap_repair_waits: AtomicU64,
 }
 
 impl Default for Metrics {
@@ -183,6 +185,7 @@ impl Default for Metrics {
             stream_entries: AtomicU64::new(0),
             gaps_recovered: AtomicU64::new(0),
             gaps_unrecovered: AtomicU64::new(0),
+            gap_repair_waits: AtomicU64::new(0),
         }
     }
 }
@@ -297,6 +300,12 @@ impl Metrics {
             "herald_gaps_unrecovered_total",
             "Gaps history could not fill (the client was sent resync).",
             self.gaps_unrecovered.load(Relaxed),
+        );
+        counter(
+            &mut out,
+            "herald_gap_repair_waits_total",
+            "Gap repairs that found the broker unreachable and waited for it before reading history.",
+            self.gap_repair_waits.load(Relaxed),
         );
         out
     }

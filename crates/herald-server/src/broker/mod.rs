@@ -107,6 +107,13 @@ pub trait Broker: Send + Sync + 'static {
     /// Whether publishes can succeed now (`/ready`).
     fn is_ready(&self) -> bool;
 
+    /// Resolves once requests can be sent to the broker again (a networked
+    /// broker's command connection is back after a reconnect); at once for
+    /// a broker that is always reachable. Callers bound the wait themselves.
+    fn reachable(&self) -> BoxFuture<'_, ()> {
+        Box::pin(std::future::ready(()))
+    }
+
     /// Claims a publisher-chosen `message_id` on `channel` for `window`,
     /// cluster-wide: false if another node claimed it first. The memory
     /// broker has no other nodes (the hub's own window suffices).

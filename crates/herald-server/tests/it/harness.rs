@@ -435,6 +435,14 @@ impl RedisServer {
     pub fn cli(&self, args: &[&str]) -> String {
         redis_cli_port(self.port, args).expect("redis-cli runs")
     }
+
+    /// [`cli`](Self::cli) authenticated with `password` (after `CONFIG SET
+    /// requirepass`).
+    pub fn cli_with_password(&self, password: &str, args: &[&str]) -> String {
+        let mut full = vec!["-a", password, "--no-auth-warning"];
+        full.extend_from_slice(args);
+        self.cli(&full)
+    }
 }
 
 impl Drop for RedisServer {

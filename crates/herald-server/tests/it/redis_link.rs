@@ -1,10 +1,13 @@
 //! The node's connections to Redis under faults: a Redis that hangs
 //! (SIGSTOP, `CLIENT PAUSE`) is noticed by the health checks and the
-//! end-to-end probe, and `/ready` follows it both ways within 5 s.
+//! end-to-end probe, and `/ready` follows it both ways within 5 s; gap
+//! repair waits for a command connection that is not back yet.
 
 use std::time::Duration;
 
-use crate::harness::{RedisServer, TestServer, ready_status, wait_within};
+use serde_json::json;
+
+use crate::harness::{RedisServer, TestServer, ready_status, wait_until, wait_within};
 
 /// The bound the issue sets for `/ready` to follow Redis, both ways.
 const READY_BOUND: Duration = Duration::from_secs(5);
@@ -71,4 +74,94 @@ async fn a_paused_redis_makes_the_node_not_ready_for_the_pause() {
     )
     .await;
     assert!(node.metric("herald_broker_probe_failures_total").await >= 1.0);
+}
+
+const FEED: &str = "[namespaces.feed]\nsubscribe = \"authenticated\"\nhistory_size = 100\nhistory_ttl = \"10m\"";
+
+/// Stores `{"seq": seq}` in `channel`'s history and publishes it on the
+/// Redis channel `to`, with the script a node's publish runs.
+fn store(redis: &RedisServer, password: Option<&str>, channel: &str, seq: u64, to: &str) {
+    let prefix = redis.prefix();
+    let wire = json!({"type": "message", "message_id": format!("stored-{seq}"), "data": {"seq": seq}}).to_string();
+    let (history, offset, epoch) = (
+        format!("{prefix}hist:{channel}"),
+        format!("{prefix}off:{channel}"),
+        format!("{prefix}epoch:{channel}"),
+    );
+    let args = [
+        "EVAL",
+        herald_server::broker::redis::history::PUBLISH_SCRIPT,
+        "4",
+        &history,
+        &offset,
+        &epoch,
+        to,
+        &wire,
+        "100",
+        "600000",
+        "unused-epoch",
+        herald_server::broker::redis::history::POSITION_TTL_MS,
+    ];
+    let reply = match password {
+        Some(password) => redis.cli_with_password(password, &args),
+        None => redis.cli(&args),
+    };
+    assert!(
+        reply.starts_with(&(seq + 1).to_string()),
+        "stored as offset {}: {reply}",
+        seq + 1
+    );
+}
+
+/// After a Redis restart a node's Pub/Sub connection can be back before its
+/// command connection. A message that arrives then, after a gap, is
+/// repaired from history once the command connection is back, not
+/// reported lost with `resync`. Made exact: history gets ten messages this
+/// node never hears (published to a channel nobody listens to); then Redis
+/// starts requiring a password and the node's command connection is cut,
+/// so it cannot come back while the Pub/Sub connection (authenticated
+/// before) stays; the next message reaches the node over Pub/Sub, after the
+/// gap; only then is the password dropped again.
+#[tokio::test]
+async fn gap_repair_waits_for_the_command_link() {
+    const PASSWORD: &str = "gap-repair-test";
+    let redis = RedisServer::start().await;
+    let node = TestServer::start_with(&format!("{FEED}\n{}", redis.toml(""))).await;
+    node.wait_ready().await;
+    let channel = "feed:gaps";
+    let mut client = node.connect("reader").await;
+    client.subscribe(channel).await;
+    node.publish_ok(channel, json!({"seq": 0})).await;
+    assert_eq!(client.next_frame().await["data"]["seq"], 0);
+    let nowhere = format!("{}nowhere", redis.prefix());
+    for seq in 1..=10 {
+        store(&redis, None, channel, seq, &nowhere);
+    }
+
+    assert_eq!(redis.cli(&["CONFIG", "SET", "requirepass", PASSWORD]), "OK");
+    // `normal` clients: the command connections, not the Pub/Sub one.
+    redis.cli_with_password(PASSWORD, &["CLIENT", "KILL", "TYPE", "normal"]);
+    let addr = node.addr;
+    wait_until(
+        "the command link is down",
+        || async move { ready_status(addr).await == 503 },
+    )
+    .await;
+    let live = format!("{}ch:{channel}", redis.prefix());
+    store(&redis, Some(PASSWORD), channel, 11, &live);
+    wait_until("gap repair waits for the command link", || async {
+        node.metric("herald_gap_repair_waits_total").await >= 1.0
+    })
+    .await;
+    redis.cli_with_password(PASSWORD, &["CONFIG", "SET", "requirepass", ""]);
+
+    let mut seqs = Vec::new();
+    while seqs.len() < 11 {
+        let frame = client.next_frame().await;
+        assert_ne!(frame["type"], "resync", "history had the messages: {frame}");
+        seqs.push(frame["data"]["seq"].as_u64().unwrap());
+    }
+    assert_eq!(seqs, (1..=11).collect::<Vec<_>>(), "the gap was filled, in order");
+    assert_eq!(node.metric("herald_gaps_recovered_total").await, 1.0);
+    assert_eq!(node.metric("herald_gaps_unrecovered_total").await, 0.0);
 }

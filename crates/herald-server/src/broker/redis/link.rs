@@ -23,7 +23,7 @@ use bytes::BytesMut;
 use herald_core::resp::{self, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{Notify, mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
 use crate::metrics::Metrics;
@@ -264,7 +264,28 @@ struct Request {
 #[derive(Clone)]
 pub struct RedisLink {
     requests: mpsc::Sender<Request>,
-    up: Arc<AtomicBool>,
+    up: Arc<Up>,
+}
+
+/// Whether the link is connected and answering, and a wake-up for those
+/// who wait until it is.
+#[derive(Default)]
+struct Up {
+    up: AtomicBool,
+    came_up: Notify,
+}
+
+impl Up {
+    fn get(&self) -> bool {
+        self.up.load(Ordering::Relaxed)
+    }
+
+    fn set(&self, up: bool) {
+        self.up.store(up, Ordering::Relaxed);
+        if up {
+            self.came_up.notify_waiters();
+        }
+    }
 }
 
 impl RedisLink {
@@ -277,13 +298,28 @@ impl RedisLink {
         tracker: &tokio_util::task::TaskTracker,
     ) -> Self {
         let (requests, receiver) = mpsc::channel(REQUEST_QUEUE);
-        let up = Arc::new(AtomicBool::new(false));
+        let up = Arc::new(Up::default());
         tracker.spawn(run(name, address, receiver, up.clone(), metrics, shutdown));
         RedisLink { requests, up }
     }
 
     pub fn is_up(&self) -> bool {
-        self.up.load(Ordering::Relaxed)
+        self.up.get()
+    }
+
+    /// Resolves once the link is up (at once if it is). Callers bound the
+    /// wait themselves.
+    pub async fn until_up(&self) {
+        loop {
+            let came_up = self.up.came_up.notified();
+            tokio::pin!(came_up);
+            // Registered before looking, so that a change in between wakes it.
+            came_up.as_mut().enable();
+            if self.is_up() {
+                return;
+            }
+            came_up.await;
+        }
     }
 
     /// Runs `script` with its keys (the first `keys` of `args`) and arguments.
@@ -338,7 +374,7 @@ async fn run(
     name: &'static str,
     address: RedisAddress,
     mut requests: mpsc::Receiver<Request>,
-    up: Arc<AtomicBool>,
+    up: Arc<Up>,
     metrics: Arc<Metrics>,
     shutdown: CancellationToken,
 ) {
@@ -378,9 +414,9 @@ async fn run(
         tracing::info!(link = name, address = %address.host_port, "connected to redis");
         first = false;
         backoff.reset();
-        up.store(true, Ordering::Relaxed);
+        up.set(true);
         let error = serve(name, &mut stream, &mut requests, &up, &metrics, &shutdown).await;
-        up.store(false, Ordering::Relaxed);
+        up.set(false);
         match error {
             None => return,
             Some(error) => tracing::warn!(link = name, %error, "redis connection lost; reconnecting"),
@@ -396,7 +432,7 @@ async fn serve(
     name: &'static str,
     stream: &mut TcpStream,
     requests: &mut mpsc::Receiver<Request>,
-    up: &AtomicBool,
+    up: &Up,
     metrics: &Metrics,
     shutdown: &CancellationToken,
 ) -> Option<RedisError> {
@@ -433,7 +469,7 @@ async fn serve(
                         Ok(Some(value)) => {
                             if health.replied(Instant::now(), in_flight.len() > 1) {
                                 tracing::info!(link = name, "redis answers again");
-                                up.store(true, Ordering::Relaxed);
+                                up.set(true);
                             }
                             match in_flight.pop_front() {
                                 Some(reply) => { let _ = reply.send(Ok(value)); }
@@ -479,16 +515,11 @@ async fn serve(
 
 /// Acts on a [`Health::check`]: an unresponsive connection marks the link
 /// down (counted, logged once) and a dead one is an error.
-fn look(
-    name: &'static str,
-    health: &mut Health,
-    up: &AtomicBool,
-    metrics: &Metrics,
-) -> Result<HealthCheck, RedisError> {
+fn look(name: &'static str, health: &mut Health, up: &Up, metrics: &Metrics) -> Result<HealthCheck, RedisError> {
     let check = health.check(Instant::now());
     match check {
         HealthCheck::BecameUnresponsive => {
-            up.store(false, Ordering::Relaxed);
+            up.set(false);
             metrics.broker_unresponsive.fetch_add(1, Ordering::Relaxed);
             tracing::warn!(link = name, waited = ?UNRESPONSIVE_AFTER, "redis does not answer; reporting not ready");
         }

@@ -426,6 +426,10 @@ impl Broker for RedisBroker {
         self.link.is_up() && self.pubsub.is_up() && self.heartbeat_ok.load(Ordering::Relaxed) && self.probe.is_ok()
     }
 
+    fn reachable(&self) -> BoxFuture<'_, ()> {
+        Box::pin(self.link.until_up())
+    }
+
     fn history(
         &self,
         channel: &ChannelName,
