@@ -469,7 +469,10 @@ where
 {
     let start = tokio::time::Instant::now();
     while !condition().await {
-        assert!(start.elapsed() < limit, "not {what} within {limit:?}");
+        assert!(
+            start.elapsed() < limit,
+            "timed out after {limit:?} waiting until {what}"
+        );
         tokio::time::sleep(POLL_INTERVAL).await;
     }
     start.elapsed()

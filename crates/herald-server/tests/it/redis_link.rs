@@ -3,9 +3,14 @@
 //! end-to-end probe, and `/ready` follows it both ways within 5 s; gap
 //! repair waits for a command connection that is not back yet.
 
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use serde_json::json;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
 
 use crate::harness::{RedisServer, TestServer, ready_status, wait_until, wait_within};
 
@@ -47,6 +52,115 @@ async fn a_hung_redis_is_noticed_and_so_is_its_return() {
     .await;
     node.publish_ok("user:alice", serde_json::json!({"after": "resume"}))
         .await;
+}
+
+/// A TCP proxy in front of Redis that can make its open connections
+/// half-open: bytes stop flowing both ways while the sockets stay open, as
+/// when a network path dies without a reset. Later connections pass.
+struct SilencingProxy {
+    addr: SocketAddr,
+    /// Connections accepted before the current generation are silenced.
+    generation: Arc<AtomicU64>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl SilencingProxy {
+    async fn start(redis_port: u16) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let generation = Arc::new(AtomicU64::new(0));
+        let task = tokio::spawn({
+            let generation = generation.clone();
+            async move {
+                // Dropped with the task: every connection goes with it.
+                let mut connections = tokio::task::JoinSet::new();
+                while let Ok((client, _)) = listener.accept().await {
+                    let Ok(redis) = TcpStream::connect(("127.0.0.1", redis_port)).await else {
+                        continue;
+                    };
+                    let born = generation.load(Ordering::SeqCst);
+                    let (client_read, client_write) = client.into_split();
+                    let (redis_read, redis_write) = redis.into_split();
+                    connections.spawn(pipe(client_read, redis_write, generation.clone(), born));
+                    connections.spawn(pipe(redis_read, client_write, generation.clone(), born));
+                }
+            }
+        });
+        SilencingProxy { addr, generation, task }
+    }
+
+    fn silence_open_connections(&self) {
+        self.generation.fetch_add(1, Ordering::SeqCst);
+    }
+}
+
+impl Drop for SilencingProxy {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Copies `from` to `to` until either ends, or, once silenced, swallows
+/// what arrives and holds both sockets open without a byte more.
+async fn pipe(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    generation: Arc<AtomicU64>,
+    born: u64,
+) {
+    let mut buffer = vec![0u8; 16 * 1024];
+    loop {
+        let read = match from.read(&mut buffer).await {
+            Ok(0) | Err(_) => return,
+            Ok(read) => read,
+        };
+        if generation.load(Ordering::SeqCst) != born {
+            let _held = (from, to);
+            return std::future::pending().await;
+        }
+        if to.write_all(&buffer[..read]).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// The node's connections go half-open (nothing arrives, nothing is reset;
+/// before the fix every inbound message was silently lost, for good). The
+/// node reports not ready within 5 s, replaces its silent connections, and
+/// is ready again with its subscriptions back: a message published then
+/// reaches the client that stayed connected.
+#[tokio::test]
+async fn a_silently_dead_connection_is_replaced() {
+    let redis = RedisServer::start().await;
+    let proxy = SilencingProxy::start(redis.port).await;
+    let config = format!(
+        "[redis]\nurl = \"redis://{}\"\nprefix = \"{}\"\n",
+        proxy.addr,
+        redis.prefix()
+    );
+    let node = TestServer::start_with(&config).await;
+    node.wait_ready().await;
+    let addr = node.addr;
+    let mut alice = node.connect("alice").await;
+    let reconnects = node.metric("herald_broker_reconnects_total").await;
+
+    proxy.silence_open_connections();
+    wait_within(
+        READY_BOUND,
+        "not ready once the connections went silent",
+        || async move { ready_status(addr).await == 503 },
+    )
+    .await;
+    // Silent connections are given up after 10 s and replaced.
+    wait_within(
+        Duration::from_secs(20),
+        "ready again on new connections",
+        || async move { ready_status(addr).await == 200 },
+    )
+    .await;
+    assert!(node.metric("herald_broker_reconnects_total").await >= reconnects + 2.0);
+    node.publish_ok("user:alice", json!({"after": "silence"})).await;
+    assert_eq!(alice.next_frame().await["data"], json!({"after": "silence"}));
 }
 
 /// The reproduction: `CLIENT PAUSE` (writes, so `PUBLISH` too) for

@@ -40,7 +40,8 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 pub const HEALTH_INTERVAL: Duration = Duration::from_secs(1);
 /// A reply awaited this long marks the connection unresponsive: the node
 /// reports not-ready until Redis answers again. Short, so that `/ready`
-/// turns 503 within a few seconds of Redis hanging.
+/// turns 503 within a few seconds of Redis hanging; a blocking command
+/// (the Streams read blocks 1 s) must block for less.
 pub const UNRESPONSIVE_AFTER: Duration = Duration::from_secs(2);
 /// A connection that has answered nothing for this long (a half-open socket,
 /// a stopped Redis) is closed and replaced.
