@@ -113,8 +113,9 @@ pub struct Metrics {
     pub broker_up: AtomicI64,
     /// Reconnections to the broker after a lost connection.
     pub broker_reconnects: AtomicU64,
-    /// Times a Redis connection stopped answering for
-    /// `link::UNRESPONSIVE_AFTER` (the node reported not-ready meanwhile).
+    /// Times a Redis connection awaited a reply for
+    /// `link::UNRESPONSIVE_AFTER` (the command and Pub/Sub connections then
+    /// make the node report not-ready until Redis answers).
     pub broker_unresponsive: AtomicU64,
     /// End-to-end probes (published on the node's own probe channel) not
     /// heard back on its Pub/Sub connection in time.
@@ -274,7 +275,7 @@ impl Metrics {
         counter(
             &mut out,
             "herald_broker_unresponsive_total",
-            "Times a Redis connection stopped answering (the node reported not-ready until it did).",
+            "Times a Redis connection awaited a reply for over 2 s.",
             self.broker_unresponsive.load(Relaxed),
         );
         counter(
