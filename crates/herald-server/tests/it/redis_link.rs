@@ -34,10 +34,11 @@ async fn a_hung_redis_is_noticed_and_so_is_its_return() {
     let failures_before = node.metric("herald_broker_probe_failures_total").await;
 
     redis.hang();
-    wait_within(READY_BOUND, "not ready after redis hung", || async move {
+    let noticed = wait_within(READY_BOUND, "not ready after redis hung", || async move {
         ready_status(addr).await == 503
     })
     .await;
+    eprintln!("hang noticed after {noticed:?}");
     wait_within(READY_BOUND, "the unheard probe is counted", || {
         let node = &node;
         async move { node.metric("herald_broker_probe_failures_total").await > failures_before }
@@ -46,10 +47,11 @@ async fn a_hung_redis_is_noticed_and_so_is_its_return() {
     assert_eq!(node.metric("herald_broker_up").await, 0.0);
 
     redis.resume();
-    wait_within(READY_BOUND, "ready after redis resumed", || async move {
+    let back = wait_within(READY_BOUND, "ready after redis resumed", || async move {
         ready_status(addr).await == 200
     })
     .await;
+    eprintln!("ready again {back:?} after redis resumed");
     node.publish_ok("user:alice", serde_json::json!({"after": "resume"}))
         .await;
 }

@@ -67,7 +67,7 @@ pub enum RedisError {
 pub use herald_core::resp::RedisAddress;
 
 /// Opens a TCP connection, runs AUTH/SELECT as configured and a `PING`,
-/// all within [`CONNECT_TIMEOUT`]: a connection is handed out only once
+/// all within `CONNECT_TIMEOUT`: a connection is handed out only once
 /// Redis has answered on it.
 pub async fn connect(address: &RedisAddress) -> Result<TcpStream, RedisError> {
     tokio::time::timeout(CONNECT_TIMEOUT, connect_unbounded(address))

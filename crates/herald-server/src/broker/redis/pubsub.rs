@@ -8,7 +8,7 @@
 //! wait until a channel is confirmed, so that "subscribed" means messages
 //! published from then on arrive.
 //!
-//! Callers hand changes over in [`Pending`], not a queue: one entry per
+//! Callers hand changes over in `Pending`, not a queue: one entry per
 //! channel, the latest change winning, so that what waits for the task
 //! (busy writing to a slow Redis, or reconnecting) is bounded by the
 //! channels changed meanwhile, never by how often they changed.
