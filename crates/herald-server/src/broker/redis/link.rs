@@ -437,6 +437,9 @@ async fn serve(
     metrics: &Metrics,
     shutdown: &CancellationToken,
 ) -> Option<RedisError> {
+    // Requests written and not answered yet. Bounded by what callers send
+    // while Redis answers: once a reply is overdue the link reports down
+    // and `call` refuses new requests.
     let mut in_flight: VecDeque<oneshot::Sender<Result<Value, RedisError>>> = VecDeque::new();
     let mut read_buffer = BytesMut::with_capacity(16 * 1024);
     let mut write_buffer = BytesMut::new();
