@@ -67,7 +67,10 @@ impl Value {
     }
 }
 
-/// Where and how to connect, parsed from `redis://[:password@]host:port[/db]`.
+/// Where and how to connect, parsed from
+/// `redis://[[username]:password@]host[:port][/db]` (also `password@` alone):
+/// `host` may be a bracketed IPv6 address (`[::1]`), the port defaults to
+/// 6379 and the database to 0. A username means an ACL user (`AUTH user pw`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RedisAddress {
     pub host_port: String,

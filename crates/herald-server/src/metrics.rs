@@ -113,6 +113,13 @@ pub struct Metrics {
     pub broker_up: AtomicI64,
     /// Reconnections to the broker after a lost connection.
     pub broker_reconnects: AtomicU64,
+    /// Times a Redis connection awaited a reply for
+    /// `link::UNRESPONSIVE_AFTER` (the command and Pub/Sub connections then
+    /// make the node report not-ready until Redis answers).
+    pub broker_unresponsive: AtomicU64,
+    /// End-to-end probes (published on the node's own probe channel) not
+    /// heard back on its Pub/Sub connection in time.
+    pub broker_probe_failures: AtomicU64,
     /// Stream entries published and acknowledged.
     pub stream_entries: AtomicU64,
     /// Stream entries refused as invalid (acknowledged and dead-lettered), by
@@ -129,6 +136,8 @@ pub struct Metrics {
     /// last sweep (0 in Redis mode, where Redis keeps them).
     pub history_channels: AtomicI64,
     pub history_messages: AtomicI64,
+    /// Gap repairs that found the broker unreachable and waited for it.
+    pub gap_repair_waits: AtomicU64,
 }
 
 impl Default for Metrics {
@@ -182,6 +191,8 @@ impl Default for Metrics {
             fanout_latency: Histogram::new(LATENCY_BOUNDS),
             broker_up: AtomicI64::new(1),
             broker_reconnects: AtomicU64::new(0),
+            broker_unresponsive: AtomicU64::new(0),
+            broker_probe_failures: AtomicU64::new(0),
             stream_entries: AtomicU64::new(0),
             stream_entries_invalid: Family::new("reason", crate::broker::redis::streams::Invalid::LABELS),
             stream_reader: AtomicI64::new(0),
@@ -189,6 +200,7 @@ impl Default for Metrics {
             gaps_unrecovered: AtomicU64::new(0),
             history_channels: AtomicI64::new(0),
             history_messages: AtomicI64::new(0),
+            gap_repair_waits: AtomicU64::new(0),
         }
     }
 }
@@ -276,6 +288,18 @@ impl Metrics {
         );
         counter(
             &mut out,
+            "herald_broker_unresponsive_total",
+            "Times a Redis connection awaited a reply for over 2 s.",
+            self.broker_unresponsive.load(Relaxed),
+        );
+        counter(
+            &mut out,
+            "herald_broker_probe_failures_total",
+            "Probes published on the node's own channel and not heard back on its Pub/Sub connection in time.",
+            self.broker_probe_failures.load(Relaxed),
+        );
+        counter(
+            &mut out,
             "herald_stream_entries_total",
             "Stream entries published and acknowledged.",
             self.stream_entries.load(Relaxed),
@@ -314,6 +338,12 @@ impl Metrics {
             "herald_history_messages",
             "Messages kept in memory history (memory broker, as of its last sweep).",
             self.history_messages.load(Relaxed),
+        );
+        counter(
+            &mut out,
+            "herald_gap_repair_waits_total",
+            "Gap repairs that found the broker unreachable and waited for it before reading history.",
+            self.gap_repair_waits.load(Relaxed),
         );
         out
     }

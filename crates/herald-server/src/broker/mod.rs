@@ -131,6 +131,13 @@ pub trait Broker: Send + Sync + 'static {
     /// Whether publishes can succeed now (`/ready`).
     fn is_ready(&self) -> bool;
 
+    /// Resolves once requests can be sent to the broker again (a networked
+    /// broker's command connection is back after a reconnect); at once for
+    /// a broker that is always reachable. Callers bound the wait themselves.
+    fn reachable(&self) -> BoxFuture<'_, ()> {
+        Box::pin(std::future::ready(()))
+    }
+
     /// Reads `channel`'s history: the messages after `since` (exactly, or
     /// `recovered: false`), or without `since` the latest ones; at most
     /// `limit`. Only for channels whose namespace keeps history.

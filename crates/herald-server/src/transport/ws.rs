@@ -41,7 +41,7 @@ use super::close::Ending;
 use super::origin;
 use crate::api::json_error;
 use crate::auth::{AuthError, Identity, unix_now};
-use crate::broker::{MAX_HISTORY_PAGE, ReadCursor};
+use crate::broker::{HistoryPage, MAX_HISTORY_PAGE, ReadCursor};
 use crate::fanout::{ConnectionHandle, ConnectionSocket, Judgement, Next, Outbound, connection_socket, wire_frame};
 use crate::hub::{Admission, Hub, PublishError, PublishRequest, Rejection, Source};
 
@@ -53,6 +53,14 @@ const MAX_BATCH: usize = 64;
 const DEFAULT_HISTORY_PAGE: usize = 100;
 /// Pages a recovering subscribe reads at most before relying on gap repair.
 const MAX_RECOVERY_PAGES: usize = 10;
+/// How long gap repair waits for history to be readable (after a Redis
+/// restart the Pub/Sub connection may be back before the command
+/// connection) before it gives up with `resync`. The connection is held
+/// meanwhile: fan-out queues for it, within its queue bounds.
+const GAP_REPAIR_WAIT: Duration = Duration::from_secs(5);
+/// The least time between two history reads of one gap repair, so that a
+/// broker that is reachable but failing is not asked in a loop.
+const GAP_REPAIR_RETRY: Duration = Duration::from_millis(100);
 /// How long a close frame may take to send before the socket is dropped.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
 
@@ -677,8 +685,7 @@ impl<'a> Session<'a> {
     async fn fill_gap(&mut self, channel: &ChannelName, position: Position, offset: u64, epoch: &str) {
         if position.epoch == epoch {
             let missing = (offset - position.offset - 1) as usize;
-            let page = self.hub.broker.history(channel, Some(position), missing).await;
-            if let Ok(page) = page
+            if let Some(page) = self.read_gap(channel, position, missing).await
                 && page.recovered
                 && page.publications.len() == missing
             {
@@ -698,6 +705,36 @@ impl<'a> Session<'a> {
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let data = json!({"channel": channel, "recovered": false, "epoch": epoch, "offset": offset - 1});
         self.reply(server_frame("resync", None, data));
+    }
+
+    /// Reads the `missing` messages after `position`. A broker that cannot
+    /// be reached is waited for, within [`GAP_REPAIR_WAIT`]: `None` only
+    /// when history could not be read in that time.
+    async fn read_gap(&self, channel: &ChannelName, position: Position, missing: usize) -> Option<HistoryPage> {
+        let deadline = Instant::now() + GAP_REPAIR_WAIT;
+        let mut waited = false;
+        loop {
+            let error = match self.hub.broker.history(channel, Some(position.clone()), missing).await {
+                Ok(page) => return Some(page),
+                Err(error) => error,
+            };
+            if Instant::now() >= deadline {
+                tracing::debug!(%channel, %error, "gap repair gave up waiting for history");
+                return None;
+            }
+            if !std::mem::replace(&mut waited, true) {
+                self.hub
+                    .metrics
+                    .gap_repair_waits
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
+            let pause = tokio::time::sleep(GAP_REPAIR_RETRY);
+            let _ = tokio::time::timeout_at(deadline, async {
+                self.hub.broker.reachable().await;
+                pause.await;
+            })
+            .await;
+        }
     }
 
     /// Queues one publication encoded for this connection alone (recovery),

@@ -411,11 +411,19 @@ impl RedisServer {
         }
     }
 
-    /// SIGSTOP (`true`) or SIGCONT (`false`): a Redis that hangs with its
-    /// sockets open, as a stalled host does.
-    pub fn freeze(&self, frozen: bool) {
-        let child = self.child.as_ref().expect("redis is running");
-        let signal = if frozen { "-STOP" } else { "-CONT" };
+    /// SIGSTOP: Redis hangs (connections stay open, nothing is answered)
+    /// until [`resume`](Self::resume).
+    pub fn hang(&self) {
+        self.signal("-STOP");
+    }
+
+    /// SIGCONT after [`hang`](Self::hang).
+    pub fn resume(&self) {
+        self.signal("-CONT");
+    }
+
+    fn signal(&self, signal: &str) {
+        let child = self.child.as_ref().expect("redis-server runs");
         let status = std::process::Command::new("kill")
             .args([signal, &child.id().to_string()])
             .status()
@@ -426,6 +434,14 @@ impl RedisServer {
     /// Runs a command through `redis-cli`; returns its trimmed output.
     pub fn cli(&self, args: &[&str]) -> String {
         redis_cli_port(self.port, args).expect("redis-cli runs")
+    }
+
+    /// [`cli`](Self::cli) authenticated with `password` (after `CONFIG SET
+    /// requirepass`).
+    pub fn cli_with_password(&self, password: &str, args: &[&str]) -> String {
+        let mut full = vec!["-a", password, "--no-auth-warning"];
+        full.extend_from_slice(args);
+        self.cli(&full)
     }
 }
 
@@ -442,6 +458,24 @@ fn redis_cli_port(port: u16, args: &[&str]) -> std::io::Result<String> {
         .args(args)
         .output()?;
     Ok(String::from_utf8_lossy(&output.stdout).trim().to_owned())
+}
+
+/// Waits until `condition` holds, failing the test after `limit`; returns
+/// how long it took. For tests whose point is a time bound.
+pub async fn wait_within<F, Fut>(limit: Duration, what: &str, mut condition: F) -> Duration
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let start = tokio::time::Instant::now();
+    while !condition().await {
+        assert!(
+            start.elapsed() < limit,
+            "timed out after {limit:?} waiting until {what}"
+        );
+        tokio::time::sleep(POLL_INTERVAL).await;
+    }
+    start.elapsed()
 }
 
 /// A port that was free a moment ago.

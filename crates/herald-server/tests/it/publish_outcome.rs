@@ -61,11 +61,11 @@ async fn a_publish_redis_never_answered_is_504_and_its_retry_is_delivered_at_mos
     let server = node(&redis).await;
     let mut alice = server.connect("alice").await;
 
-    redis.freeze(true);
+    redis.hang();
     let with_id = server.publish(json!({"channel": "user:alice", "data": {"n": 1}, "message_id": "stalled-1"}));
     let without_id = server.publish(json!({"channel": "user:alice", "data": {"n": 2}}));
     let ((status_1, answer_1), (status_2, answer_2)) = tokio::join!(with_id, without_id);
-    redis.freeze(false);
+    redis.resume();
 
     for (status, answer) in [(status_1, &answer_1), (status_2, &answer_2)] {
         assert_eq!(status, 504, "{answer}");

@@ -11,17 +11,24 @@
 //! passed, or the connection broke while it was in flight) fails with
 //! [`RedisError::NoReply`]: Redis may or may not have run it, and callers
 //! that promise "not done" on failure must not treat it as `Unavailable`.
+//!
+//! A connection is checked, not trusted: [`Health`] sends a `PING` when it
+//! has been idle for [`HEALTH_INTERVAL`], a reply awaited longer than
+//! [`UNRESPONSIVE_AFTER`] marks it unresponsive (the link reports down, so
+//! `/ready` is 503 and new requests fail at once instead of waiting on a
+//! hung Redis), and one that answers nothing for [`DEAD_AFTER`] is replaced.
+//! TCP keepalive covers a peer that vanished while nothing was asked.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
 use herald_core::resp::{self, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{Notify, mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
 use crate::metrics::Metrics;
@@ -32,6 +39,25 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 const REQUEST_QUEUE: usize = 4096;
 /// Requests written in one batch at most.
 const MAX_PIPELINE: usize = 512;
+/// How long opening a connection (TCP, AUTH/SELECT and a first `PING`) may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+/// A connection with nothing awaited for this long is sent a `PING`.
+pub const HEALTH_INTERVAL: Duration = Duration::from_secs(1);
+/// A reply awaited this long marks the connection unresponsive: the node
+/// reports not-ready until Redis answers again. Short, so that `/ready`
+/// turns 503 within a few seconds of Redis hanging; a blocking command
+/// (the Streams read blocks 1 s) must block for less.
+pub const UNRESPONSIVE_AFTER: Duration = Duration::from_secs(2);
+/// A connection that has answered nothing for this long (a half-open socket,
+/// a stopped Redis) is closed and replaced.
+pub const DEAD_AFTER: Duration = Duration::from_secs(10);
+/// How often the connection tasks look at [`Health`].
+pub const HEALTH_TICK: Duration = Duration::from_millis(250);
+/// TCP keepalive: first probe after this much silence, then every
+/// [`KEEPALIVE_INTERVAL`], [`KEEPALIVE_RETRIES`] times.
+const KEEPALIVE_TIME: Duration = Duration::from_secs(10);
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(5);
+const KEEPALIVE_RETRIES: u32 = 3;
 
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum RedisError {
@@ -49,14 +75,24 @@ pub enum RedisError {
 
 pub use herald_core::resp::RedisAddress;
 
-/// Opens a TCP connection and runs AUTH/SELECT as configured.
+/// Opens a TCP connection, runs AUTH/SELECT as configured and a `PING`,
+/// all within `CONNECT_TIMEOUT`: a connection is handed out only once
+/// Redis has answered on it.
 pub async fn connect(address: &RedisAddress) -> Result<TcpStream, RedisError> {
-    let unavailable = |e: std::io::Error| RedisError::Unavailable(e.to_string());
-    let mut stream = tokio::time::timeout(REQUEST_TIMEOUT, TcpStream::connect(&address.host_port))
+    tokio::time::timeout(CONNECT_TIMEOUT, connect_unbounded(address))
         .await
-        .map_err(|_| RedisError::Unavailable("connect timed out".into()))?
-        .map_err(unavailable)?;
+        .map_err(|_| RedisError::Unavailable("connecting timed out".into()))?
+}
+
+async fn connect_unbounded(address: &RedisAddress) -> Result<TcpStream, RedisError> {
+    let unavailable = |e: std::io::Error| RedisError::Unavailable(e.to_string());
+    let mut stream = TcpStream::connect(&address.host_port).await.map_err(unavailable)?;
     let _ = stream.set_nodelay(true);
+    let keepalive = socket2::TcpKeepalive::new()
+        .with_time(KEEPALIVE_TIME)
+        .with_interval(KEEPALIVE_INTERVAL)
+        .with_retries(KEEPALIVE_RETRIES);
+    let _ = socket2::SockRef::from(&stream).set_tcp_keepalive(&keepalive);
     let mut setup: Vec<Vec<String>> = Vec::new();
     if let Some(password) = &address.password {
         let mut auth = vec!["AUTH".to_owned()];
@@ -67,6 +103,8 @@ pub async fn connect(address: &RedisAddress) -> Result<TcpStream, RedisError> {
     if address.database != 0 {
         setup.push(vec!["SELECT".into(), address.database.to_string()]);
     }
+    // Proves that Redis answers (and that this connection may run commands).
+    setup.push(vec!["PING".into()]);
     let mut buffer = BytesMut::new();
     for command in &setup {
         let mut out = BytesMut::new();
@@ -143,6 +181,73 @@ impl Default for Backoff {
     }
 }
 
+/// Whether a connection still answers: the clock runs while a reply is
+/// awaited and restarts with every reply.
+pub struct Health {
+    /// Since when a reply has been awaited without any arriving; `None` while
+    /// nothing is awaited.
+    waiting_since: Option<Instant>,
+    /// When something was last sent or received.
+    last_activity: Instant,
+    /// Set once the wait passed [`UNRESPONSIVE_AFTER`], until a reply comes.
+    unresponsive: bool,
+}
+
+/// What [`Health::check`] found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HealthCheck {
+    Fine,
+    /// Idle for [`HEALTH_INTERVAL`]: send a `PING`.
+    Ping,
+    /// A reply has been awaited for [`UNRESPONSIVE_AFTER`] (reported once
+    /// per episode).
+    BecameUnresponsive,
+    /// Nothing answered for [`DEAD_AFTER`]: replace the connection.
+    Dead,
+}
+
+impl Health {
+    pub fn new(now: Instant) -> Self {
+        Health {
+            waiting_since: None,
+            last_activity: now,
+            unresponsive: false,
+        }
+    }
+
+    /// Something that expects a reply was sent.
+    pub fn expect_reply(&mut self, now: Instant) {
+        self.last_activity = now;
+        self.waiting_since.get_or_insert(now);
+    }
+
+    /// Something arrived that is not a reply (a Pub/Sub message).
+    pub fn activity(&mut self, now: Instant) {
+        self.last_activity = now;
+    }
+
+    /// A reply arrived; `more` says whether others are still awaited. True
+    /// when the connection had been unresponsive: it answers again.
+    pub fn replied(&mut self, now: Instant, more: bool) -> bool {
+        self.last_activity = now;
+        self.waiting_since = more.then_some(now);
+        std::mem::take(&mut self.unresponsive)
+    }
+
+    pub fn check(&mut self, now: Instant) -> HealthCheck {
+        match self.waiting_since {
+            Some(since) if now.duration_since(since) >= DEAD_AFTER => HealthCheck::Dead,
+            Some(since) if now.duration_since(since) >= UNRESPONSIVE_AFTER && !self.unresponsive => {
+                self.unresponsive = true;
+                HealthCheck::BecameUnresponsive
+            }
+            Some(_) => HealthCheck::Fine,
+            None if now.duration_since(self.last_activity) >= HEALTH_INTERVAL => HealthCheck::Ping,
+            None => HealthCheck::Fine,
+        }
+    }
+}
+
 /// A Lua script, run with `EVALSHA` once Redis knows it, so that its text
 /// is not sent with every call. After Redis lost its script cache (a
 /// restart) the call falls back to `EVAL`, which loads it again.
@@ -169,7 +274,28 @@ struct Request {
 #[derive(Clone)]
 pub struct RedisLink {
     requests: mpsc::Sender<Request>,
-    up: Arc<AtomicBool>,
+    up: Arc<Up>,
+}
+
+/// Whether the link is connected and answering, and a wake-up for those
+/// who wait until it is.
+#[derive(Default)]
+struct Up {
+    up: AtomicBool,
+    came_up: Notify,
+}
+
+impl Up {
+    fn get(&self) -> bool {
+        self.up.load(Ordering::Relaxed)
+    }
+
+    fn set(&self, up: bool) {
+        self.up.store(up, Ordering::Relaxed);
+        if up {
+            self.came_up.notify_waiters();
+        }
+    }
 }
 
 impl RedisLink {
@@ -182,13 +308,28 @@ impl RedisLink {
         tracker: &tokio_util::task::TaskTracker,
     ) -> Self {
         let (requests, receiver) = mpsc::channel(REQUEST_QUEUE);
-        let up = Arc::new(AtomicBool::new(false));
+        let up = Arc::new(Up::default());
         tracker.spawn(run(name, address, receiver, up.clone(), metrics, shutdown));
         RedisLink { requests, up }
     }
 
     pub fn is_up(&self) -> bool {
-        self.up.load(Ordering::Relaxed)
+        self.up.get()
+    }
+
+    /// Resolves once the link is up (at once if it is). Callers bound the
+    /// wait themselves.
+    pub async fn until_up(&self) {
+        loop {
+            let came_up = self.up.came_up.notified();
+            tokio::pin!(came_up);
+            // Registered before looking, so that a change in between wakes it.
+            came_up.as_mut().enable();
+            if self.is_up() {
+                return;
+            }
+            came_up.await;
+        }
     }
 
     /// Runs `script` with its keys (the first `keys` of `args`) and arguments.
@@ -248,7 +389,7 @@ async fn run(
     name: &'static str,
     address: RedisAddress,
     mut requests: mpsc::Receiver<Request>,
-    up: Arc<AtomicBool>,
+    up: Arc<Up>,
     metrics: Arc<Metrics>,
     shutdown: CancellationToken,
 ) {
@@ -281,10 +422,10 @@ async fn run(
             tracing::info!(link = name, address = %address.host_port, "connected to redis");
         }
         first = false;
-        up.store(true, Ordering::Relaxed);
+        up.set(true);
         let connected_at = tokio::time::Instant::now();
-        let error = serve(&mut stream, &mut requests, &shutdown).await;
-        up.store(false, Ordering::Relaxed);
+        let error = serve(name, &mut stream, &mut requests, &up, &metrics, &shutdown).await;
+        up.set(false);
         let Some(error) = error else { return };
         if connected_at.elapsed() >= STABLE {
             tracing::warn!(link = name, %error, "redis connection lost; reconnecting");
@@ -329,22 +470,33 @@ async fn pause(delay: Duration, requests: &mut mpsc::Receiver<Request>, shutdown
 /// Serves requests on one connection until it fails (`Some(error)`) or the
 /// node shuts down (`None`). Requests in flight when it fails are answered
 /// with the error, a [`RedisError::NoReply`]: they were written.
+/// [`Health`] is looked at all along, also while a write waits for a
+/// Redis that stopped reading.
 async fn serve(
+    name: &'static str,
     stream: &mut TcpStream,
     requests: &mut mpsc::Receiver<Request>,
+    up: &Up,
+    metrics: &Metrics,
     shutdown: &CancellationToken,
 ) -> Option<RedisError> {
+    // Requests written and not answered yet. Bounded by what callers send
+    // while Redis answers: once a reply is overdue the link reports down
+    // and `call` refuses new requests.
     let mut in_flight: VecDeque<oneshot::Sender<Result<Value, RedisError>>> = VecDeque::new();
     let mut read_buffer = BytesMut::with_capacity(16 * 1024);
     let mut write_buffer = BytesMut::new();
     let (mut reader, mut writer) = stream.split();
+    let mut health = Health::new(Instant::now());
+    let mut tick = tokio::time::interval(HEALTH_TICK);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let error = loop {
+        write_buffer.clear();
         tokio::select! {
             _ = shutdown.cancelled(), if in_flight.is_empty() => return None,
             request = requests.recv() => {
                 // A closed request channel means the node is stopping.
                 let first = request?;
-                write_buffer.clear();
                 let mut batch = Some(first);
                 let mut taken = 0;
                 while let Some(request) = batch.take() {
@@ -360,9 +512,6 @@ async fn serve(
                         batch = requests.try_recv().ok();
                     }
                 }
-                if let Err(error) = writer.write_all(&write_buffer).await {
-                    break RedisError::NoReply(error.to_string());
-                }
             }
             read = reader.read_buf(&mut read_buffer) => {
                 match read {
@@ -372,18 +521,72 @@ async fn serve(
                 }
                 loop {
                     match take_value(&mut read_buffer) {
-                        Ok(Some(value)) => match in_flight.pop_front() {
-                            Some(reply) => { let _ = reply.send(Ok(value)); }
-                            None => break,
-                        },
+                        Ok(Some(value)) => {
+                            if health.replied(Instant::now(), in_flight.len() > 1) {
+                                tracing::info!(link = name, "redis answers again");
+                                up.set(true);
+                            }
+                            match in_flight.pop_front() {
+                                Some(reply) => { let _ = reply.send(Ok(value)); }
+                                None => break,
+                            }
+                        }
                         Ok(None) => break,
                         Err(error) => return Some(fail_all(&mut in_flight, error)),
                     }
                 }
             }
+            _ = tick.tick() => match look(name, &mut health, up, metrics) {
+                Ok(HealthCheck::Ping) => {
+                    resp::encode_command(&["PING"], &mut write_buffer);
+                    // The reply is only proof of life: nobody waits for it.
+                    let (reply, _) = oneshot::channel();
+                    in_flight.push_back(reply);
+                }
+                Ok(_) => {}
+                Err(error) => break error,
+            },
+        }
+        if write_buffer.is_empty() {
+            continue;
+        }
+        health.expect_reply(Instant::now());
+        let write = writer.write_all(&write_buffer);
+        tokio::pin!(write);
+        let written = loop {
+            tokio::select! {
+                written = &mut write => break written.map_err(|error| RedisError::NoReply(error.to_string())),
+                _ = tick.tick() => if let Err(error) = look(name, &mut health, up, metrics) {
+                    break Err(error);
+                },
+            }
+        };
+        if let Err(error) = written {
+            break error;
         }
     };
     Some(fail_all(&mut in_flight, error))
+}
+
+/// Acts on a [`Health::check`]: an unresponsive connection marks the link
+/// down (counted, logged once) and a dead one is an error.
+fn look(name: &'static str, health: &mut Health, up: &Up, metrics: &Metrics) -> Result<HealthCheck, RedisError> {
+    let check = health.check(Instant::now());
+    match check {
+        HealthCheck::BecameUnresponsive => {
+            up.set(false);
+            metrics.broker_unresponsive.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(link = name, waited = ?UNRESPONSIVE_AFTER, "redis does not answer; reporting not ready");
+        }
+        HealthCheck::Dead => {
+            return Err(RedisError::Unavailable(format!(
+                "redis answered nothing for {}s",
+                DEAD_AFTER.as_secs()
+            )));
+        }
+        HealthCheck::Fine | HealthCheck::Ping => {}
+    }
+    Ok(check)
 }
 
 fn fail_all(in_flight: &mut VecDeque<oneshot::Sender<Result<Value, RedisError>>>, error: RedisError) -> RedisError {
@@ -407,5 +610,32 @@ mod tests {
         assert!(delays.iter().all(|d| *d <= Backoff::MAX.mul_f64(1.5)));
         backoff.reset();
         assert!(backoff.next_delay() <= Duration::from_millis(75));
+    }
+
+    #[test]
+    fn health_pings_when_idle_reports_silence_once_and_gives_up() {
+        let start = Instant::now();
+        let mut health = Health::new(start);
+        assert_eq!(health.check(start), HealthCheck::Fine);
+        let pinged = start + HEALTH_INTERVAL;
+        assert_eq!(health.check(pinged), HealthCheck::Ping);
+        health.expect_reply(pinged);
+        assert_eq!(
+            health.check(pinged + HEALTH_INTERVAL),
+            HealthCheck::Fine,
+            "waiting, not idle"
+        );
+        let late = pinged + UNRESPONSIVE_AFTER;
+        assert_eq!(health.check(late), HealthCheck::BecameUnresponsive);
+        assert_eq!(health.check(late), HealthCheck::Fine, "reported once");
+        assert!(health.replied(late, false), "answers again");
+        assert!(!health.replied(late, false));
+        health.expect_reply(late);
+        health.expect_reply(late + HEALTH_INTERVAL);
+        assert_eq!(
+            health.check(late + DEAD_AFTER),
+            HealthCheck::Dead,
+            "the oldest wait counts"
+        );
     }
 }

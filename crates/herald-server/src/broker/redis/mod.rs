@@ -9,6 +9,9 @@
 //! - Streams ingest ([`streams`]) consumes `{prefix}publish` with a consumer
 //!   group shared by the nodes, read by one node at a time (a lease).
 //!
+//! - Readiness is proven, not assumed: every connection is health-checked
+//!   ([`link::Health`]) and the node hears its own probes ([`probe`]).
+//!
 //! Pub/Sub is at-most-once: a message published while a node is
 //! disconnected from Redis does not reach that node's clients. Publishing
 //! while Redis is unreachable fails (HTTP 503), it is never accepted and lost.
@@ -16,6 +19,7 @@
 pub mod history;
 pub mod link;
 pub mod presence;
+pub mod probe;
 pub mod pubsub;
 pub mod routes;
 pub mod streams;
@@ -71,6 +75,11 @@ impl RedisConfig {
             dead: format!("{}publish:dead", self.prefix),
             lease: format!("{}publish:reader", self.prefix),
         }
+    }
+
+    /// This node's probe channel (see [`probe`]).
+    pub fn probe_key(&self, node_id: &str) -> Bytes {
+        Bytes::from(format!("{}probe:{node_id}", self.prefix))
     }
 
     /// What every Redis channel carrying a Herald channel starts with.
@@ -195,6 +204,7 @@ pub struct RedisBroker {
     node_id: String,
     link: RedisLink,
     pubsub: PubSub,
+    probe: Arc<probe::Probe>,
 }
 
 impl RedisBroker {
@@ -222,8 +232,18 @@ impl RedisBroker {
             .iter()
             .map(|route| Bytes::from(route.pattern.clone()))
             .collect();
-        let handler = inbound_handler(config.clone(), node_id.clone(), fanout, metrics.clone());
-        let pubsub = PubSub::start(config.address.clone(), patterns, handler, metrics, shutdown, tracker);
+        let probe = Arc::new(probe::Probe::new(config.probe_key(&node_id)));
+        let handler = inbound_handler(config.clone(), node_id.clone(), probe.clone(), fanout, metrics.clone());
+        let pubsub = PubSub::start(
+            config.address.clone(),
+            patterns,
+            handler,
+            metrics.clone(),
+            shutdown.clone(),
+            tracker,
+        );
+        pubsub.subscribe(probe.key.clone());
+        tracker.spawn(probe.clone().run(link.clone(), pubsub.clone(), metrics, shutdown));
         RedisBroker {
             config,
             heartbeat_ok: std::sync::atomic::AtomicBool::new(false),
@@ -231,6 +251,7 @@ impl RedisBroker {
             node_id,
             link,
             pubsub,
+            probe,
         }
     }
 }
@@ -239,12 +260,18 @@ impl RedisBroker {
 fn inbound_handler(
     config: Arc<RedisConfig>,
     node_id: String,
+    probe: Arc<probe::Probe>,
     fanout: Arc<Fanout>,
     metrics: Arc<Metrics>,
 ) -> pubsub::Handler {
     let channel_prefix = config.channel_key_prefix();
     let counter = Arc::new(AtomicU64::new(1));
     Arc::new(move |redis_channel: &[u8], payload: Bytes| {
+        // Before routes: a route pattern may match the probe channel too.
+        if redis_channel == probe.key {
+            probe.heard(&payload);
+            return;
+        }
         let received_at = Instant::now();
         let next_id = || format!("{node_id}-r{}", counter.fetch_add(1, Ordering::Relaxed));
         let name = String::from_utf8_lossy(redis_channel);
@@ -462,7 +489,11 @@ impl Broker for RedisBroker {
     }
 
     fn is_ready(&self) -> bool {
-        self.link.is_up() && self.pubsub.is_up() && self.heartbeat_ok.load(Ordering::Relaxed)
+        self.link.is_up() && self.pubsub.is_up() && self.heartbeat_ok.load(Ordering::Relaxed) && self.probe.is_ok()
+    }
+
+    fn reachable(&self) -> BoxFuture<'_, ()> {
+        Box::pin(self.link.until_up())
     }
 
     fn history(

@@ -7,19 +7,34 @@
 //! (client libraries have lost subscriptions exactly there). Callers may
 //! wait until a channel is confirmed, so that "subscribed" means messages
 //! published from then on arrive.
+//!
+//! Callers hand changes over in `Pending`, not a queue: one entry per
+//! channel, the latest change winning, so that what waits for the task
+//! (busy writing to a slow Redis, or reconnecting) is bounded by the
+//! channels changed meanwhile, never by how often they changed.
+//!
+//! The connection is health-checked like the command link (see
+//! [`super::link::Health`]): a `PING` when idle, not-ready while a reply is
+//! overdue, replaced when it stays silent. That catches a hung Redis; a
+//! connection that answers `PING` but has lost its subscriptions is caught
+//! by the end-to-end probe ([`super::probe`]).
 
 use std::collections::{HashMap, HashSet};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use herald_core::resp::{self, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{Notify, oneshot};
 use tokio_util::sync::CancellationToken;
 
-use super::link::{Backoff, RedisAddress, RedisError, connect, take_value};
+use super::link::{
+    Backoff, DEAD_AFTER, HEALTH_TICK, Health, HealthCheck, RedisAddress, RedisError, UNRESPONSIVE_AFTER, connect,
+    take_value,
+};
+use crate::hub::lock;
 use crate::metrics::Metrics;
 
 /// Channels per SUBSCRIBE/UNSUBSCRIBE command.
@@ -28,17 +43,33 @@ const CHANNELS_PER_COMMAND: usize = 1_000;
 /// A message from Redis: the Redis channel and the payload.
 pub type Handler = Arc<dyn Fn(&[u8], Bytes) + Send + Sync>;
 
-enum Change {
-    Subscribe(Bytes),
-    Unsubscribe(Bytes),
-    /// Resolves the sender once the channel is confirmed.
-    Wait(Bytes, oneshot::Sender<()>),
-}
-
 #[derive(Clone)]
 pub struct PubSub {
-    changes: mpsc::UnboundedSender<Change>,
-    up: Arc<AtomicBool>,
+    shared: Arc<Shared>,
+}
+
+/// What the handles and the task share.
+struct Shared {
+    up: AtomicBool,
+    pending: Mutex<Pending>,
+    /// Wakes the task when `pending` gained something.
+    wake: Notify,
+}
+
+/// What callers ask of the task, until it takes it.
+#[derive(Default)]
+struct Pending {
+    /// Per channel, whether it is wanted (true) or not, as last asked. One
+    /// entry per channel however often it changed: bounded by the distinct
+    /// channels changed since the task last looked, which it does between
+    /// any two writes to Redis (a write waits at most `DEAD_AFTER`).
+    changes: HashMap<Bytes, bool>,
+    /// Callers waiting for a channel's confirmation. Waits their callers
+    /// gave up on are dropped whenever one is added, so at most the
+    /// subscribes in progress wait here.
+    waits: Vec<(Bytes, oneshot::Sender<()>)>,
+    /// Set when the task stopped: nothing will be confirmed any more.
+    stopped: bool,
 }
 
 impl PubSub {
@@ -52,43 +83,65 @@ impl PubSub {
         shutdown: CancellationToken,
         tracker: &tokio_util::task::TaskTracker,
     ) -> Self {
-        let (changes, receiver) = mpsc::unbounded_channel();
-        let up = Arc::new(AtomicBool::new(false));
+        let shared = Arc::new(Shared {
+            up: AtomicBool::new(false),
+            pending: Mutex::new(Pending::default()),
+            wake: Notify::new(),
+        });
         let task = Task {
             address,
             patterns,
             handler,
             metrics,
-            up: up.clone(),
+            shared: shared.clone(),
             desired: HashSet::new(),
             confirmed: HashSet::new(),
             sent: HashSet::new(),
             dirty: HashSet::new(),
             waiters: HashMap::new(),
         };
-        tracker.spawn(task.run(receiver, shutdown));
-        PubSub { changes, up }
+        tracker.spawn(task.run(shutdown));
+        PubSub { shared }
     }
 
     pub fn is_up(&self) -> bool {
-        self.up.load(Ordering::Relaxed)
+        self.shared.up.load(Ordering::Relaxed)
     }
 
     pub fn subscribe(&self, channel: Bytes) {
-        let _ = self.changes.send(Change::Subscribe(channel));
+        self.change(channel, true);
     }
 
     pub fn unsubscribe(&self, channel: Bytes) {
-        let _ = self.changes.send(Change::Unsubscribe(channel));
+        self.change(channel, false);
+    }
+
+    fn change(&self, channel: Bytes, wanted: bool) {
+        lock(&self.shared.pending).changes.insert(channel, wanted);
+        self.shared.wake.notify_one();
     }
 
     /// Resolves once Redis confirmed the subscription to `channel` (or the
     /// task stopped). Callers bound the wait themselves.
     pub async fn confirmed(&self, channel: Bytes) {
         let (sender, receiver) = oneshot::channel();
-        if self.changes.send(Change::Wait(channel, sender)).is_ok() {
-            let _ = receiver.await;
+        {
+            let mut pending = lock(&self.shared.pending);
+            if pending.stopped {
+                return;
+            }
+            pending.waits.retain(|(_, waiting)| !waiting.is_closed());
+            pending.waits.push((channel, sender));
         }
+        self.shared.wake.notify_one();
+        let _ = receiver.await;
+    }
+
+    /// How many channel changes and confirmation waits wait for the task.
+    #[cfg(test)]
+    fn pending(&self) -> (usize, usize) {
+        let pending = lock(&self.shared.pending);
+        (pending.changes.len(), pending.waits.len())
     }
 }
 
@@ -97,7 +150,7 @@ struct Task {
     patterns: Vec<Bytes>,
     handler: Handler,
     metrics: Arc<Metrics>,
-    up: Arc<AtomicBool>,
+    shared: Arc<Shared>,
     /// What this node needs.
     desired: HashSet<Bytes>,
     /// What Redis has acknowledged on the current connection.
@@ -106,11 +159,22 @@ struct Task {
     sent: HashSet<Bytes>,
     /// Channels whose desired state changed since the last reconcile.
     dirty: HashSet<Bytes>,
+    /// Callers waiting for a desired channel's confirmation (see
+    /// [`Pending::waits`] for the bound).
     waiters: HashMap<Bytes, Vec<oneshot::Sender<()>>>,
 }
 
+impl Drop for Task {
+    fn drop(&mut self) {
+        // Whoever waits for a confirmation is answered (the senders drop).
+        let mut pending = lock(&self.shared.pending);
+        pending.stopped = true;
+        pending.waits.clear();
+    }
+}
+
 impl Task {
-    async fn run(mut self, mut changes: mpsc::UnboundedReceiver<Change>, shutdown: CancellationToken) {
+    async fn run(mut self, shutdown: CancellationToken) {
         let mut backoff = Backoff::new();
         let mut connected_before = false;
         // Set after a failed connect or a connection Redis closed at once.
@@ -125,10 +189,7 @@ impl Task {
                     tokio::select! {
                         _ = shutdown.cancelled() => return,
                         _ = &mut delay => break,
-                        change = changes.recv() => match change {
-                            Some(change) => self.apply(change),
-                            None => return,
-                        },
+                        _ = self.shared.wake.notified() => self.take_pending(),
                     }
                 }
             }
@@ -158,8 +219,8 @@ impl Task {
             self.confirmed.clear();
             // A new connection has nothing: everything desired must be sent.
             self.dirty.extend(self.desired.iter().cloned());
-            let error = self.serve(&mut stream, &mut changes, &shutdown).await;
-            self.up.store(false, Ordering::Relaxed);
+            let error = self.serve(&mut stream, &shutdown).await;
+            self.shared.up.store(false, Ordering::Relaxed);
             let Some(error) = error else { return };
             if connected_at.elapsed() >= super::link::STABLE {
                 tracing::warn!(%error, "redis pub/sub connection lost; reconnecting");
@@ -177,32 +238,33 @@ impl Task {
         }
     }
 
-    fn apply(&mut self, change: Change) {
-        match change {
-            Change::Subscribe(channel) => {
+    /// Takes what callers handed over: changes first, then waits (a wait
+    /// follows the subscribe it waits for).
+    fn take_pending(&mut self) {
+        let (changes, waits) = {
+            let mut pending = lock(&self.shared.pending);
+            (std::mem::take(&mut pending.changes), std::mem::take(&mut pending.waits))
+        };
+        for (channel, wanted) in changes {
+            if wanted {
                 self.desired.insert(channel.clone());
-                self.dirty.insert(channel);
-            }
-            Change::Unsubscribe(channel) => {
+            } else {
                 self.desired.remove(&channel);
-                self.dirty.insert(channel);
             }
-            Change::Wait(channel, sender) => {
-                if self.confirmed.contains(&channel) || !self.desired.contains(&channel) {
-                    let _ = sender.send(());
-                } else {
-                    self.waiters.entry(channel).or_default().push(sender);
-                }
+            self.dirty.insert(channel);
+        }
+        for (channel, sender) in waits {
+            if self.confirmed.contains(&channel) || !self.desired.contains(&channel) {
+                let _ = sender.send(());
+            } else {
+                let waiters = self.waiters.entry(channel).or_default();
+                waiters.retain(|waiting| !waiting.is_closed());
+                waiters.push(sender);
             }
         }
     }
 
-    async fn serve(
-        &mut self,
-        stream: &mut tokio::net::TcpStream,
-        changes: &mut mpsc::UnboundedReceiver<Change>,
-        shutdown: &CancellationToken,
-    ) -> Option<RedisError> {
+    async fn serve(&mut self, stream: &mut tokio::net::TcpStream, shutdown: &CancellationToken) -> Option<RedisError> {
         let (mut reader, mut writer) = stream.split();
         let mut buffer = BytesMut::with_capacity(64 * 1024);
         let mut out = BytesMut::new();
@@ -211,23 +273,32 @@ impl Task {
             command.extend(self.patterns.iter().map(|p| &p[..]));
             resp::encode_command(&command, &mut out);
         }
-        // Confirmation of the patterns (or a PING) marks the link usable.
-        resp::encode_command(&["PING"], &mut out);
         self.reconcile(&mut out);
-        if let Err(error) = writer.write_all(&out).await {
-            return Some(RedisError::Unavailable(error.to_string()));
-        }
+        // Redis answers in order: the reply to this PING, behind every
+        // (re)subscription, marks the link usable.
+        resp::encode_command(&["PING"], &mut out);
+        // Whether `out` holds a PING, whose reply the health check awaits.
+        let mut pinged = true;
+        let mut health = Health::new(Instant::now());
+        let mut tick = tokio::time::interval(HEALTH_TICK);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
+            if !out.is_empty() {
+                if std::mem::take(&mut pinged) {
+                    health.expect_reply(Instant::now());
+                }
+                // A Redis that stopped reading must not hold the task forever.
+                match tokio::time::timeout(DEAD_AFTER, writer.write_all(&out)).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(error)) => return Some(RedisError::Unavailable(error.to_string())),
+                    Err(_) => return Some(RedisError::Unavailable("redis stopped reading".into())),
+                }
+            }
             out.clear();
             tokio::select! {
                 _ = shutdown.cancelled() => return None,
-                change = changes.recv() => {
-                    // A closed change channel means the node is stopping.
-                    let change = change?;
-                    self.apply(change);
-                    while let Ok(change) = changes.try_recv() {
-                        self.apply(change);
-                    }
+                _ = self.shared.wake.notified() => {
+                    self.take_pending();
                     self.reconcile(&mut out);
                 }
                 read = reader.read_buf(&mut buffer) => {
@@ -236,19 +307,37 @@ impl Task {
                         Err(error) => return Some(RedisError::Unavailable(error.to_string())),
                         Ok(_) => {}
                     }
+                    health.activity(Instant::now());
                     loop {
                         match take_value(&mut buffer) {
-                            Ok(Some(value)) => self.on_value(value),
+                            Ok(Some(value)) => {
+                                if self.on_value(value) && health.replied(Instant::now(), false) {
+                                    tracing::info!("redis pub/sub answers again");
+                                }
+                            }
                             Ok(None) => break,
                             Err(error) => return Some(error),
                         }
                     }
                 }
-            }
-            if !out.is_empty()
-                && let Err(error) = writer.write_all(&out).await
-            {
-                return Some(RedisError::Unavailable(error.to_string()));
+                _ = tick.tick() => match health.check(Instant::now()) {
+                    HealthCheck::Fine => {}
+                    HealthCheck::Ping => {
+                        resp::encode_command(&["PING"], &mut out);
+                        pinged = true;
+                    }
+                    HealthCheck::BecameUnresponsive => {
+                        self.shared.up.store(false, Ordering::Relaxed);
+                        self.metrics.broker_unresponsive.fetch_add(1, Ordering::Relaxed);
+                        tracing::warn!(waited = ?UNRESPONSIVE_AFTER, "redis pub/sub does not answer; reporting not ready");
+                    }
+                    HealthCheck::Dead => {
+                        return Some(RedisError::Unavailable(format!(
+                            "redis answered nothing for {}s",
+                            DEAD_AFTER.as_secs()
+                        )));
+                    }
+                },
             }
         }
     }
@@ -291,15 +380,17 @@ impl Task {
         }
     }
 
-    fn on_value(&mut self, value: Value) {
+    /// Handles one value from Redis; true when it answered a `PING` (which
+    /// marks the link up).
+    fn on_value(&mut self, value: Value) -> bool {
         // PING answers `+PONG` outside subscribe mode and `["pong", ""]` in it.
         if let Value::Simple(text) = &value
             && text.eq_ignore_ascii_case("pong")
         {
-            self.up.store(true, Ordering::Relaxed);
-            return;
+            self.shared.up.store(true, Ordering::Relaxed);
+            return true;
         }
-        let Some(items) = value.as_array() else { return };
+        let Some(items) = value.as_array() else { return false };
         let kind = items.first().and_then(Value::as_bytes).unwrap_or_default();
         match kind {
             b"message" if items.len() == 3 => {
@@ -323,8 +414,60 @@ impl Task {
                     self.confirmed.insert(channel);
                 }
             }
-            b"pong" | b"PONG" => self.up.store(true, Ordering::Relaxed),
+            b"pong" | b"PONG" => {
+                self.shared.up.store(true, Ordering::Relaxed);
+                return true;
+            }
             _ => {}
         }
+        false
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use futures_util::FutureExt;
+
+    use super::*;
+
+    /// While the task cannot take them (here: connecting to a peer that
+    /// never answers), changes and abandoned waits do not pile up: one entry
+    /// per channel, the latest winning, and only waits someone still awaits.
+    #[tokio::test]
+    async fn what_waits_for_the_task_is_bounded_by_channels_not_changes() {
+        // Accepts connections (the kernel does) and never answers.
+        let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let address = RedisAddress::parse(&format!("redis://{}", silent.local_addr().unwrap())).unwrap();
+        let (shutdown, tracker) = (CancellationToken::new(), tokio_util::task::TaskTracker::new());
+        let handler: Handler = Arc::new(|_: &[u8], _: Bytes| {});
+        let pubsub = PubSub::start(
+            address,
+            Vec::new(),
+            handler,
+            Arc::new(Metrics::default()),
+            shutdown.clone(),
+            &tracker,
+        );
+        let (hot, other) = (Bytes::from_static(b"hot"), Bytes::from_static(b"other"));
+        for _ in 0..100_000 {
+            pubsub.subscribe(hot.clone());
+            pubsub.unsubscribe(hot.clone());
+        }
+        pubsub.subscribe(other.clone());
+        for _ in 0..10_000 {
+            // Polled once (registered), then given up on.
+            assert!(pubsub.confirmed(hot.clone()).now_or_never().is_none());
+        }
+        let (changes, waits) = pubsub.pending();
+        assert!(changes <= 2, "{changes} pending changes for 2 channels");
+        assert!(waits <= 1, "{waits} waits kept, none awaited");
+        shutdown.cancel();
+        tracker.close();
+        tracker.wait().await;
+        assert_eq!(
+            pubsub.confirmed(other).now_or_never(),
+            Some(()),
+            "a stopped task confirms nothing: nobody waits forever"
+        );
     }
 }
