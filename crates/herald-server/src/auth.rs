@@ -69,6 +69,10 @@ impl AuthError {
     }
 }
 
+/// The library refuses only an empty HMAC key; configuration refuses any
+/// secret shorter than 16 bytes before a key is built.
+const NON_EMPTY_SECRET: &str = "jwt.secret is validated to be at least 16 bytes";
+
 /// Verifies bearer tokens.
 pub trait TokenVerifier: Send + Sync + 'static {
     fn verify(&self, token: &str) -> Result<Identity, AuthError>;
@@ -107,7 +111,7 @@ impl JwtVerifier {
             validation.set_issuer(&[issuer]);
         }
         JwtVerifier {
-            key: DecodingKey::from_secret(secret.as_bytes()),
+            key: DecodingKey::from_secret(secret.as_bytes()).expect(NON_EMPTY_SECRET),
             validation,
             allowed: config.algorithms.clone(),
             user_claim: config.user_claim.clone(),
@@ -139,19 +143,20 @@ impl TokenVerifier for JwtVerifier {
             return Err(AuthError::AlgorithmNotAllowed(shown));
         }
 
-        let data =
-            jsonwebtoken::decode::<Map<String, Value>>(token, &self.key, &self.validation).map_err(|e| {
-                match e.kind() {
-                    ErrorKind::InvalidSignature => AuthError::BadSignature,
-                    ErrorKind::ExpiredSignature => AuthError::Expired,
-                    ErrorKind::ImmatureSignature => AuthError::NotYetValid,
-                    ErrorKind::InvalidIssuer => AuthError::WrongIssuer,
-                    ErrorKind::InvalidAudience => AuthError::WrongAudience,
-                    ErrorKind::InvalidAlgorithm => AuthError::AlgorithmNotAllowed(alg.clone()),
-                    ErrorKind::MissingRequiredClaim(claim) => AuthError::MissingClaim(claim.clone()),
-                    _ => AuthError::Malformed,
-                }
-            })?;
+        let data = jsonwebtoken::decode::<Map<String, Value>>(token, &self.key, &self.validation).map_err(|e| {
+            match e.kind() {
+                ErrorKind::InvalidSignature => AuthError::BadSignature,
+                ErrorKind::ExpiredSignature => AuthError::Expired,
+                ErrorKind::ImmatureSignature => AuthError::NotYetValid,
+                ErrorKind::InvalidIssuer => AuthError::WrongIssuer,
+                ErrorKind::InvalidAudience => AuthError::WrongAudience,
+                ErrorKind::InvalidAlgorithm => AuthError::AlgorithmNotAllowed(alg.clone()),
+                ErrorKind::MissingRequiredClaim(claim) => AuthError::MissingClaim(claim.clone()),
+                // A registered claim of the wrong JSON type (`"exp": "…"`).
+                ErrorKind::InvalidClaimFormat(claim) => AuthError::InvalidClaim(claim.clone()),
+                _ => AuthError::Malformed,
+            }
+        })?;
         let claims = data.claims;
         let user_id = match claims.get(&self.user_claim) {
             Some(Value::String(id)) if !id.is_empty() => id.clone(),
@@ -207,7 +212,7 @@ pub fn mint(config: &JwtConfig, user_id: &str, channels: &[String], ttl_seconds:
     jsonwebtoken::encode(
         &Header::new(config.algorithms[0]),
         &claims,
-        &EncodingKey::from_secret(secret.as_bytes()),
+        &EncodingKey::from_secret(secret.as_bytes()).expect(NON_EMPTY_SECRET),
     )
     .expect("HMAC signing with a valid secret cannot fail")
 }
@@ -236,7 +241,12 @@ mod tests {
 
     fn sign(claims: Value, alg: Algorithm, secret: &str) -> String {
         install_crypto_provider();
-        jsonwebtoken::encode(&Header::new(alg), &claims, &EncodingKey::from_secret(secret.as_bytes())).unwrap()
+        jsonwebtoken::encode(
+            &Header::new(alg),
+            &claims,
+            &EncodingKey::from_secret(secret.as_bytes()).unwrap(),
+        )
+        .unwrap()
     }
 
     fn unsigned(claims: Value) -> String {
