@@ -102,14 +102,21 @@ impl JwtVerifier {
         validation.leeway = config.leeway.as_secs();
         validation.validate_exp = true;
         validation.validate_nbf = true;
-        validation.set_required_spec_claims(&["exp"]);
+        // A configured issuer or audience is required, not only checked when
+        // present: the library compares a claim only if the token has it.
+        let mut required = vec!["exp"];
         match &config.audience {
-            Some(audience) => validation.set_audience(&[audience]),
+            Some(audience) => {
+                validation.set_audience(&[audience]);
+                required.push("aud");
+            }
             None => validation.validate_aud = false,
         }
         if let Some(issuer) = &config.issuer {
             validation.set_issuer(&[issuer]);
+            required.push("iss");
         }
+        validation.set_required_spec_claims(&required);
         JwtVerifier {
             key: DecodingKey::from_secret(secret.as_bytes()).expect(NON_EMPTY_SECRET),
             validation,
@@ -194,6 +201,12 @@ pub struct MintClaims<'a> {
     pub sub: &'a str,
     pub iat: u64,
     pub exp: u64,
+    /// `jwt.issuer` and `jwt.audience` when configured: the verifier
+    /// requires them, so a minted token carries them.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub iss: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub aud: Option<&'a str>,
     #[serde(skip_serializing_if = "<[String]>::is_empty")]
     pub channels: &'a [String],
 }
@@ -207,6 +220,8 @@ pub fn mint(config: &JwtConfig, user_id: &str, channels: &[String], ttl_seconds:
         sub: user_id,
         iat: now,
         exp: now + ttl_seconds,
+        iss: config.issuer.as_deref(),
+        aud: config.audience.as_deref(),
         channels,
     };
     jsonwebtoken::encode(
@@ -323,10 +338,12 @@ mod tests {
 
     #[test]
     fn minted_tokens_verify() {
-        let config = jwt_config("");
-        let token = mint(&config, "bob", &["group:1".into()], 60);
-        let identity = JwtVerifier::new(&config).verify(&token).unwrap();
-        assert_eq!(identity.user_id, "bob");
-        assert_eq!(identity.channels, ["group:1"]);
+        for extra in ["", "issuer = \"auth\"\naudience = \"herald\""] {
+            let config = jwt_config(extra);
+            let token = mint(&config, "bob", &["group:1".into()], 60);
+            let identity = JwtVerifier::new(&config).verify(&token).unwrap();
+            assert_eq!(identity.user_id, "bob");
+            assert_eq!(identity.channels, ["group:1"]);
+        }
     }
 }

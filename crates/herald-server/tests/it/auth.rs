@@ -325,6 +325,40 @@ async fn assert_refused(server: &TestServer, token: &str, fragment: &str) {
     assert!(body.contains(fragment), "{fragment}: {body}");
 }
 
+/// Issue 9.13: with `jwt.issuer` and `jwt.audience` configured, a token
+/// without the claim is refused, not only one with a wrong value.
+#[tokio::test]
+async fn a_configured_issuer_and_audience_are_required() {
+    let server = TestServer::start_with("[jwt]\nissuer = \"https://auth.example\"\naudience = \"herald\"").await;
+    let exp = now() + 600;
+    let (iss, aud) = ("https://auth.example", "herald");
+    let token = |claims: Value| sign(claims, Algorithm::HS256, SECRET);
+    assert_refused(
+        &server,
+        &token(json!({"sub": "a", "exp": exp, "aud": aud})),
+        "no `iss` claim",
+    )
+    .await;
+    assert_refused(
+        &server,
+        &token(json!({"sub": "a", "exp": exp, "iss": iss})),
+        "no `aud` claim",
+    )
+    .await;
+    assert_refused(&server, &token(json!({"sub": "a", "exp": exp})), "no `").await;
+    assert_refused(
+        &server,
+        &token(json!({"sub": "a", "exp": exp, "iss": "https://evil.example", "aud": aud})),
+        "issuer",
+    )
+    .await;
+    let good = token(json!({"sub": "alice", "exp": exp, "iss": iss, "aud": aud}));
+    server.connect_token(&good).await.round_trip().await;
+    let (status, body) = server.http("GET", "/api/v1/unread", Some(&good), None).await;
+    assert_eq!(status, 200, "{body}");
+    assert!(server.metric("herald_auth_failures_total{reason=\"claims\"}").await >= 6.0);
+}
+
 /// Issue 9.20: claims of the wrong JSON type and unknown critical header
 /// parameters are refused, never skipped.
 #[tokio::test]
