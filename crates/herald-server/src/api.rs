@@ -457,50 +457,120 @@ async fn read_history(hub: &Hub, channel: &ChannelName, query: HistoryQuery) -> 
         epoch: query.epoch,
     });
     let page = hub.history(channel, since, limit).await.map_err(unavailable)?;
-    let mut body = history_json(channel, &page);
-    let next = page
-        .publications
-        .last()
-        .and_then(|p| p.offset)
-        .unwrap_or(page.current.offset);
-    body["next"] = json!(next);
-    body["more"] = json!(next < page.current.offset && page.recovered);
-    Ok(Json(body).into_response())
+    Ok(Json(HistoryAnswer::with_paging(channel.clone(), page)).into_response())
 }
 
-/// A history page as JSON: `{channel, epoch, offset, recovered,
-/// publications}`, each publication in its delivery shape (binary payloads
-/// as `data_base64`).
-pub fn history_json(channel: &ChannelName, page: &crate::broker::HistoryPage) -> serde_json::Value {
-    let publications: Vec<serde_json::Value> = page.publications.iter().map(publication_json).collect();
-    json!({
-        "channel": channel,
-        "epoch": page.current.epoch,
-        "offset": page.current.offset,
-        "recovered": page.recovered,
-        "publications": publications,
-    })
+/// A history page as the HTTP API and the `history` command answer it:
+/// `{channel, epoch, offset, recovered, publications}` (plus `next` and
+/// `more` over HTTP), each publication in its delivery shape (binary
+/// payloads as `data_base64`).
+///
+/// Serialized straight from the stored payloads: what was accepted goes out
+/// byte for byte, and nothing on a read path parses it again. (A payload
+/// that `serde_json::Value` cannot hold, such as `1e400` or nesting deeper
+/// than its recursion limit, is served like any other.)
+pub struct HistoryAnswer {
+    channel: ChannelName,
+    page: crate::broker::HistoryPage,
+    /// Whether to say where the next page starts (`next`, `more`): the HTTP
+    /// API pages by offset; the `history` command leaves that to the client.
+    paging: bool,
 }
 
-/// One publication in its delivery shape, as a JSON value.
-pub fn publication_json(publication: &Publication) -> serde_json::Value {
-    match &publication.payload {
-        Payload::Json(_) => match publication.encode() {
-            herald_core::publication::EncodedFrame::Text(text) => {
-                serde_json::from_str(&text).expect("an encoded delivery is JSON")
-            }
-            herald_core::publication::EncodedFrame::Binary(_) => unreachable!("JSON payloads encode as text"),
-        },
-        Payload::Binary(bytes) => json!({
-            "type": publication.message_type,
-            "channel": publication.channel,
-            "message_id": publication.message_id,
-            "offset": publication.offset,
-            "epoch": publication.epoch,
-                        "timestamp": publication.timestamp_ms,
-            "from": publication.from,
-            "data_base64": base64::engine::general_purpose::STANDARD.encode(bytes),
-        }),
+impl HistoryAnswer {
+    /// The `history` command's answer.
+    pub fn new(channel: ChannelName, page: crate::broker::HistoryPage) -> Self {
+        HistoryAnswer {
+            channel,
+            page,
+            paging: false,
+        }
+    }
+
+    /// The HTTP API's answer, with `next` and `more`.
+    pub fn with_paging(channel: ChannelName, page: crate::broker::HistoryPage) -> Self {
+        HistoryAnswer {
+            channel,
+            page,
+            paging: true,
+        }
+    }
+}
+
+impl serde::Serialize for HistoryAnswer {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        #[derive(serde::Serialize)]
+        struct Shape<'a> {
+            channel: &'a ChannelName,
+            epoch: &'a str,
+            offset: u64,
+            recovered: bool,
+            publications: Vec<PublicationJson<'a>>,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            next: Option<u64>,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            more: Option<bool>,
+        }
+        let page = &self.page;
+        let next = page
+            .publications
+            .last()
+            .and_then(|p| p.offset)
+            .unwrap_or(page.current.offset);
+        let paging = self
+            .paging
+            .then_some((next, next < page.current.offset && page.recovered));
+        Shape {
+            channel: &self.channel,
+            epoch: &page.current.epoch,
+            offset: page.current.offset,
+            recovered: page.recovered,
+            publications: page.publications.iter().map(PublicationJson::new).collect(),
+            next: paging.map(|(next, _)| next),
+            more: paging.map(|(_, more)| more),
+        }
+        .serialize(serializer)
+    }
+}
+
+/// One publication in its delivery shape: the fields of a delivered frame,
+/// with `data` the stored JSON text as is, or `data_base64` for binary.
+#[derive(serde::Serialize)]
+struct PublicationJson<'a> {
+    #[serde(rename = "type")]
+    message_type: &'a str,
+    channel: &'a str,
+    message_id: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    offset: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    epoch: Option<&'a str>,
+    timestamp: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    from: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    data: Option<&'a RawValue>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    data_base64: Option<String>,
+}
+
+impl<'a> PublicationJson<'a> {
+    fn new(publication: &'a Publication) -> Self {
+        let (data, data_base64) = match &publication.payload {
+            Payload::Json(raw) => (Some(&**raw), None),
+            Payload::Binary(bytes) => (None, Some(base64::engine::general_purpose::STANDARD.encode(bytes))),
+        };
+        PublicationJson {
+            message_type: &publication.message_type,
+            channel: publication.channel.as_str(),
+            message_id: &publication.message_id,
+            offset: publication.offset,
+            epoch: publication.epoch.as_deref(),
+            timestamp: publication.timestamp_ms,
+            from: publication.from.as_deref(),
+            data,
+            data_base64,
+        }
     }
 }
 

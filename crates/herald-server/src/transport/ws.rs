@@ -1029,7 +1029,7 @@ impl<'a> Session<'a> {
         channel: &ChannelName,
         since: Option<StreamPosition>,
         limit: Option<u32>,
-    ) -> Result<serde_json::Value, (ErrorCode, String)> {
+    ) -> Result<crate::api::HistoryAnswer, (ErrorCode, String)> {
         self.hub
             .policies()
             .check_subscribe(&self.subject(), channel)
@@ -1042,7 +1042,7 @@ impl<'a> Session<'a> {
         }
         let limit = limit.map_or(DEFAULT_HISTORY_PAGE, |l| l as usize).min(MAX_HISTORY_PAGE);
         let page = self.hub.history(channel, since, limit).await.map_err(broker_error)?;
-        Ok(crate::api::history_json(channel, &page))
+        Ok(crate::api::HistoryAnswer::new(channel.clone(), page))
     }
 
     async fn unsubscribe(&mut self, channel: &ChannelName) -> Result<(), (ErrorCode, String)> {

@@ -13,4 +13,5 @@ mod limits;
 mod messaging;
 mod presence;
 mod protocol_fuzz;
+mod read_paths;
 mod redis;
