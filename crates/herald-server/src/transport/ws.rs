@@ -1166,12 +1166,17 @@ fn broker_error(error: crate::broker::BrokerError) -> (ErrorCode, String) {
 }
 
 /// The `data` of a chat message, the seed protocol's `new_message` shape.
-pub fn chat_message(group_id: &str, from_user_id: &str, msg_type: &str, content: &RawValue) -> Box<RawValue> {
+pub fn chat_message(
+    group_id: &str,
+    from_user_id: &str,
+    msg_type: &herald_core::frame::MsgType,
+    content: &RawValue,
+) -> Box<RawValue> {
     #[derive(Serialize)]
     struct ChatMessage<'a> {
         group_id: &'a str,
         from_user_id: &'a str,
-        msg_type: &'a str,
+        msg_type: &'a herald_core::frame::MsgType,
         content: &'a RawValue,
     }
     let json = serde_json::to_string(&ChatMessage {

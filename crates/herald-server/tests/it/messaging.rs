@@ -247,3 +247,60 @@ async fn bad_frames_get_errors_and_the_connection_stays_open() {
         "no history: recovery is refused explicitly"
     );
 }
+
+/// Issue 9.10: the seed group-chat client sends `msg_type` as a number and
+/// reads `online_users` from `/stats`.
+#[tokio::test]
+async fn seed_clients_send_numeric_msg_types_and_read_online_users() {
+    let server = TestServer::start().await;
+    let mut alice = server.connect("alice").await;
+    let mut bob = server.connect("bob").await;
+    for (client, id) in [(&mut alice, "a"), (&mut bob, "b")] {
+        let ack = client.command("join_group", id, json!({"group_id": 42})).await;
+        assert_eq!(ack["type"], "ack", "{ack}");
+    }
+    let ack = alice
+        .command(
+            "send_message",
+            "m1",
+            json!({"group_id": 42, "msg_type": 1, "content": "hi"}),
+        )
+        .await;
+    assert_eq!(ack["type"], "ack", "{ack}");
+    let frame = bob.expect_type("new_message").await;
+    assert_eq!(
+        frame["data"],
+        json!({"group_id": "42", "from_user_id": "alice", "msg_type": 1, "content": "hi"}),
+        "delivered as sent"
+    );
+    let refused = alice
+        .command(
+            "send_message",
+            "m2",
+            json!({"group_id": 42, "msg_type": true, "content": "hi"}),
+        )
+        .await;
+    assert_eq!(refused["data"]["code"], "invalid_data", "{refused}");
+    assert!(
+        refused["data"]["message"].as_str().unwrap().contains("msg_type"),
+        "{refused}"
+    );
+
+    // The HTTP chat endpoints take the same.
+    let token = server.token("alice");
+    let body = json!({"content": "hi group", "msg_type": 2}).to_string();
+    let (status, text) = server
+        .http("POST", "/api/v1/groups/42/messages", Some(&token), Some(body))
+        .await;
+    assert_eq!(status, 200, "{text}");
+    assert_eq!(bob.expect_type("new_message").await["data"]["msg_type"], 2);
+    let body = json!({"to_user_id": "bob", "content": "hi bob", "msg_type": 3}).to_string();
+    let (status, text) = server.http("POST", "/api/v1/messages", Some(&token), Some(body)).await;
+    assert_eq!(status, 200, "{text}");
+    assert_eq!(bob.expect_type("new_message").await["data"]["msg_type"], 3);
+
+    let (_, stats) = server.http("GET", "/stats", None, None).await;
+    let stats: serde_json::Value = serde_json::from_str(&stats).unwrap();
+    assert_eq!(stats["online_users"], 2, "{stats}");
+    assert_eq!(stats["users_online"], 2, "{stats}");
+}
