@@ -1095,10 +1095,13 @@ impl<'a> Session<'a> {
         data: Box<RawValue>,
         exclude_user: Option<String>,
     ) -> Result<crate::hub::Receipt, (ErrorCode, String)> {
-        self.hub
-            .policies()
-            .check_client_publish(&self.subject(), &channel)
-            .map_err(policy_error)?;
+        let policies = self.hub.policies();
+        if self.granted_by_server.contains(&channel) {
+            policies.check_member_publish(&channel)
+        } else {
+            policies.check_client_publish(&self.subject(), &channel)
+        }
+        .map_err(policy_error)?;
         let request = PublishRequest {
             channel,
             message_type,
