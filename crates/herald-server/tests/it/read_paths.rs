@@ -1,8 +1,10 @@
 //! The read paths (history over HTTP and WebSocket, the inbox, recovery)
 //! return what was published byte for byte, whatever JSON it was: numbers
 //! `serde_json::Value` cannot hold, nesting deeper than its recursion limit.
-//! Frames are read here as raw text, since the test's own JSON parser has
-//! the same limits.
+//! A named regression test, then a property test from arbitrary published
+//! data (HTTP and client publishes, direct messages) to every read, on both
+//! brokers. Frames are read here as raw text, since the test's own JSON
+//! parser has the same limits.
 
 use futures_util::StreamExt;
 use serde::Deserialize;
@@ -12,8 +14,8 @@ use tokio_tungstenite::tungstenite::Message;
 
 use crate::harness::{API_KEY, Client, DEADLINE, RedisServer, TestServer};
 
-const CONFIG: &str = "[namespaces.feed]\nsubscribe = \"authenticated\"\nhistory_size = 100\n\
-                      [namespaces.user]\nhistory_size = 100";
+const CONFIG: &str = "[namespaces.feed]\nsubscribe = \"authenticated\"\nclient_publish = true\n\
+                      history_size = 100\n[namespaces.user]\nhistory_size = 100";
 
 /// JSON that is valid but that a `serde_json::Value` cannot represent (or
 /// would not give back unchanged).
@@ -333,6 +335,7 @@ async fn round_trip(server: &TestServer, batch: &[Published]) -> Result<(), Test
     let channel = format!("feed:p{case}");
     let reader = format!("r{case}");
     let sender = server.token("sender");
+    let mut publisher = server.connect("sender").await;
     let mut expected = Vec::new();
     let mut expected_inbox = Vec::new();
     for item in batch {
@@ -354,6 +357,15 @@ async fn round_trip(server: &TestServer, batch: &[Published]) -> Result<(), Test
             Published::Json(text) if accepted => {
                 // Whitespace around the value belongs to the request body.
                 let text = text.trim_matches([' ', '\t', '\n', '\r']).to_owned();
+                expected.push(Read::Json(text.clone()));
+                // The same data published by a client, in a `publish` frame.
+                let frame = format!(
+                    r#"{{"type": "publish", "message_id": "p", "data": {{"channel": "{channel}", "data": {text}}}}}"#
+                );
+                publisher.send_text(&frame).await;
+                let reply = next_raw(&mut publisher).await;
+                prop_assert_eq!(reply.message_id.as_deref(), Some("p"));
+                prop_assert_eq!(&reply.kind, "ack", "{:?}", reply.data.map(|d| d.get().to_owned()));
                 expected.push(Read::Json(text.clone()));
                 let body = format!(r#"{{"to_user_id": "{reader}", "content": {text}}}"#);
                 let (status, answer) = server.http("POST", "/api/v1/messages", Some(&sender), Some(body)).await;
