@@ -180,17 +180,6 @@ impl Policies {
         self.check_subscribe(subject, channel)
     }
 
-    /// Whether a member that the server API subscribed to `channel` may
-    /// publish into it from a client connection: that membership stands in
-    /// for the subscribe check, so only the namespace's `client_publish`
-    /// decides.
-    pub fn check_member_publish(&self, channel: &ChannelName) -> Result<(), PolicyError> {
-        if !self.policy(channel)?.client_publish {
-            return Err(PolicyError::PublishForbidden(channel.to_string()));
-        }
-        Ok(())
-    }
-
     /// Whether `subject` may see who is in `channel`.
     pub fn check_presence(&self, subject: &Subject<'_>, channel: &ChannelName) -> Result<(), PolicyError> {
         if !self.policy(channel)?.presence {
@@ -267,9 +256,6 @@ mod tests {
             Err(PolicyError::SubscribeForbidden("group:8".into())),
             "groups are members-only"
         );
-        // A member the server API subscribed needs only `client_publish`.
-        assert_eq!(policies.check_member_publish(&channel("group:8")), Ok(()));
-        assert!(policies.check_member_publish(&channel("alerts:x")).is_err());
         assert_eq!(
             policies.check_client_publish(&alice, &channel("user:bob")),
             Ok(()),

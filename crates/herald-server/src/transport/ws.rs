@@ -839,6 +839,25 @@ impl<'a> Session<'a> {
         None
     }
 
+    /// A policy decision for this connection. A channel the server API
+    /// subscribed it to is one it is a member of (membership the backend
+    /// decided, e.g. a members-only group): "may not subscribe" does not
+    /// apply there, every other refusal does.
+    fn permit(
+        &self,
+        channel: &ChannelName,
+        decision: Result<(), herald_core::policy::PolicyError>,
+    ) -> Result<(), (ErrorCode, String)> {
+        match decision {
+            Err(herald_core::policy::PolicyError::SubscribeForbidden(_))
+                if self.granted_by_server.contains(channel) =>
+            {
+                Ok(())
+            }
+            other => other.map_err(policy_error),
+        }
+    }
+
     fn subject(&self) -> Subject<'_> {
         Subject {
             user_id: &self.identity.user_id,
@@ -854,10 +873,7 @@ impl<'a> Session<'a> {
         channel: &ChannelName,
         recover: Option<StreamPosition>,
     ) -> Result<serde_json::Value, (ErrorCode, String)> {
-        self.hub
-            .policies()
-            .check_subscribe(&self.subject(), channel)
-            .map_err(policy_error)?;
+        self.permit(channel, self.hub.policies().check_subscribe(&self.subject(), channel))?;
         if !self.subscriptions.contains(channel) && self.subscriptions.len() >= self.hub.limits().max_subscriptions {
             let limit = self.hub.limits().max_subscriptions;
             return Err(err(
@@ -974,10 +990,7 @@ impl<'a> Session<'a> {
         offset: Option<u64>,
     ) -> Result<serde_json::Value, (ErrorCode, String)> {
         // One may mark as read only what one may read.
-        self.hub
-            .policies()
-            .check_subscribe(&self.subject(), &channel)
-            .map_err(policy_error)?;
+        self.permit(&channel, self.hub.policies().check_subscribe(&self.subject(), &channel))?;
         let keeps_history = self.hub.policies().policy(&channel).is_ok_and(|p| p.keeps_history());
         let (offset, epoch) = match (keeps_history, offset) {
             (false, _) => (None, None),
@@ -1030,10 +1043,7 @@ impl<'a> Session<'a> {
         since: Option<StreamPosition>,
         limit: Option<u32>,
     ) -> Result<crate::api::HistoryAnswer, (ErrorCode, String)> {
-        self.hub
-            .policies()
-            .check_subscribe(&self.subject(), channel)
-            .map_err(policy_error)?;
+        self.permit(channel, self.hub.policies().check_subscribe(&self.subject(), channel))?;
         if !self.hub.policies().policy(channel).is_ok_and(|p| p.keeps_history()) {
             return Err(err(
                 ErrorCode::NotAvailable,
@@ -1095,13 +1105,10 @@ impl<'a> Session<'a> {
         data: Box<RawValue>,
         exclude_user: Option<String>,
     ) -> Result<crate::hub::Receipt, (ErrorCode, String)> {
-        let policies = self.hub.policies();
-        if self.granted_by_server.contains(&channel) {
-            policies.check_member_publish(&channel)
-        } else {
-            policies.check_client_publish(&self.subject(), &channel)
-        }
-        .map_err(policy_error)?;
+        self.permit(
+            &channel,
+            self.hub.policies().check_client_publish(&self.subject(), &channel),
+        )?;
         let request = PublishRequest {
             channel,
             message_type,
@@ -1116,10 +1123,7 @@ impl<'a> Session<'a> {
     }
 
     async fn presence(&self, channel: &ChannelName) -> Result<serde_json::Value, (ErrorCode, String)> {
-        self.hub
-            .policies()
-            .check_presence(&self.subject(), channel)
-            .map_err(policy_error)?;
+        self.permit(channel, self.hub.policies().check_presence(&self.subject(), channel))?;
         let presence = self.hub.broker.presence(channel).await.map_err(broker_error)?;
         Ok(crate::api::presence_json(channel, &presence))
     }

@@ -317,6 +317,7 @@ async fn groups_are_members_only_by_default() {
         ("subscribe", json!({"channel": "group:7"})),
         ("send_message", json!({"group_id": 7, "content": "spam"})),
         ("presence", json!({"channel": "group:7"})),
+        ("history", json!({"channel": "group:7"})),
     ] {
         let refused = outsider.command(kind, kind, data).await;
         assert_eq!(refused["data"]["code"], "forbidden", "{kind}: {refused}");
@@ -361,6 +362,18 @@ async fn groups_are_members_only_by_default() {
         .await;
     assert_eq!(ack["type"], "ack", "a member the server API added may post: {ack}");
     assert_eq!(alice.expect_type("new_message").await["data"]["content"], "from bob");
+    // A member is a member for every command that needs one.
+    let presence = bob.command("presence", "p", json!({"channel": "group:7"})).await;
+    assert_eq!(presence["type"], "ack", "{presence}");
+    assert_eq!(presence["data"]["connections"], 2, "{presence}");
+    let read = bob
+        .command("mark_read", "r", json!({"group_id": 7, "message_id": "m-1"}))
+        .await;
+    assert_eq!(read["type"], "ack", "{read}");
+    let refused = outsider
+        .command("mark_read", "r", json!({"group_id": 7, "message_id": "m-1"}))
+        .await;
+    assert_eq!(refused["data"]["code"], "forbidden", "{refused}");
     // The outsider saw none of it.
     expect_only_marker(&server, &mut outsider, "user:mallory").await;
 
