@@ -9,7 +9,8 @@ def b64(data: bytes) -> str:
 
 def token(secret: str, user: str, ttl: int = 3600) -> str:
     header = b64(json.dumps({"alg": "HS256", "typ": "JWT"}).encode())
-    claims = b64(json.dumps({"sub": user, "exp": int(time.time()) + ttl}).encode())
+    # Groups are members-only by default: the probes' users may join any.
+    claims = b64(json.dumps({"sub": user, "exp": int(time.time()) + ttl, "channels": ["group:*"]}).encode())
     signature = hmac.new(secret.encode(), f"{header}.{claims}".encode(), hashlib.sha256).digest()
     return f"{header}.{claims}.{b64(signature)}"
 

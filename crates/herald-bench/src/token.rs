@@ -9,9 +9,11 @@ use sha2::Sha256;
 /// `{"alg":"HS256","typ":"JWT"}`, base64url-encoded.
 const HS256_HEADER: &str = "eyJhbGciOiJIUzI1NiIsInR5cCI6IkpXVCJ9";
 
-/// A token for user `subject` that expires at `expires_at` (Unix seconds).
+/// A token for user `subject` that expires at `expires_at` (Unix seconds),
+/// a member of every group (Herald's groups are members-only by default, and
+/// the scenarios subscribe to `group:…` channels).
 pub fn mint(secret: &[u8], subject: &str, expires_at: u64) -> String {
-    let claims = serde_json::json!({ "sub": subject, "exp": expires_at });
+    let claims = serde_json::json!({ "sub": subject, "exp": expires_at, "channels": ["group:*"] });
     sign(secret, &claims.to_string())
 }
 
@@ -49,6 +51,9 @@ mod tests {
         let claims = token.split('.').nth(1).expect("three parts");
         let claims: serde_json::Value =
             serde_json::from_slice(&URL_SAFE_NO_PAD.decode(claims).expect("base64url")).expect("JSON");
-        assert_eq!(claims, serde_json::json!({"sub": "u7", "exp": 2_000_000_000u64}));
+        assert_eq!(
+            claims,
+            serde_json::json!({"sub": "u7", "exp": 2_000_000_000u64, "channels": ["group:*"]})
+        );
     }
 }

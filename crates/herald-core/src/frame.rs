@@ -68,7 +68,7 @@ pub enum Command {
     },
     SendMessage {
         group_id: String,
-        msg_type: String,
+        msg_type: MsgType,
         content: Box<RawValue>,
     },
     MarkRead {
@@ -286,7 +286,7 @@ pub fn parse_client_frame(text: &str) -> Result<ClientFrame, FrameError> {
         "send_message" => {
             let d: SendMessageData = fields(&kind, data).map_err(|m| fail(ErrorCode::InvalidData, m))?;
             group_channel(&d.group_id).map_err(|m| fail(ErrorCode::InvalidChannel, m))?;
-            validate_message_type(&d.msg_type).map_err(|m| fail(ErrorCode::InvalidData, m))?;
+            d.msg_type.validate().map_err(|m| fail(ErrorCode::InvalidData, m))?;
             Command::SendMessage {
                 group_id: d.group_id,
                 msg_type: d.msg_type,
@@ -421,14 +421,46 @@ struct GroupData {
 struct SendMessageData {
     #[serde(deserialize_with = "string_or_number")]
     group_id: String,
-    #[serde(default = "default_msg_type")]
-    msg_type: String,
+    #[serde(default)]
+    msg_type: MsgType,
     content: Box<RawValue>,
 }
 
-/// The `msg_type` of a chat message that does not give one.
-pub fn default_msg_type() -> String {
-    "text".to_owned()
+/// A chat message's `msg_type`: a name (`"text"`, the default) or a number
+/// (the seed group-chat client sends `1`). Delivered as the client sent it.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(untagged)]
+pub enum MsgType {
+    Name(String),
+    Number(serde_json::Number),
+}
+
+impl Default for MsgType {
+    fn default() -> Self {
+        MsgType::Name("text".to_owned())
+    }
+}
+
+impl MsgType {
+    /// A name follows the rules of a message `type`; any number will do.
+    pub fn validate(&self) -> Result<(), String> {
+        match self {
+            MsgType::Name(name) => validate_message_type(name).map_err(|e| format!("`msg_type`: {e}")),
+            MsgType::Number(_) => Ok(()),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for MsgType {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        match Value::deserialize(deserializer)? {
+            Value::String(name) => Ok(MsgType::Name(name)),
+            Value::Number(number) => Ok(MsgType::Number(number)),
+            other => Err(de::Error::custom(format!(
+                "`msg_type` must be a string or a number, found {other}"
+            ))),
+        }
+    }
 }
 
 #[derive(Deserialize)]
@@ -545,6 +577,10 @@ mod tests {
         check(r#"{"type":"leave_group","data":{"group_id":"42"}}"#, "ok leave_group");
         check(
             r#"{"type":"send_message","data":{"group_id":1,"content":"hi"}}"#,
+            "ok send_message",
+        );
+        check(
+            r#"{"type":"send_message","data":{"group_id":1,"msg_type":1,"content":"hi"}}"#,
             "ok send_message",
         );
         check(

@@ -96,12 +96,14 @@ pub struct Policies {
 }
 
 /// The policy a namespace has before configuration: `user` is owner-only
-/// with direct messages allowed; `group` is open to any authenticated user;
-/// bare names and other namespaces need the token's `channels` claim.
+/// with direct messages allowed; `group` is members-only (the token's
+/// `channels` claim, or a subscription made by the server API) with chat
+/// allowed; bare names and other namespaces need the token's `channels`
+/// claim. Open groups are `[namespaces.group] subscribe = "authenticated"`.
 pub fn default_policy(namespace: Option<&str>) -> NamespacePolicy {
     match namespace {
         Some("user") => NamespacePolicy::new(SubscribePolicy::Owner, true, false),
-        Some("group") => NamespacePolicy::new(SubscribePolicy::Authenticated, true, true),
+        Some("group") => NamespacePolicy::new(SubscribePolicy::Claim, true, true),
         _ => NamespacePolicy::new(SubscribePolicy::Claim, false, true),
     }
 }
@@ -224,7 +226,7 @@ mod tests {
         let cases: &[(&str, Result<(), PolicyError>)] = &[
             ("user:alice", Ok(())),
             ("user:bob", Err(PolicyError::SubscribeForbidden("user:bob".into()))),
-            ("group:1", Ok(())),
+            ("group:1", Err(PolicyError::SubscribeForbidden("group:1".into()))),
             ("team:red", Ok(())),
             ("team:blue-2", Ok(())),
             ("team:green", Err(PolicyError::SubscribeForbidden("team:green".into()))),
@@ -240,7 +242,7 @@ mod tests {
     #[test]
     fn publish_needs_both_flags() {
         let policies = policies();
-        let granted = vec!["team:red".to_owned()];
+        let granted = vec!["team:red".to_owned(), "group:9".to_owned()];
         let alice = Subject {
             user_id: "alice",
             granted: &granted,
@@ -249,6 +251,11 @@ mod tests {
         assert!(policies.check_client_publish(&alice, &channel("team:green")).is_err());
         assert!(policies.check_client_publish(&alice, &channel("alerts:x")).is_err());
         assert_eq!(policies.check_client_publish(&alice, &channel("group:9")), Ok(()));
+        assert_eq!(
+            policies.check_client_publish(&alice, &channel("group:8")),
+            Err(PolicyError::SubscribeForbidden("group:8".into())),
+            "groups are members-only"
+        );
         assert_eq!(
             policies.check_client_publish(&alice, &channel("user:bob")),
             Ok(()),

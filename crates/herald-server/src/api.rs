@@ -13,7 +13,7 @@ use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use base64::Engine;
 use herald_core::frame::StreamPosition;
-use herald_core::frame::{self, validate_message_type};
+use herald_core::frame::{self, MsgType, validate_message_type};
 use herald_core::publication::{CONTROL_SUBSCRIBE, CONTROL_UNSUBSCRIBE};
 use herald_core::{ChannelName, Payload, Publication};
 use serde::Deserialize;
@@ -70,6 +70,13 @@ impl IntoResponse for ApiError {
             response
                 .headers_mut()
                 .insert(header::WWW_AUTHENTICATE, header::HeaderValue::from_static("Bearer"));
+        }
+        if self.status == StatusCode::REQUEST_TIMEOUT {
+            // The rest of the body may still be on its way: the connection
+            // cannot carry another request.
+            response
+                .headers_mut()
+                .insert(header::CONNECTION, header::HeaderValue::from_static("close"));
         }
         response
     }
@@ -275,16 +282,16 @@ struct DirectMessageBody {
     #[serde(deserialize_with = "frame::string_or_number")]
     to_user_id: String,
     content: Box<RawValue>,
-    #[serde(default = "frame::default_msg_type")]
-    msg_type: String,
+    #[serde(default)]
+    msg_type: MsgType,
 }
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct GroupMessageBody {
     content: Box<RawValue>,
-    #[serde(default = "frame::default_msg_type")]
-    msg_type: String,
+    #[serde(default)]
+    msg_type: MsgType,
 }
 
 /// `POST /api/v1/messages` (user token): a direct message to another user,
@@ -292,14 +299,14 @@ struct GroupMessageBody {
 pub async fn direct_message(State(hub): State<Hub>, headers: HeaderMap, body: Body) -> ApiResult {
     let sender = require_user(&hub, &headers)?;
     let request: DirectMessageBody = read_json(&hub, body).await?;
-    validate_message_type(&request.msg_type).map_err(|m| bad_request(&m))?;
+    request.msg_type.validate().map_err(|m| bad_request(&m))?;
     let channel = ChannelName::user(&request.to_user_id).map_err(|e| bad_request(&format!("`to_user_id`: {e}")))?;
     check_publish(&hub, &sender, &channel)?;
     #[derive(serde::Serialize)]
     struct DirectMessage<'a> {
         from_user_id: &'a str,
         to_user_id: &'a str,
-        msg_type: &'a str,
+        msg_type: &'a MsgType,
         content: &'a RawValue,
     }
     let data = serde_json::to_string(&DirectMessage {
@@ -335,7 +342,7 @@ pub async fn group_message(
     let sender = require_user(&hub, &headers)?;
     let Path(group_id) = path.map_err(|e| bad_request(&e.body_text()))?;
     let request: GroupMessageBody = read_json(&hub, body).await?;
-    validate_message_type(&request.msg_type).map_err(|m| bad_request(&m))?;
+    request.msg_type.validate().map_err(|m| bad_request(&m))?;
     let channel = ChannelName::group(&group_id).map_err(|e| bad_request(&format!("group id: {e}")))?;
     check_publish(&hub, &sender, &channel)?;
     let data = chat_message(&group_id, &sender.user_id, &request.msg_type, &request.content);
@@ -478,50 +485,120 @@ async fn read_history(hub: &Hub, channel: &ChannelName, query: HistoryQuery) -> 
         epoch: query.epoch,
     });
     let page = hub.history(channel, since, limit).await.map_err(unavailable)?;
-    let mut body = history_json(channel, &page);
-    let next = page
-        .publications
-        .last()
-        .and_then(|p| p.offset)
-        .unwrap_or(page.current.offset);
-    body["next"] = json!(next);
-    body["more"] = json!(next < page.current.offset && page.recovered);
-    Ok(Json(body).into_response())
+    Ok(Json(HistoryAnswer::with_paging(channel.clone(), page)).into_response())
 }
 
-/// A history page as JSON: `{channel, epoch, offset, recovered,
-/// publications}`, each publication in its delivery shape (binary payloads
-/// as `data_base64`).
-pub fn history_json(channel: &ChannelName, page: &crate::broker::HistoryPage) -> serde_json::Value {
-    let publications: Vec<serde_json::Value> = page.publications.iter().map(publication_json).collect();
-    json!({
-        "channel": channel,
-        "epoch": page.current.epoch,
-        "offset": page.current.offset,
-        "recovered": page.recovered,
-        "publications": publications,
-    })
+/// A history page as the HTTP API and the `history` command answer it:
+/// `{channel, epoch, offset, recovered, publications}` (plus `next` and
+/// `more` over HTTP), each publication in its delivery shape (binary
+/// payloads as `data_base64`).
+///
+/// Serialized straight from the stored payloads: what was accepted goes out
+/// byte for byte, and nothing on a read path parses it again. (A payload
+/// that `serde_json::Value` cannot hold, such as `1e400` or nesting deeper
+/// than its recursion limit, is served like any other.)
+pub struct HistoryAnswer {
+    channel: ChannelName,
+    page: crate::broker::HistoryPage,
+    /// Whether to say where the next page starts (`next`, `more`): the HTTP
+    /// API pages by offset; the `history` command leaves that to the client.
+    paging: bool,
 }
 
-/// One publication in its delivery shape, as a JSON value.
-pub fn publication_json(publication: &Publication) -> serde_json::Value {
-    match &publication.payload {
-        Payload::Json(_) => match publication.encode() {
-            herald_core::publication::EncodedFrame::Text(text) => {
-                serde_json::from_str(&text).expect("an encoded delivery is JSON")
-            }
-            herald_core::publication::EncodedFrame::Binary(_) => unreachable!("JSON payloads encode as text"),
-        },
-        Payload::Binary(bytes) => json!({
-            "type": publication.message_type,
-            "channel": publication.channel,
-            "message_id": publication.message_id,
-            "offset": publication.offset,
-            "epoch": publication.epoch,
-                        "timestamp": publication.timestamp_ms,
-            "from": publication.from,
-            "data_base64": base64::engine::general_purpose::STANDARD.encode(bytes),
-        }),
+impl HistoryAnswer {
+    /// The `history` command's answer.
+    pub fn new(channel: ChannelName, page: crate::broker::HistoryPage) -> Self {
+        HistoryAnswer {
+            channel,
+            page,
+            paging: false,
+        }
+    }
+
+    /// The HTTP API's answer, with `next` and `more`.
+    pub fn with_paging(channel: ChannelName, page: crate::broker::HistoryPage) -> Self {
+        HistoryAnswer {
+            channel,
+            page,
+            paging: true,
+        }
+    }
+}
+
+impl serde::Serialize for HistoryAnswer {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        #[derive(serde::Serialize)]
+        struct Shape<'a> {
+            channel: &'a ChannelName,
+            epoch: &'a str,
+            offset: u64,
+            recovered: bool,
+            publications: Vec<PublicationJson<'a>>,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            next: Option<u64>,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            more: Option<bool>,
+        }
+        let page = &self.page;
+        let next = page
+            .publications
+            .last()
+            .and_then(|p| p.offset)
+            .unwrap_or(page.current.offset);
+        let paging = self
+            .paging
+            .then_some((next, next < page.current.offset && page.recovered));
+        Shape {
+            channel: &self.channel,
+            epoch: &page.current.epoch,
+            offset: page.current.offset,
+            recovered: page.recovered,
+            publications: page.publications.iter().map(PublicationJson::new).collect(),
+            next: paging.map(|(next, _)| next),
+            more: paging.map(|(_, more)| more),
+        }
+        .serialize(serializer)
+    }
+}
+
+/// One publication in its delivery shape: the fields of a delivered frame,
+/// with `data` the stored JSON text as is, or `data_base64` for binary.
+#[derive(serde::Serialize)]
+struct PublicationJson<'a> {
+    #[serde(rename = "type")]
+    message_type: &'a str,
+    channel: &'a str,
+    message_id: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    offset: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    epoch: Option<&'a str>,
+    timestamp: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    from: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    data: Option<&'a RawValue>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    data_base64: Option<String>,
+}
+
+impl<'a> PublicationJson<'a> {
+    fn new(publication: &'a Publication) -> Self {
+        let (data, data_base64) = match &publication.payload {
+            Payload::Json(raw) => (Some(&**raw), None),
+            Payload::Binary(bytes) => (None, Some(base64::engine::general_purpose::STANDARD.encode(bytes))),
+        };
+        PublicationJson {
+            message_type: &publication.message_type,
+            channel: publication.channel.as_str(),
+            message_id: &publication.message_id,
+            offset: publication.offset,
+            epoch: publication.epoch.as_deref(),
+            timestamp: publication.timestamp_ms,
+            from: publication.from.as_deref(),
+            data,
+            data_base64,
+        }
     }
 }
 
@@ -620,11 +697,14 @@ pub async fn ready(State(hub): State<Hub>) -> Response {
 pub async fn stats(State(hub): State<Hub>) -> Response {
     use std::sync::atomic::Ordering::Relaxed;
     let metrics = &hub.metrics;
+    let users_online = hub.users_online();
     Json(json!({
         "node_id": hub.node_id,
         "uptime_seconds": hub.started.elapsed().as_secs(),
         "connections": metrics.connections_current.load(Relaxed),
-        "users_online": hub.users_online(),
+        "users_online": users_online,
+        // The seed's name for the same figure; its dashboards read it.
+        "online_users": users_online,
         "channels": hub.fanout.registry.channel_count(),
                 "messages_published": metrics.messages_published.get("http")
             + metrics.messages_published.get("client")
@@ -723,15 +803,36 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
+/// Reads and parses a request body, bounded in size and in time (a body
+/// that trickles in would otherwise hold the connection and its task for as
+/// long as the client likes).
 async fn read_json<T: DeserializeOwned>(hub: &Hub, body: Body) -> Result<T, ApiError> {
     let limit = hub.limits().max_message_size + ENVELOPE_ALLOWANCE;
-    let bytes = axum::body::to_bytes(body, limit).await.map_err(|_| {
-        ApiError::new(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            "too_large",
-            format!("request body is larger than {limit} bytes"),
-        )
-    })?;
+    let timeout = hub.limits().body_timeout;
+    let read = tokio::time::timeout(timeout, axum::body::to_bytes(body, limit)).await;
+    let bytes = match read {
+        Ok(Ok(bytes)) => bytes,
+        Ok(Err(_)) => {
+            return Err(ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "too_large",
+                format!("request body is larger than {limit} bytes"),
+            ));
+        }
+        Err(_elapsed) => {
+            hub.metrics
+                .http_body_timeouts
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            return Err(ApiError::new(
+                StatusCode::REQUEST_TIMEOUT,
+                "request_timeout",
+                format!(
+                    "request body did not arrive within {}",
+                    herald_core::duration::format_duration(timeout)
+                ),
+            ));
+        }
+    };
     serde_json::from_slice(&bytes).map_err(|e| bad_request(&format!("invalid JSON body: {e}")))
 }
 

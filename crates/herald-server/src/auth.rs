@@ -69,6 +69,10 @@ impl AuthError {
     }
 }
 
+/// The library refuses only an empty HMAC key; configuration refuses any
+/// secret shorter than 16 bytes before a key is built.
+const NON_EMPTY_SECRET: &str = "jwt.secret is validated to be at least 16 bytes";
+
 /// Verifies bearer tokens.
 pub trait TokenVerifier: Send + Sync + 'static {
     fn verify(&self, token: &str) -> Result<Identity, AuthError>;
@@ -98,16 +102,23 @@ impl JwtVerifier {
         validation.leeway = config.leeway.as_secs();
         validation.validate_exp = true;
         validation.validate_nbf = true;
-        validation.set_required_spec_claims(&["exp"]);
+        // A configured issuer or audience is required, not only checked when
+        // present: the library compares a claim only if the token has it.
+        let mut required = vec!["exp"];
         match &config.audience {
-            Some(audience) => validation.set_audience(&[audience]),
+            Some(audience) => {
+                validation.set_audience(&[audience]);
+                required.push("aud");
+            }
             None => validation.validate_aud = false,
         }
         if let Some(issuer) = &config.issuer {
             validation.set_issuer(&[issuer]);
+            required.push("iss");
         }
+        validation.set_required_spec_claims(&required);
         JwtVerifier {
-            key: DecodingKey::from_secret(secret.as_bytes()),
+            key: DecodingKey::from_secret(secret.as_bytes()).expect(NON_EMPTY_SECRET),
             validation,
             allowed: config.algorithms.clone(),
             user_claim: config.user_claim.clone(),
@@ -139,19 +150,20 @@ impl TokenVerifier for JwtVerifier {
             return Err(AuthError::AlgorithmNotAllowed(shown));
         }
 
-        let data =
-            jsonwebtoken::decode::<Map<String, Value>>(token, &self.key, &self.validation).map_err(|e| {
-                match e.kind() {
-                    ErrorKind::InvalidSignature => AuthError::BadSignature,
-                    ErrorKind::ExpiredSignature => AuthError::Expired,
-                    ErrorKind::ImmatureSignature => AuthError::NotYetValid,
-                    ErrorKind::InvalidIssuer => AuthError::WrongIssuer,
-                    ErrorKind::InvalidAudience => AuthError::WrongAudience,
-                    ErrorKind::InvalidAlgorithm => AuthError::AlgorithmNotAllowed(alg.clone()),
-                    ErrorKind::MissingRequiredClaim(claim) => AuthError::MissingClaim(claim.clone()),
-                    _ => AuthError::Malformed,
-                }
-            })?;
+        let data = jsonwebtoken::decode::<Map<String, Value>>(token, &self.key, &self.validation).map_err(|e| {
+            match e.kind() {
+                ErrorKind::InvalidSignature => AuthError::BadSignature,
+                ErrorKind::ExpiredSignature => AuthError::Expired,
+                ErrorKind::ImmatureSignature => AuthError::NotYetValid,
+                ErrorKind::InvalidIssuer => AuthError::WrongIssuer,
+                ErrorKind::InvalidAudience => AuthError::WrongAudience,
+                ErrorKind::InvalidAlgorithm => AuthError::AlgorithmNotAllowed(alg.clone()),
+                ErrorKind::MissingRequiredClaim(claim) => AuthError::MissingClaim(claim.clone()),
+                // A registered claim of the wrong JSON type (`"exp": "…"`).
+                ErrorKind::InvalidClaimFormat(claim) => AuthError::InvalidClaim(claim.clone()),
+                _ => AuthError::Malformed,
+            }
+        })?;
         let claims = data.claims;
         let user_id = match claims.get(&self.user_claim) {
             Some(Value::String(id)) if !id.is_empty() => id.clone(),
@@ -189,6 +201,12 @@ pub struct MintClaims<'a> {
     pub sub: &'a str,
     pub iat: u64,
     pub exp: u64,
+    /// `jwt.issuer` and `jwt.audience` when configured: the verifier
+    /// requires them, so a minted token carries them.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub iss: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub aud: Option<&'a str>,
     #[serde(skip_serializing_if = "<[String]>::is_empty")]
     pub channels: &'a [String],
 }
@@ -202,12 +220,14 @@ pub fn mint(config: &JwtConfig, user_id: &str, channels: &[String], ttl_seconds:
         sub: user_id,
         iat: now,
         exp: now + ttl_seconds,
+        iss: config.issuer.as_deref(),
+        aud: config.audience.as_deref(),
         channels,
     };
     jsonwebtoken::encode(
         &Header::new(config.algorithms[0]),
         &claims,
-        &EncodingKey::from_secret(secret.as_bytes()),
+        &EncodingKey::from_secret(secret.as_bytes()).expect(NON_EMPTY_SECRET),
     )
     .expect("HMAC signing with a valid secret cannot fail")
 }
@@ -236,7 +256,12 @@ mod tests {
 
     fn sign(claims: Value, alg: Algorithm, secret: &str) -> String {
         install_crypto_provider();
-        jsonwebtoken::encode(&Header::new(alg), &claims, &EncodingKey::from_secret(secret.as_bytes())).unwrap()
+        jsonwebtoken::encode(
+            &Header::new(alg),
+            &claims,
+            &EncodingKey::from_secret(secret.as_bytes()).unwrap(),
+        )
+        .unwrap()
     }
 
     fn unsigned(claims: Value) -> String {
@@ -313,10 +338,12 @@ mod tests {
 
     #[test]
     fn minted_tokens_verify() {
-        let config = jwt_config("");
-        let token = mint(&config, "bob", &["group:1".into()], 60);
-        let identity = JwtVerifier::new(&config).verify(&token).unwrap();
-        assert_eq!(identity.user_id, "bob");
-        assert_eq!(identity.channels, ["group:1"]);
+        for extra in ["", "issuer = \"auth\"\naudience = \"herald\""] {
+            let config = jwt_config(extra);
+            let token = mint(&config, "bob", &["group:1".into()], 60);
+            let identity = JwtVerifier::new(&config).verify(&token).unwrap();
+            assert_eq!(identity.user_id, "bob");
+            assert_eq!(identity.channels, ["group:1"]);
+        }
     }
 }

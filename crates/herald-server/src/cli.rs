@@ -183,7 +183,7 @@ fn print_banner(config: &Config, addr: std::net::SocketAddr) {
     if !config.ephemeral_secrets {
         return;
     }
-    let token = crate::auth::mint(&config.jwt, "demo", &[], 24 * 3_600);
+    let token = crate::auth::mint(&config.jwt, "demo", &[crate::demo::DEMO_ROOM.to_owned()], 24 * 3_600);
     let api_key = config.api_key.as_deref().unwrap_or_default();
     println!("Embedded mode: the JWT secret and API key below were generated for this run only.");
     println!("  demo page:     http://{addr}/");

@@ -132,6 +132,7 @@ pub struct RawLimits {
     pub max_connections_per_ip: Option<usize>,
     pub max_message_size: Option<usize>,
     pub handshake_timeout: Option<String>,
+    pub body_timeout: Option<String>,
     pub auth_timeout: Option<String>,
     pub commands_per_second: Option<u32>,
     pub command_burst: Option<u32>,
@@ -298,6 +299,10 @@ pub struct Limits {
     pub max_message_size: usize,
     /// From TCP accept to the end of the HTTP request head.
     pub handshake_timeout: Duration,
+    /// How long an HTTP request body may take to arrive once its handler
+    /// reads it; slower, it is answered 408 and the connection closed (so a
+    /// trickling body cannot hold a connection and a task forever).
+    pub body_timeout: Duration,
     /// From the WebSocket upgrade to a successful `auth` frame.
     pub auth_timeout: Duration,
     pub commands_per_second: u32,
@@ -414,6 +419,7 @@ impl Config {
             max_connections_per_ip: positive("limits.max_connections_per_ip", l.max_connections_per_ip, 100_000)?,
             max_message_size: positive("limits.max_message_size", l.max_message_size, 64 * 1024)?,
             handshake_timeout: duration("limits.handshake_timeout", l.handshake_timeout, "10s")?,
+            body_timeout: duration("limits.body_timeout", l.body_timeout, "10s")?,
             auth_timeout: duration("limits.auth_timeout", l.auth_timeout, "10s")?,
             commands_per_second: positive(
                 "limits.commands_per_second",

@@ -13,6 +13,9 @@ use serde_json::json;
 use crate::api::json_error;
 use crate::hub::Hub;
 
+/// The group the demo page chats in (`assets/demo.html` joins `demo`).
+pub const DEMO_ROOM: &str = "group:demo";
+
 pub async fn page() -> Html<&'static str> {
     Html(include_str!("../assets/demo.html"))
 }
@@ -36,6 +39,8 @@ pub async fn token(
             "user names are 1-64 of A-Z a-z 0-9 _ - .",
         );
     }
-    let token = crate::auth::mint(&hub.config.jwt, &params.user, &[], 3_600);
+    // Groups are members-only: a demo token makes its user a member of the
+    // page's room, and of no other group.
+    let token = crate::auth::mint(&hub.config.jwt, &params.user, &[DEMO_ROOM.to_owned()], 3_600);
     Json(json!({"token": token})).into_response()
 }

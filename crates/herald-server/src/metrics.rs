@@ -108,6 +108,9 @@ pub struct Metrics {
     pub duplicates_suppressed: AtomicU64,
     pub commands: AtomicU64,
     pub command_errors: AtomicU64,
+    /// HTTP requests answered 408 because the body did not arrive within
+    /// `limits.body_timeout`.
+    pub http_body_timeouts: AtomicU64,
     /// Time from accepting a publish to having queued it for every local subscriber.
     pub fanout_latency: Histogram,
     pub broker_up: AtomicI64,
@@ -188,6 +191,7 @@ impl Default for Metrics {
             duplicates_suppressed: AtomicU64::new(0),
             commands: AtomicU64::new(0),
             command_errors: AtomicU64::new(0),
+            http_body_timeouts: AtomicU64::new(0),
             fanout_latency: Histogram::new(LATENCY_BOUNDS),
             broker_up: AtomicI64::new(1),
             broker_reconnects: AtomicU64::new(0),
@@ -268,6 +272,12 @@ impl Metrics {
             "herald_command_errors_total",
             "Client commands answered with an error.",
             self.command_errors.load(Relaxed),
+        );
+        counter(
+            &mut out,
+            "herald_http_body_timeouts_total",
+            "HTTP requests answered 408: the body did not arrive within limits.body_timeout.",
+            self.http_body_timeouts.load(Relaxed),
         );
         self.fanout_latency.render(
             &mut out,

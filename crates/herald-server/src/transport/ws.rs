@@ -876,6 +876,25 @@ impl<'a> Session<'a> {
         None
     }
 
+    /// A policy decision for this connection. A channel the server API
+    /// subscribed it to is one it is a member of (membership the backend
+    /// decided, e.g. a members-only group): "may not subscribe" does not
+    /// apply there, every other refusal does.
+    fn permit(
+        &self,
+        channel: &ChannelName,
+        decision: Result<(), herald_core::policy::PolicyError>,
+    ) -> Result<(), (ErrorCode, String)> {
+        match decision {
+            Err(herald_core::policy::PolicyError::SubscribeForbidden(_))
+                if self.granted_by_server.contains(channel) =>
+            {
+                Ok(())
+            }
+            other => other.map_err(policy_error),
+        }
+    }
+
     fn subject(&self) -> Subject<'_> {
         Subject {
             user_id: &self.identity.user_id,
@@ -891,10 +910,7 @@ impl<'a> Session<'a> {
         channel: &ChannelName,
         recover: Option<StreamPosition>,
     ) -> Result<serde_json::Value, (ErrorCode, String)> {
-        self.hub
-            .policies()
-            .check_subscribe(&self.subject(), channel)
-            .map_err(policy_error)?;
+        self.permit(channel, self.hub.policies().check_subscribe(&self.subject(), channel))?;
         if !self.subscriptions.contains(channel) && self.subscriptions.len() >= self.hub.limits().max_subscriptions {
             let limit = self.hub.limits().max_subscriptions;
             return Err(err(
@@ -1011,10 +1027,7 @@ impl<'a> Session<'a> {
         offset: Option<u64>,
     ) -> Result<serde_json::Value, (ErrorCode, String)> {
         // One may mark as read only what one may read.
-        self.hub
-            .policies()
-            .check_subscribe(&self.subject(), &channel)
-            .map_err(policy_error)?;
+        self.permit(&channel, self.hub.policies().check_subscribe(&self.subject(), &channel))?;
         let keeps_history = self.hub.policies().policy(&channel).is_ok_and(|p| p.keeps_history());
         let (offset, epoch) = match (keeps_history, offset) {
             (false, _) => (None, None),
@@ -1066,11 +1079,8 @@ impl<'a> Session<'a> {
         channel: &ChannelName,
         since: Option<StreamPosition>,
         limit: Option<u32>,
-    ) -> Result<serde_json::Value, (ErrorCode, String)> {
-        self.hub
-            .policies()
-            .check_subscribe(&self.subject(), channel)
-            .map_err(policy_error)?;
+    ) -> Result<crate::api::HistoryAnswer, (ErrorCode, String)> {
+        self.permit(channel, self.hub.policies().check_subscribe(&self.subject(), channel))?;
         if !self.hub.policies().policy(channel).is_ok_and(|p| p.keeps_history()) {
             return Err(err(
                 ErrorCode::NotAvailable,
@@ -1079,7 +1089,7 @@ impl<'a> Session<'a> {
         }
         let limit = limit.map_or(DEFAULT_HISTORY_PAGE, |l| l as usize).min(MAX_HISTORY_PAGE);
         let page = self.hub.history(channel, since, limit).await.map_err(broker_error)?;
-        Ok(crate::api::history_json(channel, &page))
+        Ok(crate::api::HistoryAnswer::new(channel.clone(), page))
     }
 
     async fn unsubscribe(&mut self, channel: &ChannelName) -> Result<(), (ErrorCode, String)> {
@@ -1132,10 +1142,10 @@ impl<'a> Session<'a> {
         data: Box<RawValue>,
         exclude_user: Option<String>,
     ) -> Result<crate::hub::Receipt, (ErrorCode, String)> {
-        self.hub
-            .policies()
-            .check_client_publish(&self.subject(), &channel)
-            .map_err(policy_error)?;
+        self.permit(
+            &channel,
+            self.hub.policies().check_client_publish(&self.subject(), &channel),
+        )?;
         let request = PublishRequest {
             channel,
             message_type,
@@ -1150,10 +1160,7 @@ impl<'a> Session<'a> {
     }
 
     async fn presence(&self, channel: &ChannelName) -> Result<serde_json::Value, (ErrorCode, String)> {
-        self.hub
-            .policies()
-            .check_presence(&self.subject(), channel)
-            .map_err(policy_error)?;
+        self.permit(channel, self.hub.policies().check_presence(&self.subject(), channel))?;
         let presence = self.hub.broker.presence(channel).await.map_err(broker_error)?;
         Ok(crate::api::presence_json(channel, &presence))
     }
@@ -1203,12 +1210,17 @@ fn broker_error(error: crate::broker::BrokerError) -> (ErrorCode, String) {
 }
 
 /// The `data` of a chat message, the seed protocol's `new_message` shape.
-pub fn chat_message(group_id: &str, from_user_id: &str, msg_type: &str, content: &RawValue) -> Box<RawValue> {
+pub fn chat_message(
+    group_id: &str,
+    from_user_id: &str,
+    msg_type: &herald_core::frame::MsgType,
+    content: &RawValue,
+) -> Box<RawValue> {
     #[derive(Serialize)]
     struct ChatMessage<'a> {
         group_id: &'a str,
         from_user_id: &'a str,
-        msg_type: &'a str,
+        msg_type: &'a herald_core::frame::MsgType,
         content: &'a RawValue,
     }
     let json = serde_json::to_string(&ChatMessage {

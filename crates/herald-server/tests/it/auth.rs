@@ -13,7 +13,12 @@ fn now() -> u64 {
 
 fn sign(claims: Value, alg: Algorithm, secret: &str) -> String {
     let _ = jsonwebtoken::crypto::rust_crypto::DEFAULT_PROVIDER.install_default();
-    jsonwebtoken::encode(&Header::new(alg), &claims, &EncodingKey::from_secret(secret.as_bytes())).unwrap()
+    jsonwebtoken::encode(
+        &Header::new(alg),
+        &claims,
+        &EncodingKey::from_secret(secret.as_bytes()).unwrap(),
+    )
+    .unwrap()
 }
 
 fn unsigned(claims: Value) -> String {
@@ -281,4 +286,109 @@ async fn refresh_drops_subscriptions_the_new_token_no_longer_grants() {
     server.publish_ok("team:red", json!("revoked")).await;
     server.publish_ok("team:blue", json!("kept")).await;
     assert_eq!(client.next_frame().await["data"], "kept");
+}
+
+/// Signs `claims` under a header given as raw JSON (for headers the library
+/// would not build itself).
+fn sign_with_header(header: Value, claims: Value) -> String {
+    let _ = jsonwebtoken::crypto::rust_crypto::DEFAULT_PROVIDER.install_default();
+    let engine = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    let message = format!(
+        "{}.{}",
+        engine.encode(header.to_string()),
+        engine.encode(claims.to_string())
+    );
+    let key = EncodingKey::from_secret(SECRET.as_bytes()).unwrap();
+    let signature = jsonwebtoken::crypto::sign(message.as_bytes(), &key, Algorithm::HS256).unwrap();
+    format!("{message}.{signature}")
+}
+
+/// Connects with `token` on both auth paths; asserts `auth_failed` naming
+/// `fragment`, then close 4001.
+async fn assert_refused(server: &TestServer, token: &str, fragment: &str) {
+    for via_frame in [false, true] {
+        let mut client = if via_frame {
+            let mut client = server.connect_raw("").await.unwrap();
+            client.send(json!({"type": "auth", "data": {"token": token}})).await;
+            client
+        } else {
+            server.connect_raw(&format!("?token={token}")).await.unwrap()
+        };
+        let failed = client.expect_type("auth_failed").await;
+        let message = failed["data"]["message"].as_str().unwrap();
+        assert!(message.contains(fragment), "{fragment}: {failed}");
+        assert_eq!(client.expect_close().await.0, 4001, "{fragment}");
+    }
+    // The user-token HTTP endpoints refuse it the same way.
+    let (status, body) = server.http("GET", "/api/v1/unread", Some(token), None).await;
+    assert_eq!(status, 401, "{fragment}: {body}");
+    assert!(body.contains(fragment), "{fragment}: {body}");
+}
+
+/// Issue 9.13: with `jwt.issuer` and `jwt.audience` configured, a token
+/// without the claim is refused, not only one with a wrong value.
+#[tokio::test]
+async fn a_configured_issuer_and_audience_are_required() {
+    let server = TestServer::start_with("[jwt]\nissuer = \"https://auth.example\"\naudience = \"herald\"").await;
+    let exp = now() + 600;
+    let (iss, aud) = ("https://auth.example", "herald");
+    let token = |claims: Value| sign(claims, Algorithm::HS256, SECRET);
+    assert_refused(
+        &server,
+        &token(json!({"sub": "a", "exp": exp, "aud": aud})),
+        "no `iss` claim",
+    )
+    .await;
+    assert_refused(
+        &server,
+        &token(json!({"sub": "a", "exp": exp, "iss": iss})),
+        "no `aud` claim",
+    )
+    .await;
+    assert_refused(&server, &token(json!({"sub": "a", "exp": exp})), "no `").await;
+    assert_refused(
+        &server,
+        &token(json!({"sub": "a", "exp": exp, "iss": "https://evil.example", "aud": aud})),
+        "issuer",
+    )
+    .await;
+    let good = token(json!({"sub": "alice", "exp": exp, "iss": iss, "aud": aud}));
+    server.connect_token(&good).await.round_trip().await;
+    let (status, body) = server.http("GET", "/api/v1/unread", Some(&good), None).await;
+    assert_eq!(status, 200, "{body}");
+    assert!(server.metric("herald_auth_failures_total{reason=\"claims\"}").await >= 6.0);
+}
+
+/// Issue 9.20: claims of the wrong JSON type and unknown critical header
+/// parameters are refused, never skipped.
+#[tokio::test]
+async fn confused_claim_types_and_unknown_crit_headers_are_refused() {
+    let server = TestServer::start_with("[jwt]\nissuer = \"https://auth.example\"").await;
+    let exp = now() + 600;
+    let iss = "https://auth.example";
+    let token = |claims: Value| sign(claims, Algorithm::HS256, SECRET);
+    assert_refused(
+        &server,
+        &token(json!({"sub": "a", "exp": (exp).to_string(), "iss": iss})),
+        "`exp`",
+    )
+    .await;
+    assert_refused(&server, &token(json!({"sub": "a", "exp": exp, "iss": 42})), "`iss`").await;
+    assert_refused(
+        &server,
+        &token(json!({"sub": "a", "exp": exp, "iss": iss, "nbf": "0"})),
+        "`nbf`",
+    )
+    .await;
+    let crit = sign_with_header(
+        json!({"alg": "HS256", "typ": "JWT", "crit": ["x-herald-unknown"], "x-herald-unknown": true}),
+        json!({"sub": "a", "exp": exp, "iss": iss}),
+    );
+    assert_refused(&server, &crit, "malformed").await;
+    // The same header without `crit` is fine: the refusal is about `crit`.
+    let plain = sign_with_header(
+        json!({"alg": "HS256", "typ": "JWT", "x-herald-unknown": true}),
+        json!({"sub": "alice", "exp": exp, "iss": iss}),
+    );
+    server.connect_token(&plain).await.round_trip().await;
 }

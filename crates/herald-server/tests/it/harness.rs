@@ -17,6 +17,12 @@ use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
 pub const SECRET: &str = "integration-test-secret-0123456789";
 pub const API_KEY: &str = "integration-test-api-key-0123456789";
+/// Groups are members-only by default; most tests use `group:…` as any
+/// channel that every test user may join, so the harness opens the
+/// namespace (one line of configuration, as an operator would) unless a
+/// test starts with [`TestServer::start_plain`] or sets its own
+/// `subscribe`.
+pub const OPEN_GROUPS: &str = "[namespaces.group]\nsubscribe = \"authenticated\"";
 /// How long any single expected event may take before the test fails.
 pub const DEADLINE: Duration = Duration::from_secs(10);
 
@@ -34,8 +40,15 @@ impl TestServer {
         Self::start_with("").await
     }
 
-    /// Starts a node with the test secret and key plus `extra` TOML.
+    /// Starts a node with the test secret and key, an open `group`
+    /// namespace ([`OPEN_GROUPS`]) and `extra` TOML (which may override it).
     pub async fn start_with(extra: &str) -> Self {
+        Self::start_plain(&format!("{OPEN_GROUPS}\n{extra}")).await
+    }
+
+    /// Starts a node with the test secret and key plus `extra` TOML, and
+    /// otherwise the server's own defaults.
+    pub async fn start_plain(extra: &str) -> Self {
         let toml = format!(
             "listen = \"127.0.0.1:0\"\n{}\n[jwt]\nsecret = \"{SECRET}\"\n[api]\nkey = \"{API_KEY}\"\n",
             extra.trim()
@@ -175,9 +188,10 @@ pub fn metric_value(text: &str, series: &str) -> f64 {
         .map_or(0.0, |value| value.trim().parse().unwrap_or(0.0))
 }
 
-/// TOML forbids repeating a table header; tests pass fragments like
-/// `[limits]\nx = 1` that may collide with the harness's own tables, so
-/// fragments are merged by header.
+/// TOML forbids repeating a table header or a key; tests pass fragments
+/// like `[limits]\nx = 1` that may collide with the harness's own tables, so
+/// fragments are merged by header, and a key set again replaces the earlier
+/// value (a test's fragment overrides the harness's defaults).
 fn merge_sections(toml: &str) -> String {
     let mut order: Vec<String> = Vec::new();
     let mut sections: std::collections::HashMap<String, Vec<String>> = Default::default();
@@ -196,7 +210,11 @@ fn merge_sections(toml: &str) -> String {
             order.push(current.clone());
         }
         if !is_header && !trimmed.is_empty() {
-            sections.entry(current.clone()).or_default().push(line.to_owned());
+            let lines = sections.entry(current.clone()).or_default();
+            if let Some(key) = toml_key(trimmed) {
+                lines.retain(|earlier| toml_key(earlier.trim()) != Some(key));
+            }
+            lines.push(line.to_owned());
         }
     }
     let mut out = String::new();
@@ -211,6 +229,14 @@ fn merge_sections(toml: &str) -> String {
         }
     }
     out
+}
+
+/// The key a `key = value` line sets (`None` for a continuation line).
+fn toml_key(line: &str) -> Option<&str> {
+    let (key, _) = line.split_once('=')?;
+    let key = key.trim();
+    let bare = !key.is_empty() && key.bytes().all(|b| b.is_ascii_alphanumeric() || b"_-.".contains(&b));
+    bare.then_some(key)
 }
 
 pub struct Client {

@@ -251,3 +251,40 @@ async fn configuration_errors_name_the_key_and_exit_non_zero() {
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("refusing to listen on non-loopback"), "{stderr}");
 }
+
+/// Issue 9.11: groups are members-only by default, and the embedded demo
+/// still works: its tokens make their users members of the demo room.
+#[tokio::test]
+async fn the_embedded_demo_room_works_with_members_only_groups() {
+    let mut server = spawn(&[], &[], Stdio::null()).await;
+    let view = crate::harness::view(&server.addr);
+    let mut clients = Vec::new();
+    for user in ["alice", "bob"] {
+        let (status, body) = herald_server::http_client::request(
+            "GET",
+            &format!("http://{}/demo/token?user={user}", server.addr),
+            None,
+            None,
+        )
+        .await
+        .unwrap();
+        assert_eq!(status, 200, "{body}");
+        let token: serde_json::Value = serde_json::from_str(&body).unwrap();
+        let mut client = view.connect_token(token["token"].as_str().unwrap()).await;
+        let ack = client.command("join_group", "j", json!({"group_id": "demo"})).await;
+        assert_eq!(ack["type"], "ack", "{ack}");
+        clients.push(client);
+    }
+    let ack = clients[0]
+        .command("send_message", "m", json!({"group_id": "demo", "content": "hi"}))
+        .await;
+    assert_eq!(ack["type"], "ack", "{ack}");
+    assert_eq!(clients[1].expect_type("new_message").await["data"]["content"], "hi");
+    // Other groups stay members-only.
+    let refused = clients[0]
+        .command("join_group", "o", json!({"group_id": "other"}))
+        .await;
+    assert_eq!(refused["data"]["code"], "forbidden", "{refused}");
+    terminate(&server.child);
+    let _ = tokio::time::timeout(DEADLINE, server.child.wait()).await;
+}

@@ -237,3 +237,46 @@ async fn invalid_utf8_in_a_text_frame_closes_with_1007() {
     client.ws.send(Message::Frame(frame)).await.unwrap();
     assert_eq!(client.expect_close().await.0, 1007);
 }
+
+/// Issue 9.19: a request body that trickles in is answered 408 once
+/// `limits.body_timeout` has passed, and the connection is closed.
+#[tokio::test]
+async fn a_request_body_that_trickles_in_gets_408() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let server = TestServer::start_with("[limits]\nbody_timeout = \"500ms\"").await;
+    let stream = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+    let (mut reader, mut writer) = stream.into_split();
+    let body = r#"{"channel": "user:alice", "data": {"slow": true}}"#;
+    let head = format!(
+        "POST /api/v1/publish HTTP/1.1\r\nHost: herald\r\nAuthorization: Bearer {}\r\n\
+         Content-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+        crate::harness::API_KEY,
+        body.len()
+    );
+    writer.write_all(head.as_bytes()).await.unwrap();
+    // One byte every 100 ms: the whole body would take about 5 s.
+    let trickle = tokio::spawn(async move {
+        for byte in body.bytes() {
+            if writer.write_all(&[byte]).await.is_err() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    });
+    let started = std::time::Instant::now();
+    let mut answer = Vec::new();
+    // Reads until the server closes the connection.
+    tokio::time::timeout(DEADLINE, reader.read_to_end(&mut answer))
+        .await
+        .expect("answered and closed within the deadline")
+        .ok();
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(answer.contains(r#""code":"request_timeout""#), "{answer}");
+    assert!(
+        started.elapsed() < Duration::from_secs(4),
+        "answered before the body could have arrived"
+    );
+    trickle.abort();
+    assert_eq!(server.metric("herald_http_body_timeouts_total").await, 1.0);
+}

@@ -15,6 +15,7 @@ mod messaging;
 mod presence;
 mod protocol_fuzz;
 mod publish_outcome;
+mod read_paths;
 mod redis;
 mod redis_link;
 mod streams;

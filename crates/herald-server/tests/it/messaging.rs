@@ -247,3 +247,141 @@ async fn bad_frames_get_errors_and_the_connection_stays_open() {
         "no history: recovery is refused explicitly"
     );
 }
+
+/// Issue 9.10: the seed group-chat client sends `msg_type` as a number and
+/// reads `online_users` from `/stats`.
+#[tokio::test]
+async fn seed_clients_send_numeric_msg_types_and_read_online_users() {
+    let server = TestServer::start().await;
+    let mut alice = server.connect("alice").await;
+    let mut bob = server.connect("bob").await;
+    for (client, id) in [(&mut alice, "a"), (&mut bob, "b")] {
+        let ack = client.command("join_group", id, json!({"group_id": 42})).await;
+        assert_eq!(ack["type"], "ack", "{ack}");
+    }
+    let ack = alice
+        .command(
+            "send_message",
+            "m1",
+            json!({"group_id": 42, "msg_type": 1, "content": "hi"}),
+        )
+        .await;
+    assert_eq!(ack["type"], "ack", "{ack}");
+    let frame = bob.expect_type("new_message").await;
+    assert_eq!(
+        frame["data"],
+        json!({"group_id": "42", "from_user_id": "alice", "msg_type": 1, "content": "hi"}),
+        "delivered as sent"
+    );
+    let refused = alice
+        .command(
+            "send_message",
+            "m2",
+            json!({"group_id": 42, "msg_type": true, "content": "hi"}),
+        )
+        .await;
+    assert_eq!(refused["data"]["code"], "invalid_data", "{refused}");
+    assert!(
+        refused["data"]["message"].as_str().unwrap().contains("msg_type"),
+        "{refused}"
+    );
+
+    // The HTTP chat endpoints take the same.
+    let token = server.token("alice");
+    let body = json!({"content": "hi group", "msg_type": 2}).to_string();
+    let (status, text) = server
+        .http("POST", "/api/v1/groups/42/messages", Some(&token), Some(body))
+        .await;
+    assert_eq!(status, 200, "{text}");
+    assert_eq!(bob.expect_type("new_message").await["data"]["msg_type"], 2);
+    let body = json!({"to_user_id": "bob", "content": "hi bob", "msg_type": 3}).to_string();
+    let (status, text) = server.http("POST", "/api/v1/messages", Some(&token), Some(body)).await;
+    assert_eq!(status, 200, "{text}");
+    assert_eq!(bob.expect_type("new_message").await["data"]["msg_type"], 3);
+
+    let (_, stats) = server.http("GET", "/stats", None, None).await;
+    let stats: serde_json::Value = serde_json::from_str(&stats).unwrap();
+    assert_eq!(stats["online_users"], 2, "{stats}");
+    assert_eq!(stats["users_online"], 2, "{stats}");
+}
+
+/// Issue 9.11: by default a group is members-only. Membership comes from the
+/// token's `channels` claim or from the server API; an open namespace is one
+/// line of configuration away.
+#[tokio::test]
+async fn groups_are_members_only_by_default() {
+    let server = TestServer::start_plain("").await;
+    let mut outsider = server.connect("mallory").await;
+    for (kind, data) in [
+        ("join_group", json!({"group_id": 7})),
+        ("subscribe", json!({"channel": "group:7"})),
+        ("send_message", json!({"group_id": 7, "content": "spam"})),
+        ("presence", json!({"channel": "group:7"})),
+        ("history", json!({"channel": "group:7"})),
+    ] {
+        let refused = outsider.command(kind, kind, data).await;
+        assert_eq!(refused["data"]["code"], "forbidden", "{kind}: {refused}");
+    }
+    let mallory = server.token("mallory");
+    let (status, body) = server
+        .http(
+            "POST",
+            "/api/v1/groups/7/messages",
+            Some(&mallory),
+            Some(json!({"content": "spam"}).to_string()),
+        )
+        .await;
+    assert_eq!(status, 403, "{body}");
+
+    // A member by claim, and one the server API subscribed.
+    let mut alice = server
+        .connect_token(&server.token_with("alice", &["group:7"], 600))
+        .await;
+    assert_eq!(
+        alice.command("join_group", "j", json!({"group_id": 7})).await["type"],
+        "ack"
+    );
+    let mut bob = server.connect("bob").await;
+    let (status, body) = server
+        .http(
+            "POST",
+            "/api/v1/users/bob/subscriptions",
+            Some(crate::harness::API_KEY),
+            Some(json!({"channel": "group:7"}).to_string()),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(bob.expect_type("subscribed").await["data"]["channel"], "group:7");
+    let ack = alice
+        .command("send_message", "a", json!({"group_id": 7, "content": "to members"}))
+        .await;
+    assert_eq!(ack["type"], "ack", "{ack}");
+    assert_eq!(bob.expect_type("new_message").await["data"]["content"], "to members");
+    let ack = bob
+        .command("send_message", "b", json!({"group_id": 7, "content": "from bob"}))
+        .await;
+    assert_eq!(ack["type"], "ack", "a member the server API added may post: {ack}");
+    assert_eq!(alice.expect_type("new_message").await["data"]["content"], "from bob");
+    // A member is a member for every command that needs one.
+    let presence = bob.command("presence", "p", json!({"channel": "group:7"})).await;
+    assert_eq!(presence["type"], "ack", "{presence}");
+    assert_eq!(presence["data"]["connections"], 2, "{presence}");
+    let read = bob
+        .command("mark_read", "r", json!({"group_id": 7, "message_id": "m-1"}))
+        .await;
+    assert_eq!(read["type"], "ack", "{read}");
+    let refused = outsider
+        .command("mark_read", "r", json!({"group_id": 7, "message_id": "m-1"}))
+        .await;
+    assert_eq!(refused["data"]["code"], "forbidden", "{refused}");
+    // The outsider saw none of it.
+    expect_only_marker(&server, &mut outsider, "user:mallory").await;
+
+    // Open groups are one line of configuration away.
+    let open = TestServer::start_plain("[namespaces.group]\nsubscribe = \"authenticated\"").await;
+    let mut anyone = open.connect("mallory").await;
+    assert_eq!(
+        anyone.command("join_group", "j", json!({"group_id": 7})).await["type"],
+        "ack"
+    );
+}

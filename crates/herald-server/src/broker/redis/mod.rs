@@ -116,10 +116,22 @@ pub struct WireMessage<'a> {
     /// `node_id:connection_id`: a connection is only unique on its node.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub exclude_connection: Option<String>,
-    #[serde(borrow, skip_serializing_if = "Option::is_none")]
+    /// Any JSON, `null` included (a plain `Option` reads `null` as absent,
+    /// which refused the message).
+    #[serde(
+        borrow,
+        default,
+        deserialize_with = "present",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub data: Option<&'a RawValue>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub data_base64: Option<String>,
+}
+
+/// Deserializes a field that is present, whatever its JSON value.
+fn present<'de: 'a, 'a, D: serde::Deserializer<'de>>(deserializer: D) -> Result<Option<&'a RawValue>, D::Error> {
+    <&RawValue>::deserialize(deserializer).map(Some)
 }
 
 /// Encodes a publication for `PUBLISH`.
@@ -675,6 +687,9 @@ mod tests {
             (decoded.message_type.as_str(), decoded.message_id.as_str()),
             ("message", "gen-1")
         );
+        // `null` is a payload too.
+        let decoded = decode_wire(channel.clone(), br#"{"data":null}"#, "n", || "gen-2".into()).unwrap();
+        assert!(matches!(&decoded.payload, Payload::Json(raw) if raw.get() == "null"));
         for bad in [
             &br#"{"x":1}"#[..],
             b"not json",
