@@ -121,13 +121,24 @@ struct ConnectionShared {
     max_bytes: usize,
 }
 
+/// A frame waiting for the socket.
+struct Unsent {
+    frame: Bytes,
+    /// A message (a delivery), as opposed to the task's own frames (replies,
+    /// pings, the close frame): what counts as dropped if it is discarded.
+    message: bool,
+}
+
 /// The queue. Plain deques: they allocate only while something waits (an
 /// idle connection holds no buffer) and are shrunk after a burst.
 #[derive(Default)]
 struct State {
     /// Encoded frames not yet written, in order; the first may be partly
-    /// written already.
-    unsent: VecDeque<Bytes>,
+    /// written already (see `front_partial`).
+    unsent: VecDeque<Unsent>,
+    /// The first of `unsent` is the rest of a frame the socket took part
+    /// of: it must be written whole, or the stream breaks mid-frame.
+    front_partial: bool,
     /// Entries for the task, in order, all behind `unsent`.
     entries: VecDeque<Outbound>,
     /// Bytes in `unsent` and `entries`, against `max_bytes`.
@@ -184,12 +195,12 @@ impl State {
         }
     }
 
-    fn push_unsent(&mut self, frame: Bytes) {
+    fn push_unsent(&mut self, frame: Bytes, message: bool) {
         if self.unsent.is_empty() {
             self.stalled_since = Some(Instant::now());
         }
         self.bytes += frame.len();
-        self.unsent.push_back(frame);
+        self.unsent.push_back(Unsent { frame, message });
     }
 
     /// Drops `written` bytes from the front of `unsent`.
@@ -197,13 +208,15 @@ impl State {
         self.bytes -= written;
         self.stalled_since = Some(Instant::now());
         while written > 0 {
-            let front = self.unsent.front_mut().expect("written bytes were unsent");
+            let front = &mut self.unsent.front_mut().expect("written bytes were unsent").frame;
             if written < front.len() {
                 *front = front.slice(written..);
+                self.front_partial = true;
                 return;
             }
             written -= front.len();
             self.unsent.pop_front();
+            self.front_partial = false;
         }
     }
 
@@ -328,7 +341,8 @@ impl ConnectionHandle {
                     continue;
                 }
                 wake |= state.unsent.is_empty();
-                state.push_unsent(frame.slice(written..));
+                state.front_partial = written > 0;
+                state.push_unsent(frame.slice(written..), true);
                 written = 0;
             }
         }
@@ -349,7 +363,7 @@ impl ConnectionHandle {
                 Judgement::Write => {
                     // Behind bytes the task writes (woken if they are the first).
                     wake |= state.unsent.is_empty();
-                    state.push_unsent(entry.frame().expect("only deliveries are written").clone());
+                    state.push_unsent(entry.frame().expect("only deliveries are written").clone(), true);
                 }
                 Judgement::Task => {
                     state.bytes += entry.len();
@@ -400,19 +414,51 @@ impl ConnectionSocket {
     /// The queue's bounds apply: a client that sends (pings, commands) but
     /// does not read is marked slow like one that falls behind fan-out.
     pub fn send(&self, frame: Bytes) {
+        self.push(frame, false);
+    }
+
+    /// Queues a message the task delivers itself (one it took from its
+    /// entries, or one read from history), like [`send`](Self::send).
+    pub fn send_message(&self, frame: Bytes) {
+        self.push(frame, true);
+    }
+
+    fn push(&self, frame: Bytes, message: bool) {
         let mut state = lock(&self.shared.state);
         if state.over_bounds(frame.len(), &self.shared) && !state.slow {
             state.slow = true;
             self.shared.wake.notify_one();
         }
-        state.push_unsent(frame);
+        state.push_unsent(frame, message);
+    }
+
+    /// Discards everything queued, for a connection cut off as slow: the
+    /// close frame queued next is what the client reads next, instead of a
+    /// backlog it could not read in time. A frame the socket took part of
+    /// is kept, so that the stream stays well-formed. Returns how many
+    /// messages were discarded.
+    pub fn discard_backlog(&self) -> u64 {
+        let mut state = lock(&self.shared.state);
+        let keep = usize::from(state.front_partial);
+        let mut discarded = 0;
+        let mut bytes = 0;
+        for unsent in state.unsent.drain(keep..) {
+            discarded += u64::from(unsent.message);
+            bytes += unsent.frame.len();
+        }
+        for entry in state.entries.drain(..) {
+            discarded += u64::from(matches!(entry, Outbound::Delivery(_)));
+            bytes += entry.len();
+        }
+        state.bytes -= bytes;
+        discarded
     }
 
     /// Writes queued frames until the socket takes no more.
     pub fn flush(&self) -> io::Result<()> {
         let mut state = lock(&self.shared.state);
         while !state.unsent.is_empty() {
-            match try_write_frames(&self.shared.stream, state.unsent.iter()) {
+            match try_write_frames(&self.shared.stream, state.unsent.iter().map(|unsent| &unsent.frame)) {
                 Ok(0) => {
                     state.failed = true;
                     return Err(io::ErrorKind::WriteZero.into());
@@ -833,6 +879,72 @@ mod tests {
             .await
             .expect("the task is woken");
         assert!(matches!(socket.next(), Some(Next::FellBehind)));
+    }
+
+    #[tokio::test]
+    async fn discarding_the_backlog_keeps_the_stream_whole_and_counts_messages() {
+        let (socket, handle, mut client) = pair(1_000, 64 * 1024 * 1024).await;
+        let frame = delivery(&"x".repeat(16 * 1024), None);
+        let mut offered = 0u64;
+        // Until the socket takes no more: then frames queue, the first
+        // perhaps in part.
+        while socket.stalled_since().is_none() {
+            assert_eq!(offer(&handle, &frame), Offer::Queued);
+            offered += 1;
+            assert!(offered < 100_000, "the socket never filled");
+        }
+        for _ in 0..3 {
+            assert_eq!(offer(&handle, &frame), Offer::Queued);
+            offered += 1;
+        }
+        socket.send(websocket::text("a reply"));
+        let discarded = socket.discard_backlog();
+        assert!(
+            (3..=4).contains(&discarded),
+            "{discarded} messages discarded, the reply not counted"
+        );
+        socket.send(websocket::close(4008, "client too slow"));
+        let reader = tokio::spawn(async move {
+            // Whole frames, then the close frame.
+            let mut buffer = Vec::new();
+            let mut messages = 0u64;
+            loop {
+                while buffer.len() >= 4 {
+                    let (opcode, short) = (buffer[0] & 0x0F, usize::from(buffer[1] & 0x7F));
+                    let (start, len) = match short {
+                        126 => (4, usize::from(u16::from_be_bytes([buffer[2], buffer[3]]))),
+                        len => (2, len),
+                    };
+                    if buffer.len() < start + len {
+                        break;
+                    }
+                    if opcode == websocket::OP_CLOSE {
+                        return (messages, buffer[start..start + 2].to_vec());
+                    }
+                    assert_eq!(&buffer[start..start + len], "x".repeat(16 * 1024).as_bytes());
+                    messages += 1;
+                    buffer.drain(..start + len);
+                }
+                let mut chunk = [0u8; 65536];
+                let read = client.read(&mut chunk).await.unwrap();
+                assert!(read > 0, "the close frame arrives");
+                buffer.extend_from_slice(&chunk[..read]);
+            }
+        });
+        while socket.stalled_since().is_some() {
+            socket.stream().writable().await.unwrap();
+            socket.flush().unwrap();
+        }
+        let (messages, code) = tokio::time::timeout(std::time::Duration::from_secs(10), reader)
+            .await
+            .expect("the reader finishes")
+            .unwrap();
+        assert_eq!(
+            messages,
+            offered - discarded,
+            "every message not discarded arrives whole"
+        );
+        assert_eq!(code, 4008u16.to_be_bytes());
     }
 
     #[tokio::test]

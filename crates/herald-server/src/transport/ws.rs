@@ -277,6 +277,13 @@ async fn run(stream: TcpStream, early: Bytes, hub: Hub, admission: Admission, qu
     if let Some((code, reason)) = ending.close_frame() {
         // Nothing more from fan-out: the close frame is the last one.
         socket.hold();
+        if ending == Ending::SlowClient {
+            // A client cut off as slow reads the close frame next: the
+            // backlog it could not keep up with would hold it back (and
+            // outlast the close timeout).
+            let discarded = socket.discard_backlog();
+            hub.metrics.messages_dropped.add("slow_client", discarded);
+        }
         socket.send(websocket::close(code, reason));
         let _ = tokio::time::timeout(CLOSE_TIMEOUT, flush_all(&socket)).await;
     }
@@ -613,10 +620,10 @@ impl<'a> Session<'a> {
     /// node) is filled from history, or reported with `resync`.
     async fn take(&mut self, entry: Outbound) {
         let verdict = self.socket.judge(&entry);
-        let frame = match entry {
+        let notice = match entry {
             Outbound::Delivery(delivery) => match verdict {
                 Judgement::Skip => return,
-                Judgement::Write => delivery.frame.clone(),
+                Judgement::Write => return self.socket.send_message(delivery.frame.clone()),
                 Judgement::Task => {
                     // A gap or a new epoch: only deliveries with a position get here.
                     let (Some(offset), Some(epoch)) = (delivery.offset, &delivery.epoch) else {
@@ -630,7 +637,7 @@ impl<'a> Session<'a> {
                         epoch: epoch.clone(),
                     };
                     self.socket.set_position(&delivery.channel, position);
-                    delivery.frame.clone()
+                    return self.socket.send_message(delivery.frame.clone());
                 }
             },
             Outbound::Subscribe(channel) => {
@@ -661,7 +668,7 @@ impl<'a> Session<'a> {
                 websocket::text(&server_frame("unsubscribed", None, data))
             }
         };
-        self.socket.send(frame);
+        self.socket.send(notice);
     }
 
     /// Advances the position past a message this connection will not
@@ -706,7 +713,7 @@ impl<'a> Session<'a> {
         if !publication.is_for(self.socket.id(), &self.identity.user_id) {
             return;
         }
-        self.socket.send(wire_frame(publication.encode()));
+        self.socket.send_message(wire_frame(publication.encode()));
     }
 
     fn reply(&mut self, frame: String) {
