@@ -151,8 +151,13 @@ struct State {
     slow: bool,
     /// Set when a write failed: the peer is gone.
     failed: bool,
-    /// Set when the connection task is gone; offers are refused.
+    /// Set when the connection has ended (its task is done with it);
+    /// offers are refused, and counted as dropped.
     closed: bool,
+    /// Messages written or queued here so far: the task compares it across
+    /// a keepalive ping to tell a client that stopped reading what was sent
+    /// to it from one with nothing at stake.
+    messages_out: u64,
     /// For subscribed channels that keep history: the last position
     /// delivered here, to skip repeats and to notice gaps.
     positions: HashMap<ChannelName, Position>,
@@ -241,6 +246,8 @@ pub struct Offers {
     pub queued: u64,
     /// Refused because the connection fell behind.
     pub dropped: u64,
+    /// Refused because the connection has ended or broken.
+    pub gone: u64,
 }
 
 /// What the connection task takes from its queue.
@@ -300,9 +307,15 @@ impl ConnectionHandle {
         let shared = &*self.0;
         let mut state = lock(&shared.state);
         if state.closed || state.failed {
-            return Offers::default();
+            let messages = entries.iter().filter(|entry| entry.frame().is_some()).count();
+            return Offers {
+                gone: messages as u64,
+                ..Offers::default()
+            };
         }
         let mut offers = Offers::default();
+        // Control entries among the queued: not messages.
+        let mut controls = 0;
         let mut wake = false;
         let mut next = 0;
         if !state.held && state.unsent.is_empty() && !state.slow {
@@ -330,7 +343,11 @@ impl ConnectionHandle {
                     state.failed = true;
                     drop(state);
                     shared.wake.notify_one();
-                    return Offers::default();
+                    let messages = entries.iter().filter(|entry| entry.frame().is_some()).count();
+                    return Offers {
+                        gone: messages as u64,
+                        ..Offers::default()
+                    };
                 }
             };
             offers.queued = count as u64;
@@ -366,6 +383,7 @@ impl ConnectionHandle {
                     state.push_unsent(entry.frame().expect("only deliveries are written").clone(), true);
                 }
                 Judgement::Task => {
+                    controls += u64::from(entry.frame().is_none());
                     state.bytes += entry.len();
                     state.entries.push_back((*entry).clone());
                     state.held = true;
@@ -376,6 +394,7 @@ impl ConnectionHandle {
             }
             offers.queued += 1;
         }
+        state.messages_out += offers.queued - controls;
         drop(state);
         if wake {
             shared.wake.notify_one();
@@ -429,7 +448,24 @@ impl ConnectionSocket {
             state.slow = true;
             self.shared.wake.notify_one();
         }
+        state.messages_out += u64::from(message);
         state.push_unsent(frame, message);
+    }
+
+    /// Messages written or queued to this connection so far.
+    pub fn messages_out(&self) -> u64 {
+        lock(&self.shared.state).messages_out
+    }
+
+    /// Ends the connection for fan-out: from now on offers are refused
+    /// (and counted as dropped by fan-out), and whatever is still queued is
+    /// discarded. Returns how many messages were discarded.
+    pub fn finish(&self) -> u64 {
+        let mut state = lock(&self.shared.state);
+        state.closed = true;
+        state.front_partial = false;
+        drop(state);
+        self.discard_backlog()
     }
 
     /// Discards everything queued, for a connection cut off as slow: the
@@ -679,12 +715,16 @@ impl Fanout {
             let offers = connection.offer_all(&entries);
             totals.queued += offers.queued;
             totals.dropped += offers.dropped;
+            totals.gone += offers.gone;
         });
         self.metrics
             .messages_delivered
             .fetch_add(totals.queued, Ordering::Relaxed);
         if totals.dropped > 0 {
             self.metrics.messages_dropped.add("slow_client", totals.dropped);
+        }
+        if totals.gone > 0 {
+            self.metrics.messages_dropped.add("disconnected", totals.gone);
         }
         for pending in run {
             self.metrics.fanout_latency.observe(pending.accepted_at.elapsed());
@@ -719,7 +759,8 @@ mod tests {
         match handle.offer_all(&[entry]) {
             Offers { queued: 1, .. } => Offer::Queued,
             Offers { dropped: 1, .. } => Offer::Dropped,
-            _ => Offer::Closed,
+            Offers { gone: 1, .. } => Offer::Closed,
+            other => panic!("one entry offered, got {other:?}"),
         }
     }
 
@@ -802,7 +843,13 @@ mod tests {
             delivery("d", None),
         );
         let offers = handle.offer_all(&[&a, &b, &c, &d]);
-        assert_eq!(offers, Offers { queued: 4, dropped: 0 });
+        assert_eq!(
+            offers,
+            Offers {
+                queued: 4,
+                ..Offers::default()
+            }
+        );
         // `c` comes after a gap (6 is missing), so the task takes it; `d`
         // waits behind it.
         take_deliveries(&socket, &["c", "d"]);
@@ -818,7 +865,14 @@ mod tests {
         let (socket, handle, mut client, news) = pair_at_five().await;
         let (old, next) = (delivery("old", Some(5)), delivery("new", Some(6)));
         let offers = handle.offer_all(&[&old, &next]);
-        assert_eq!(offers, Offers { queued: 1, dropped: 0 }, "the repeat is skipped");
+        assert_eq!(
+            offers,
+            Offers {
+                queued: 1,
+                ..Offers::default()
+            },
+            "the repeat is skipped"
+        );
         assert_eq!(socket.position(&news).unwrap().offset, 6);
         assert!(socket.next().is_none(), "in order: nothing for the task");
         socket.flush().unwrap();
@@ -965,5 +1019,28 @@ mod tests {
         let (socket, handle, _client) = pair(100, 1_000).await;
         drop(socket);
         assert_eq!(offer(&handle, &delivery("x", None)), Offer::Closed);
+    }
+
+    #[tokio::test]
+    async fn a_finished_connection_discards_and_refuses_messages_for_counting() {
+        let (socket, handle, _client) = pair(100, 10_000).await;
+        socket.hold();
+        for offset in 1..=3 {
+            assert_eq!(offer(&handle, &delivery("queued", Some(offset))), Offer::Queued);
+        }
+        socket.send(websocket::text("a reply"));
+        assert_eq!(
+            handle
+                .offer_all(&[&Outbound::Subscribe(ChannelName::parse("x").unwrap())])
+                .queued,
+            1
+        );
+        assert_eq!(socket.messages_out(), 3, "replies and control entries are not messages");
+        assert_eq!(
+            socket.finish(),
+            3,
+            "the queued messages, not the reply or the control entry"
+        );
+        assert_eq!(offer(&handle, &delivery("late", None)), Offer::Closed);
     }
 }

@@ -102,9 +102,11 @@ pub struct Metrics {
     pub messages_published: Family<4>,
     /// Frames queued to subscribers (one per subscriber per message).
     pub messages_delivered: AtomicU64,
-    /// Messages a subscriber did not get, by reason; the subscriber is told
-    /// (it is disconnected with a close code).
-    pub messages_dropped: Family<3>,
+    /// Messages a subscriber did not get, by reason: `slow_client` (refused
+    /// by a full queue, or discarded with a connection cut off as slow; it
+    /// is told with 4008), `disconnected` (discarded with a connection that
+    /// ended otherwise, or offered to one that was ending).
+    pub messages_dropped: Family<4>,
     pub duplicates_suppressed: AtomicU64,
     pub commands: AtomicU64,
     pub command_errors: AtomicU64,
@@ -165,7 +167,7 @@ impl Default for Metrics {
             ),
             messages_published: Family::new("source", ["http", "client", "stream", "other"]),
             messages_delivered: AtomicU64::new(0),
-            messages_dropped: Family::new("reason", ["slow_client", "invalid", "other"]),
+            messages_dropped: Family::new("reason", ["slow_client", "disconnected", "invalid", "other"]),
             duplicates_suppressed: AtomicU64::new(0),
             commands: AtomicU64::new(0),
             command_errors: AtomicU64::new(0),

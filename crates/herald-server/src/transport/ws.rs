@@ -282,11 +282,14 @@ async fn run(stream: TcpStream, early: Bytes, hub: Hub, admission: Admission, qu
             // backlog it could not keep up with would hold it back (and
             // outlast the close timeout).
             let discarded = socket.discard_backlog();
-            hub.metrics.messages_dropped.add("slow_client", discarded);
+            hub.metrics.messages_dropped.add(ending.drop_label(), discarded);
         }
         socket.send(websocket::close(code, reason));
         let _ = tokio::time::timeout(CLOSE_TIMEOUT, flush_all(&socket)).await;
     }
+    // Whatever did not go out is lost with the connection: counted, however
+    // the connection ended.
+    hub.metrics.messages_dropped.add(ending.drop_label(), socket.finish());
     drop(admission);
 }
 
@@ -504,6 +507,8 @@ impl<'a> Session<'a> {
         let keepalive_timer = tokio::time::sleep_until(Instant::now() + keepalive.ping_interval);
         tokio::pin!(keepalive_timer);
         let mut awaiting_pong = false;
+        // What had been sent when the peer last sent anything.
+        let mut messages_at_sign_of_life = socket.messages_out();
         let expiry = tokio::time::sleep_until(self.expiry_instant());
         tokio::pin!(expiry);
         let drain = tokio::time::sleep_until(far_future);
@@ -543,6 +548,12 @@ impl<'a> Session<'a> {
                 _ = &mut expiry => return Ending::TokenExpired,
                 _ = &mut keepalive_timer => {
                     if awaiting_pong {
+                        // Messages went to a peer that has shown no sign of
+                        // reading since: it stalled with them (a slow
+                        // client), it did not merely go quiet.
+                        if socket.messages_out() > messages_at_sign_of_life {
+                            return Ending::SlowClient;
+                        }
                         return Ending::PongTimeout;
                     }
                     socket.send(websocket::encode(websocket::OP_PING, &[]));
@@ -561,6 +572,7 @@ impl<'a> Session<'a> {
                 // limited, so they cannot starve the queue in turn.
                 incoming = reader.recv(socket.stream()) => {
                     // Any frame proves the peer is alive.
+                    messages_at_sign_of_life = socket.messages_out();
                     if awaiting_pong {
                         awaiting_pong = false;
                         keepalive_timer.as_mut().reset(Instant::now() + keepalive.ping_interval);

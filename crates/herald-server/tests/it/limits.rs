@@ -6,7 +6,7 @@ use futures_util::SinkExt;
 use serde_json::json;
 use tokio_tungstenite::tungstenite::Message;
 
-use crate::harness::{DEADLINE, Event, TestServer, wait_until};
+use crate::harness::{self, DEADLINE, Event, TestServer, wait_until};
 
 #[tokio::test]
 async fn an_oversized_frame_closes_with_1009() {
@@ -282,4 +282,40 @@ async fn a_slow_reader_reads_4008_next_instead_of_its_backlog() {
         "after {read} of {published} messages"
     );
     assert!(read < published, "the backlog was dropped");
+}
+
+/// A client that stops reading while messages flow to it is a slow client
+/// (4008) even when the keepalive notices first, and the messages that were
+/// waiting for it are counted as dropped.
+#[tokio::test]
+async fn a_stalled_client_found_by_the_keepalive_is_cut_as_slow_and_its_messages_counted() {
+    let server = TestServer::start_with(
+        "[limits]\nsend_buffer = 16384\n[keepalive]\nping_interval = \"1s\"\npong_timeout = \"1s\"",
+    )
+    .await;
+    let mut stalled = server.connect_small_window("stalled").await;
+    stalled.subscribe("group:stall").await;
+    // About 320 KiB: more than the kernel holds for this pair, far less than
+    // the queue's bounds; the write timeout (10 s) is far off.
+    let padding = "p".repeat(8 * 1024);
+    for seq in 0..40 {
+        server
+            .publish_ok("group:stall", json!({"seq": seq, "pad": padding}))
+            .await;
+    }
+    wait_until("the stalled client is cut off", || async {
+        let metrics = server.metrics().await;
+        harness::metric_value(&metrics, "herald_disconnects_total{reason=\"slow_client\"}")
+            + harness::metric_value(&metrics, "herald_disconnects_total{reason=\"pong_timeout\"}")
+            >= 1.0
+    })
+    .await;
+    let metrics = server.metrics().await;
+    assert_eq!(
+        harness::metric_value(&metrics, "herald_disconnects_total{reason=\"slow_client\"}"),
+        1.0,
+        "{metrics}"
+    );
+    let dropped = harness::metric_value(&metrics, "herald_messages_dropped_total{reason=\"slow_client\"}");
+    assert!((1.0..=40.0).contains(&dropped), "{dropped} dropped\n{metrics}");
 }
