@@ -55,6 +55,12 @@ const DEFAULT_HISTORY_PAGE: usize = 100;
 const MAX_RECOVERY_PAGES: usize = 10;
 /// How long a close frame may take to send before the socket is dropped.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
+/// After the close frame, how long the client's input is read (and
+/// discarded) while the client reads the close frame and closes its side.
+const LINGER_TIMEOUT: Duration = Duration::from_secs(2);
+/// The most input discarded while lingering: a client that keeps sending
+/// past it is not reading either, and the socket is closed.
+const LINGER_MAX_BYTES: usize = 1 << 20;
 
 #[derive(Deserialize)]
 pub struct WsParams {
@@ -285,12 +291,90 @@ async fn run(stream: TcpStream, early: Bytes, hub: Hub, admission: Admission, qu
             hub.metrics.messages_dropped.add(ending.drop_label(), discarded);
         }
         socket.send(websocket::close(code, reason));
-        let _ = tokio::time::timeout(CLOSE_TIMEOUT, flush_all(&socket)).await;
+        let mut input = Lingering::default();
+        let flushed = flush_discarding_input(&socket, &mut input).await;
+        // Whatever did not go out is lost with the connection: counted,
+        // however the connection ended.
+        hub.metrics.messages_dropped.add(ending.drop_label(), socket.finish());
+        if flushed {
+            linger(&socket, &mut input).await;
+        }
+    } else {
+        hub.metrics.messages_dropped.add(ending.drop_label(), socket.finish());
     }
-    // Whatever did not go out is lost with the connection: counted, however
-    // the connection ended.
-    hub.metrics.messages_dropped.add(ending.drop_label(), socket.finish());
     drop(admission);
+}
+
+/// The client's input once the connection is closing: read only to be
+/// discarded, within bounds.
+#[derive(Default)]
+struct Lingering {
+    /// Bytes discarded so far, against `LINGER_MAX_BYTES`.
+    discarded: usize,
+    /// The client closed its side (or the socket failed): nothing more to read.
+    ended: bool,
+}
+
+impl Lingering {
+    /// Reads and discards what the client sent, once it is readable.
+    async fn discard(&mut self, stream: &TcpStream) {
+        if stream.readable().await.is_err() {
+            self.ended = true;
+            return;
+        }
+        let mut chunk = [0u8; READ_CHUNK];
+        match stream.try_read(&mut chunk) {
+            Ok(0) => self.ended = true,
+            Ok(read) => self.discarded += read,
+            Err(error) if error.kind() == io::ErrorKind::WouldBlock => {}
+            Err(_) => self.ended = true,
+        }
+    }
+
+    fn done(&self) -> bool {
+        self.ended || self.discarded >= LINGER_MAX_BYTES
+    }
+}
+
+/// Writes what is queued, the close frame last, within `CLOSE_TIMEOUT`,
+/// reading (and discarding) the client's input meanwhile, so that a client
+/// blocked sending is not deadlocked with a server blocked sending. True
+/// when everything went out.
+async fn flush_discarding_input(socket: &ConnectionSocket, input: &mut Lingering) -> bool {
+    let deadline = Instant::now() + CLOSE_TIMEOUT;
+    loop {
+        if socket.flush().is_err() {
+            return false;
+        }
+        if socket.stalled_since().is_none() {
+            return true;
+        }
+        tokio::select! {
+            _ = sleep_until(deadline) => return false,
+            ready = socket.stream().writable() => if ready.is_err() {
+                return false;
+            },
+            _ = input.discard(socket.stream()), if !input.done() => {}
+        }
+    }
+}
+
+/// Closes the way RFC 6455 §7.1.1 asks, once the close frame is out: shut
+/// down the write side, then read and discard until the client closes its
+/// side too (bounded by `LINGER_TIMEOUT` and `LINGER_MAX_BYTES`). Closing a
+/// socket whose input is unread resets the connection: the kernel discards
+/// what it has not transmitted yet (the close frame, when the client's
+/// window is full), some client stacks discard what they received but did
+/// not read yet, and a client still writing fails before it reads.
+async fn linger(socket: &ConnectionSocket, input: &mut Lingering) {
+    let _ = socket2::SockRef::from(socket.stream()).shutdown(std::net::Shutdown::Write);
+    let deadline = Instant::now() + LINGER_TIMEOUT;
+    while !input.done() {
+        tokio::select! {
+            _ = sleep_until(deadline) => return,
+            _ = input.discard(socket.stream()) => {}
+        }
+    }
 }
 
 /// Waits for a valid token: from the query string, or from the first `auth`

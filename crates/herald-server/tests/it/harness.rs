@@ -280,6 +280,18 @@ impl Client {
         }
     }
 
+    /// Reads until the connection ends, one event per `pace`; the close
+    /// code, `None` when it ended without a close frame (an EOF or a reset).
+    pub async fn read_to_end(&mut self, pace: Duration) -> Option<u16> {
+        loop {
+            tokio::time::sleep(pace).await;
+            match self.next_event().await {
+                Event::Closed(close) => return close.map(|(code, _)| code),
+                Event::Frame(_) | Event::Binary(_) => continue,
+            }
+        }
+    }
+
     /// Sends a command and returns its reply (`ack`, `error` or `pong`),
     /// skipping unrelated frames such as deliveries.
     pub async fn command(&mut self, kind: &str, id: &str, data: Value) -> Value {

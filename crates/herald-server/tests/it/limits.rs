@@ -319,3 +319,43 @@ async fn a_stalled_client_found_by_the_keepalive_is_cut_as_slow_and_its_messages
     let dropped = harness::metric_value(&metrics, "herald_messages_dropped_total{reason=\"slow_client\"}");
     assert!((1.0..=40.0).contains(&dropped), "{dropped} dropped\n{metrics}");
 }
+
+/// A client that floods without reading, then reads (at a modest pace),
+/// finds the close frame of the limit it hit behind the answers it had not
+/// read, every time: the
+/// server sends it, shuts down its side and reads (discarding) until the
+/// client closes. Closing with the client's input unread would reset the
+/// connection, and the kernel would discard what the client had not yet
+/// taken, the close frame included (RFC 6455 §7.1.1).
+#[tokio::test]
+async fn a_flooding_client_reads_the_close_frame_behind_its_unread_answers() {
+    // Small windows on both sides, so that the answers back up in the kernels.
+    let server = TestServer::start_with(
+        "[limits]\ncommands_per_second = 1\ncommand_burst = 100\nmax_message_size = 1000\nsend_buffer = 4096",
+    )
+    .await;
+    const PACE: Duration = Duration::from_millis(2);
+    for round in 0..3 {
+        // Each invalid frame is answered with an error: 100 of them (more
+        // than the kernels hold), then 100 refusals and 4029, with more than
+        // a thousand frames still unread.
+        let mut client = server.connect_small_window("alice").await;
+        for _ in 0..1_500 {
+            if client.ws.send(Message::Text("x".into())).await.is_err() {
+                break;
+            }
+        }
+        assert_eq!(client.read_to_end(PACE).await, Some(4029), "rate limit, round {round}");
+        // 90 errors, then an oversized frame and more behind it: 1009.
+        let mut client = server.connect_small_window("bob").await;
+        let mut frames = vec!["x".to_owned(); 90];
+        frames.push("x".repeat(2_000));
+        frames.extend(vec!["x".to_owned(); 100]);
+        for frame in frames {
+            if client.ws.send(Message::Text(frame.into())).await.is_err() {
+                break;
+            }
+        }
+        assert_eq!(client.read_to_end(PACE).await, Some(1009), "too large, round {round}");
+    }
+}
