@@ -622,8 +622,42 @@ struct Pending {
 /// publications are delivered in the order they were handed over.
 #[derive(Default)]
 struct Lane {
-    pending: Mutex<Vec<Pending>>,
+    inbox: Mutex<Inbox>,
     wake: Notify,
+}
+
+/// What waits for a lane's task. Bounded by [`LaneLimits`]: it grows only
+/// while publications arrive (from the Redis reader or local publishers)
+/// faster than the lane delivers them.
+#[derive(Default)]
+struct Inbox {
+    pending: Vec<Pending>,
+    /// The encoded size of `pending`, against `LaneLimits::bytes`.
+    bytes: usize,
+}
+
+/// How much may wait for one lane. At the bound the arriving publication is
+/// dropped and counted, once per local subscriber, in
+/// `herald_messages_dropped_total{reason="lane_full"}`: in a channel with
+/// history the next delivery shows each connection the gap, which is filled
+/// from history; elsewhere the loss is that of Pub/Sub (at most once).
+/// Waiting instead would stall the Redis reader (and Redis would cut it off
+/// at its output buffer limit) or a publisher holding a channel's lock.
+#[derive(Debug, Clone, Copy)]
+pub struct LaneLimits {
+    pub messages: usize,
+    pub bytes: usize,
+}
+
+impl Default for LaneLimits {
+    /// Far above what a lane delivers in a second, far below what would
+    /// exhaust memory: 65,536 publications or 256 MiB per lane.
+    fn default() -> Self {
+        LaneLimits {
+            messages: 65_536,
+            bytes: 256 << 20,
+        }
+    }
 }
 
 /// The node's subscription registry and the fan-out over it.
@@ -637,6 +671,7 @@ pub struct Fanout {
     pub registry: Registry<ConnectionHandle>,
     metrics: Arc<Metrics>,
     lanes: Box<[Lane]>,
+    lane_limits: LaneLimits,
     hasher: RandomState,
 }
 
@@ -644,10 +679,16 @@ impl Fanout {
     /// A fan-out with `lanes` lanes (at least one); [`start`](Self::start)
     /// runs them.
     pub fn new(metrics: Arc<Metrics>, lanes: usize) -> Self {
+        Self::with_lane_limits(metrics, lanes, LaneLimits::default())
+    }
+
+    /// The same, with `lane_limits` bounding each lane's inbox.
+    pub fn with_lane_limits(metrics: Arc<Metrics>, lanes: usize, lane_limits: LaneLimits) -> Self {
         Fanout {
             registry: Registry::default(),
             metrics,
             lanes: (0..lanes.max(1)).map(|_| Lane::default()).collect(),
+            lane_limits,
             hasher: RandomState::new(),
         }
     }
@@ -660,7 +701,8 @@ impl Fanout {
     }
 
     /// Hands `publication` to its channel's lane, for every local subscriber
-    /// of the channel. `accepted_at` feeds the latency histogram.
+    /// of the channel. `accepted_at` feeds the latency histogram. Never
+    /// waits: a full lane drops it (see [`LaneLimits`]).
     pub fn deliver(&self, publication: Publication, accepted_at: Instant) {
         let entry = match publication.control() {
             Some(Control::Subscribe(channel)) => Outbound::Subscribe(channel),
@@ -673,10 +715,18 @@ impl Fanout {
             entry,
             accepted_at,
         };
-        let mut queue = lock(&lane.pending);
-        queue.push(pending);
-        if queue.len() == 1 {
-            drop(queue);
+        let size = pending.entry.len();
+        let mut inbox = lock(&lane.inbox);
+        if inbox.pending.len() >= self.lane_limits.messages || inbox.bytes + size > self.lane_limits.bytes {
+            drop(inbox);
+            let subscribers = self.registry.subscriber_count(&pending.publication.channel);
+            self.metrics.messages_dropped.add("lane_full", subscribers as u64);
+            return;
+        }
+        inbox.pending.push(pending);
+        inbox.bytes += size;
+        if inbox.pending.len() == 1 {
+            drop(inbox);
             lane.wake.notify_one();
         }
     }
@@ -692,7 +742,11 @@ impl Fanout {
             // Let the publishers that are ready run first: whatever they hand
             // over joins this batch.
             tokio::task::yield_now().await;
-            std::mem::swap(&mut batch, &mut *lock(&lane.pending));
+            {
+                let mut inbox = lock(&lane.inbox);
+                std::mem::swap(&mut batch, &mut inbox.pending);
+                inbox.bytes = 0;
+            }
             for run in batch.chunk_by(|a, b| a.publication.channel == b.publication.channel) {
                 self.deliver_run(run);
             }
@@ -766,10 +820,18 @@ mod tests {
 
     /// A connected pair: the server's end as a connection, and the client.
     async fn pair(max_messages: usize, max_bytes: usize) -> (ConnectionSocket, ConnectionHandle, TcpStream) {
+        pair_with_id(1, max_messages, max_bytes).await
+    }
+
+    async fn pair_with_id(
+        id: u64,
+        max_messages: usize,
+        max_bytes: usize,
+    ) -> (ConnectionSocket, ConnectionHandle, TcpStream) {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let client = TcpStream::connect(listener.local_addr().unwrap()).await.unwrap();
         let (server, _) = listener.accept().await.unwrap();
-        let socket = connection_socket(1, server, max_messages, max_bytes);
+        let socket = connection_socket(id, server, max_messages, max_bytes);
         let handle = socket.handle("alice");
         (socket, handle, client)
     }
@@ -1012,6 +1074,59 @@ mod tests {
             matches!(socket.next(), Some(Next::FellBehind)),
             "pongs and replies to a client that does not read make it slow"
         );
+    }
+
+    fn publication(channel: &str, data: &str) -> Publication {
+        Publication {
+            channel: ChannelName::parse(channel).unwrap(),
+            message_type: "message".into(),
+            message_id: "m".into(),
+            timestamp_ms: 0,
+            offset: None,
+            epoch: None,
+            payload: herald_core::Payload::Json(serde_json::value::RawValue::from_string(data.into()).unwrap()),
+            from: None,
+            exclude_user: None,
+            exclude_connection: None,
+            ephemeral: false,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_full_lane_drops_what_arrives_and_counts_it_per_subscriber() {
+        let metrics = Arc::new(Metrics::default());
+        let limits = LaneLimits {
+            messages: 3,
+            bytes: 1_000,
+        };
+        let fanout = Fanout::with_lane_limits(metrics.clone(), 1, limits);
+        let (_first, first, _c1) = pair_with_id(1, 10, 10_000).await;
+        let (_second, second, _c2) = pair_with_id(2, 10, 10_000).await;
+        let news = ChannelName::parse("news").unwrap();
+        fanout.registry.subscribe(&news, first);
+        fanout.registry.subscribe(&news, second);
+        // The lane's task is not running: what arrives waits.
+        for _ in 0..5 {
+            fanout.deliver(publication("news", "1"), Instant::now());
+        }
+        assert_eq!(lock(&fanout.lanes[0].inbox).pending.len(), 3, "the message bound");
+        assert_eq!(
+            metrics.messages_dropped.get("lane_full"),
+            2 * 2,
+            "two publications, two subscribers"
+        );
+        // The byte bound: room for three frames.
+        let frame_len = Delivery::new(&publication("news", "1")).frame.len();
+        let limits = LaneLimits {
+            messages: 1_000,
+            bytes: 3 * frame_len,
+        };
+        let fanout = Fanout::with_lane_limits(metrics.clone(), 1, limits);
+        for _ in 0..4 {
+            fanout.deliver(publication("news", "1"), Instant::now());
+        }
+        let inbox = lock(&fanout.lanes[0].inbox);
+        assert_eq!((inbox.pending.len(), inbox.bytes), (3, 3 * frame_len), "the byte bound");
     }
 
     #[tokio::test]

@@ -105,8 +105,9 @@ pub struct Metrics {
     /// Messages a subscriber did not get, by reason: `slow_client` (refused
     /// by a full queue, or discarded with a connection cut off as slow; it
     /// is told with 4008), `disconnected` (discarded with a connection that
-    /// ended otherwise, or offered to one that was ending).
-    pub messages_dropped: Family<4>,
+    /// ended otherwise, or offered to one that was ending), `lane_full`
+    /// (a fan-out lane's inbox was full, see `fanout::LaneLimits`).
+    pub messages_dropped: Family<5>,
     pub duplicates_suppressed: AtomicU64,
     pub commands: AtomicU64,
     pub command_errors: AtomicU64,
@@ -167,7 +168,10 @@ impl Default for Metrics {
             ),
             messages_published: Family::new("source", ["http", "client", "stream", "other"]),
             messages_delivered: AtomicU64::new(0),
-            messages_dropped: Family::new("reason", ["slow_client", "disconnected", "invalid", "other"]),
+            messages_dropped: Family::new(
+                "reason",
+                ["slow_client", "disconnected", "lane_full", "invalid", "other"],
+            ),
             duplicates_suppressed: AtomicU64::new(0),
             commands: AtomicU64::new(0),
             command_errors: AtomicU64::new(0),
