@@ -260,6 +260,8 @@ pub enum Next {
     Failed,
 }
 
+/// Subscribers a lane serves between two yields to the runtime.
+const YIELD_EVERY: usize = 2_048;
 /// Frames written in one vectored write at most.
 const MAX_WRITE_SLICES: usize = 64;
 /// A deque that held more than this many entries is shrunk once drained.
@@ -748,29 +750,39 @@ impl Fanout {
                 inbox.bytes = 0;
             }
             for run in batch.chunk_by(|a, b| a.publication.channel == b.publication.channel) {
-                self.deliver_run(run);
+                self.deliver_run(run).await;
             }
             batch.clear();
         }
     }
 
     /// Delivers consecutive publications to one channel: each subscriber
-    /// gets those meant for it in one offer.
-    fn deliver_run(&self, run: &[Pending]) {
+    /// gets those meant for it in one offer. Every [`YIELD_EVERY`]
+    /// subscribers the lane lets the other tasks of its worker run: a
+    /// channel with 100,000 subscribers would otherwise hold the worker for
+    /// well over 100 ms.
+    async fn deliver_run(&self, run: &[Pending]) {
         let mut totals = Offers::default();
         let mut entries: Vec<&Outbound> = Vec::with_capacity(run.len());
-        self.registry.for_each(&run[0].publication.channel, |connection| {
-            entries.clear();
-            let (id, user) = (connection.connection_id(), connection.user_id());
-            entries.extend(run.iter().filter(|p| p.publication.is_for(id, user)).map(|p| &p.entry));
-            if entries.is_empty() {
-                return;
+        let subscribers = self.registry.snapshot(&run[0].publication.channel);
+        let subscribers = subscribers.as_deref().unwrap_or_default();
+        for (index, chunk) in subscribers.chunks(YIELD_EVERY).enumerate() {
+            if index > 0 {
+                tokio::task::yield_now().await;
             }
-            let offers = connection.offer_all(&entries);
-            totals.queued += offers.queued;
-            totals.dropped += offers.dropped;
-            totals.gone += offers.gone;
-        });
+            for connection in chunk {
+                entries.clear();
+                let (id, user) = (connection.connection_id(), connection.user_id());
+                entries.extend(run.iter().filter(|p| p.publication.is_for(id, user)).map(|p| &p.entry));
+                if entries.is_empty() {
+                    continue;
+                }
+                let offers = connection.offer_all(&entries);
+                totals.queued += offers.queued;
+                totals.dropped += offers.dropped;
+                totals.gone += offers.gone;
+            }
+        }
         self.metrics
             .messages_delivered
             .fetch_add(totals.queued, Ordering::Relaxed);
@@ -1127,6 +1139,48 @@ mod tests {
         }
         let inbox = lock(&fanout.lanes[0].inbox);
         assert_eq!((inbox.pending.len(), inbox.bytes), (3, 3 * frame_len), "the byte bound");
+    }
+
+    /// A lane lets the other tasks of its worker run between every
+    /// [`YIELD_EVERY`] subscribers of a run.
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_big_run_yields_to_the_other_tasks_of_the_worker() {
+        let fanout = Arc::new(Fanout::new(Arc::default(), 1));
+        let news = ChannelName::parse("news").unwrap();
+        // One socket, shared (duplicated descriptors): only the queues matter.
+        let (socket, _, _client) = pair(10, 10_000).await;
+        let subscriber_count = YIELD_EVERY + 10;
+        let mut sockets = Vec::new();
+        for id in 0..subscriber_count as u64 {
+            let std_stream = socket2::SockRef::from(socket.stream()).try_clone().unwrap();
+            let stream = std::net::TcpStream::from(std_stream);
+            let connection = connection_socket(id, TcpStream::from_std(stream).unwrap(), 10, 10_000);
+            // Held: fan-out queues for the task, writing nothing.
+            connection.hold();
+            fanout.registry.subscribe(&news, connection.handle("alice"));
+            sockets.push(connection);
+        }
+        let queued = |sockets: &[ConnectionSocket]| {
+            sockets
+                .iter()
+                .filter(|connection| !lock(&connection.shared.state).entries.is_empty())
+                .count()
+        };
+        let sockets = Arc::new(sockets);
+        // Runs as soon as the lane yields, and sees how far it got.
+        let probe = tokio::spawn({
+            let sockets = sockets.clone();
+            async move { queued(&sockets) }
+        });
+        let entry = Outbound::Delivery(Arc::new(Delivery::new(&publication("news", "1"))));
+        let run = [Pending {
+            publication: publication("news", "1"),
+            entry,
+            accepted_at: Instant::now(),
+        }];
+        fanout.deliver_run(&run).await;
+        assert_eq!(probe.await.unwrap(), YIELD_EVERY, "the probe ran after the first chunk");
+        assert_eq!(queued(&sockets), subscriber_count, "every subscriber got it");
     }
 
     #[tokio::test]
