@@ -250,6 +250,17 @@ pub struct Offers {
     pub gone: u64,
 }
 
+/// Whether a replayed message may be queued (see
+/// [`ConnectionSocket::replay_fits`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Room {
+    Now,
+    /// When the socket has taken some of what waits.
+    Later,
+    /// Never: nothing waits for the socket, yet the queue is full.
+    Never,
+}
+
 /// What the connection task takes from its queue.
 #[derive(Debug)]
 pub enum Next {
@@ -452,6 +463,33 @@ impl ConnectionSocket {
         }
         state.messages_out += u64::from(message);
         state.push_unsent(frame, message);
+    }
+
+    /// How many replayed messages may be queued before the queue is half
+    /// full: replay leaves the other half to live messages and replies.
+    pub fn replay_room(&self) -> usize {
+        let state = lock(&self.shared.state);
+        let queued = state.unsent.len() + state.entries.len();
+        (self.shared.max_messages / 2).saturating_sub(queued)
+    }
+
+    /// Whether a replayed frame of `size` bytes may be queued now: while the
+    /// queue is under half its bounds; otherwise once the socket has
+    /// drained what waits for it (then within the full bounds, so that even
+    /// a message larger than half the byte bound goes through).
+    pub fn replay_fits(&self, size: usize) -> Room {
+        let state = lock(&self.shared.state);
+        let shared = &*self.shared;
+        let queued = state.unsent.len() + state.entries.len();
+        if queued < shared.max_messages / 2 && state.bytes + size <= shared.max_bytes / 2 {
+            Room::Now
+        } else if !state.unsent.is_empty() {
+            Room::Later
+        } else if !state.over_bounds(size, shared) {
+            Room::Now
+        } else {
+            Room::Never
+        }
     }
 
     /// Messages written or queued to this connection so far.

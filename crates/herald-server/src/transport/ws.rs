@@ -12,7 +12,7 @@
 //! for `limits.write_timeout`, or a full queue, end the connection with
 //! 4008, so a stalled peer never pins memory or the task.
 
-use std::collections::HashSet;
+use std::collections::{HashSet, VecDeque};
 use std::io;
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -42,7 +42,9 @@ use super::origin;
 use crate::api::json_error;
 use crate::auth::{AuthError, Identity, unix_now};
 use crate::broker::{MAX_HISTORY_PAGE, ReadCursor};
-use crate::fanout::{ConnectionHandle, ConnectionSocket, Judgement, Next, Outbound, connection_socket, wire_frame};
+use crate::fanout::{
+    ConnectionHandle, ConnectionSocket, Judgement, Next, Outbound, Room, connection_socket, wire_frame,
+};
 use crate::hub::{Admission, Hub, PublishError, PublishRequest, Rejection, Source};
 
 /// Bytes read from the socket at a time: commands are small.
@@ -51,8 +53,6 @@ const READ_CHUNK: usize = 4096;
 const MAX_BATCH: usize = 64;
 /// Messages a `history` command returns when it names no limit.
 const DEFAULT_HISTORY_PAGE: usize = 100;
-/// Pages a recovering subscribe reads at most before relying on gap repair.
-const MAX_RECOVERY_PAGES: usize = 10;
 /// How long a close frame may take to send before the socket is dropped.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
 /// After the close frame, how long the client's input is read (and
@@ -492,8 +492,43 @@ struct Session<'a> {
     gate: CommandGate,
     /// Set when the token was replaced by `refresh`.
     expiry_changed: bool,
-    /// Missed messages a recovering subscribe sends right after its ack.
-    replay: Vec<herald_core::Publication>,
+    /// Recovering subscribes whose missed messages are still being queued,
+    /// in the order they were asked; at most one per subscription.
+    recoveries: VecDeque<Recovery>,
+}
+
+/// A recovering subscribe's replay: the missed messages, queued behind its
+/// ack as the socket drains, a page at a time. Replay keeps the outgoing
+/// queue at most half full (see `ConnectionSocket::replay_room`), so that a
+/// long absence does not fill the queue at once and live messages and
+/// replies have room. While a replay is under way the connection stays
+/// held: live messages wait in the queue and are judged against the
+/// position once the replay has caught up.
+struct Recovery {
+    channel: ChannelName,
+    epoch: String,
+    /// Read from history, not yet queued, with their offsets (`None`: not
+    /// for this connection, the position moves past it): at most one page,
+    /// of at most as many messages as the queue had room for when it was read.
+    pending: VecDeque<(u64, Option<Bytes>)>,
+    /// The offset of the last message read from history.
+    last: u64,
+    /// A page came back short: history keeps nothing after `last`.
+    caught_up: bool,
+}
+
+impl Recovery {
+    /// Takes a page read after `last`, of at most `limit` messages, for
+    /// connection `id` of `user`.
+    fn add_page(&mut self, publications: Vec<herald_core::Publication>, limit: usize, id: u64, user: &str) {
+        self.caught_up = publications.len() < limit;
+        for publication in publications {
+            let Some(offset) = publication.offset else { continue };
+            self.last = offset;
+            let frame = publication.is_for(id, user).then(|| wire_frame(publication.encode()));
+            self.pending.push_back((offset, frame));
+        }
+    }
 }
 
 /// Unsubscribes everything when the session ends, however it ends.
@@ -570,7 +605,7 @@ impl<'a> Session<'a> {
             identity,
             gate,
             expiry_changed: false,
-            replay: Vec::new(),
+            recoveries: VecDeque::new(),
         };
         tracing::debug!(user_id = %session.identity.user_id, connection_id = id, "connection authenticated");
         // `auth_success` goes out once the personal channel is live.
@@ -610,6 +645,19 @@ impl<'a> Session<'a> {
         loop {
             if socket.flush().is_err() {
                 return Ending::ClientGone;
+            }
+            if !self.recoveries.is_empty() {
+                if let Err(ending) = self.replay().await {
+                    return ending;
+                }
+                if socket.flush().is_err() {
+                    return Ending::ClientGone;
+                }
+                // The socket took all of it: more at once, after a look at
+                // the socket (otherwise its draining brings the task back).
+                if !self.recoveries.is_empty() && socket.stalled_since().is_none() {
+                    socket.wake();
+                }
             }
             let stalled = socket
                 .stalled_since()
@@ -697,6 +745,10 @@ impl<'a> Session<'a> {
     /// Takes what fan-out queued for this task, a batch at a time; the hold
     /// ends once nothing is left.
     async fn take_entries(&mut self) -> Option<Ending> {
+        if !self.recoveries.is_empty() {
+            // Live messages wait until the replay has caught up.
+            return None;
+        }
         for _ in 0..MAX_BATCH {
             match self.socket.next() {
                 None => return None,
@@ -930,8 +982,10 @@ impl<'a> Session<'a> {
             Ok(frame) => {
                 self.reply(frame);
                 // A recovering subscribe's missed messages follow its ack.
-                for publication in std::mem::take(&mut self.replay) {
-                    self.push_publication(&publication);
+                if !self.recoveries.is_empty()
+                    && let Err(ending) = self.replay().await
+                {
+                    return Some(ending);
                 }
             }
             Err((code, message)) => {
@@ -997,11 +1051,14 @@ impl<'a> Session<'a> {
         let position = match (baseline, recover) {
             (Some(baseline), _) => baseline,
             (None, Some(recover)) => {
+                // The first page only: the rest is read as the socket drains.
+                let limit = self.socket.replay_room().clamp(1, MAX_HISTORY_PAGE);
                 let read = async {
                     let since = self.hub.resolve(channel, recover).await.map_err(broker_error)?;
-                    self.read_since(channel, since).await
+                    let page = self.hub.broker.history(channel, Some(since.clone()), limit).await;
+                    Ok((since, page.map_err(broker_error)?))
                 };
-                let (recovered, missed, current) = match read.await {
+                let (since, page) = match read.await {
                     Ok(read) => read,
                     Err(error) => {
                         // Not half-subscribed: the client is told, and may retry.
@@ -1009,16 +1066,33 @@ impl<'a> Session<'a> {
                         return Err(error);
                     }
                 };
-                data["recovered"] = json!(recovered);
-                let position = match missed.last() {
-                    Some(last) if recovered => Position {
-                        offset: last.offset.unwrap_or(0),
-                        epoch: current.epoch,
-                    },
-                    _ => current,
-                };
-                self.replay = missed;
-                position
+                data["recovered"] = json!(page.recovered);
+                // A new recovery of the channel replaces one under way.
+                self.recoveries.retain(|recovery| recovery.channel != *channel);
+                if page.recovered {
+                    let mut recovery = Recovery {
+                        channel: channel.clone(),
+                        epoch: since.epoch.clone(),
+                        pending: VecDeque::new(),
+                        last: since.offset,
+                        caught_up: false,
+                    };
+                    let (id, user) = (self.socket.id(), &self.identity.user_id);
+                    recovery.add_page(page.publications, limit, id, user);
+                    // The ack's position: the last missed message, or, when
+                    // more pages follow, the channel's latest when read.
+                    let acked = match recovery.caught_up {
+                        true => recovery.last,
+                        false => page.current.offset,
+                    };
+                    self.recoveries.push_back(recovery);
+                    // The kept position moves as the replay is queued.
+                    self.socket.set_position(channel, since);
+                    data["epoch"] = json!(page.current.epoch);
+                    data["offset"] = json!(acked);
+                    return Ok(data);
+                }
+                page.current
             }
             (None, None) => unreachable!("a baseline is read whenever recovery is not asked"),
         };
@@ -1028,44 +1102,58 @@ impl<'a> Session<'a> {
         Ok(data)
     }
 
+    /// Queues what recovering subscribes replay, as far as the queue has
+    /// room, reading the next page of history when one is used up. Once
+    /// every replay has caught up, the live messages that waited are taken.
+    /// `Err` when live messages alone fill the queue: the client cannot keep up.
+    async fn replay(&mut self) -> Result<(), Ending> {
+        let (id, user) = (self.socket.id(), self.identity.user_id.clone());
+        while let Some(recovery) = self.recoveries.front_mut() {
+            while let Some((offset, frame)) = recovery.pending.front() {
+                if let Some(frame) = frame {
+                    match self.socket.replay_fits(frame.len()) {
+                        Room::Now => self.socket.send_message(frame.clone()),
+                        // The socket drains first; the task comes back.
+                        Room::Later => return Ok(()),
+                        Room::Never => return Err(Ending::SlowClient),
+                    }
+                }
+                let position = Position {
+                    offset: *offset,
+                    epoch: recovery.epoch.clone(),
+                };
+                self.socket.set_position(&recovery.channel, position);
+                recovery.pending.pop_front();
+            }
+            if !recovery.caught_up {
+                let limit = self.socket.replay_room().clamp(1, MAX_HISTORY_PAGE);
+                let since = Position {
+                    offset: recovery.last,
+                    epoch: recovery.epoch.clone(),
+                };
+                match self.hub.broker.history(&recovery.channel, Some(since), limit).await {
+                    Ok(page) if page.recovered => {
+                        recovery.add_page(page.publications, limit, id, &user);
+                        continue;
+                    }
+                    // History moved on (it was trimmed meanwhile) or could
+                    // not be read: the replay ends here, and the next live
+                    // message shows the gap, which is filled from history or
+                    // reported with `resync` like any other.
+                    _ => {}
+                }
+            }
+            self.recoveries.pop_front();
+        }
+        match self.take_entries().await {
+            Some(ending) => Err(ending),
+            None => Ok(()),
+        }
+    }
+
     /// The channel's current position.
     async fn read_position(&self, channel: &ChannelName) -> Result<Position, (ErrorCode, String)> {
         self.hub.position(channel).await.map_err(broker_error)
-    }
-
-    /// Everything after `since`, page by page (bounded): whether it could be
-    /// recovered, the messages, and the channel's position at the end.
-    async fn read_since(
-        &self,
-        channel: &ChannelName,
-        mut since: Position,
-    ) -> Result<(bool, Vec<herald_core::Publication>, Position), (ErrorCode, String)> {
-        let mut missed = Vec::new();
-        for _ in 0..MAX_RECOVERY_PAGES {
-            let page = self
-                .hub
-                .broker
-                .history(channel, Some(since.clone()), MAX_HISTORY_PAGE)
-                .await
-                .map_err(broker_error)?;
-            if !page.recovered {
-                return Ok((false, Vec::new(), page.current));
-            }
-            let full = page.publications.len() == MAX_HISTORY_PAGE;
-            if let Some(last) = page.publications.last() {
-                since.offset = last.offset.unwrap_or(since.offset);
-            }
-            missed.extend(page.publications);
-            if !full {
-                return Ok((true, missed, page.current));
-            }
-        }
-        // More than the bound: the rest arrives through gap repair.
-        let current = Position {
-            offset: since.offset,
-            epoch: since.epoch,
-        };
-        Ok((true, missed, current))
     }
 
     /// Stores the user's read cursor for `channel` and tells the user's
@@ -1180,6 +1268,7 @@ impl<'a> Session<'a> {
             return false;
         }
         self.socket.forget_position(channel);
+        self.recoveries.retain(|recovery| recovery.channel != *channel);
         self.granted_by_server.remove(channel);
         self.hub.unsubscribe(channel, self.socket.id());
         if self.hub.tracks_presence(channel) {

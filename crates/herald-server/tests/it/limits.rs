@@ -359,3 +359,36 @@ async fn a_flooding_client_reads_the_close_frame_behind_its_unread_answers() {
         assert_eq!(client.read_to_end(PACE).await, Some(1009), "too large, round {round}");
     }
 }
+
+/// A recovering subscribe replays what was missed as the socket drains,
+/// within the connection's queue bounds, however much was missed.
+#[tokio::test]
+async fn a_recovery_larger_than_the_queue_is_replayed_within_its_bounds() {
+    let server = TestServer::start_with(
+        "[limits]\nqueue_messages = 16\n[namespaces.feed]\nsubscribe = \"authenticated\"\nhistory_size = 1000",
+    )
+    .await;
+    let channel = "feed:news";
+    let mut client = server.connect("reader").await;
+    let ack = client.command("subscribe", "s", json!({"channel": channel})).await;
+    let epoch = ack["data"]["epoch"].as_str().unwrap().to_owned();
+    drop(client);
+    for seq in 0..300 {
+        server.publish_ok(channel, json!({"seq": seq})).await;
+    }
+    let mut client = server.connect("reader").await;
+    let recover = json!({"channel": channel, "offset": 0, "epoch": epoch});
+    let ack = client.command("subscribe", "r", recover).await;
+    assert_eq!(ack["data"]["recovered"], true, "{ack}");
+    // A live message, published while the replay is under way, follows it.
+    server.publish_ok(channel, json!({"seq": 300})).await;
+    for seq in 0..=300 {
+        let frame = client.next_frame().await;
+        assert_eq!(frame["data"]["seq"], seq, "{frame}");
+    }
+    client.round_trip().await;
+    assert_eq!(
+        server.metric("herald_disconnects_total{reason=\"slow_client\"}").await,
+        0.0
+    );
+}
