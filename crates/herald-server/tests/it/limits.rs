@@ -392,3 +392,29 @@ async fn a_recovery_larger_than_the_queue_is_replayed_within_its_bounds() {
         0.0
     );
 }
+
+/// A client that goes away with messages still queued for it: they are
+/// counted as dropped (`disconnected`), not lost silently.
+#[tokio::test]
+async fn messages_queued_for_a_client_that_goes_away_are_counted() {
+    let server = TestServer::start_with("[limits]\nsend_buffer = 16384").await;
+    let mut client = server.connect_small_window("leaver").await;
+    client.subscribe("group:left").await;
+    // About 320 KiB: more than the kernel holds for this pair, far less
+    // than the queue's bounds.
+    let padding = "p".repeat(8 * 1024);
+    for seq in 0..40 {
+        server
+            .publish_ok("group:left", json!({"seq": seq, "pad": padding}))
+            .await;
+    }
+    drop(client);
+    wait_until("the server notices the client is gone", || async {
+        server.metric("herald_disconnects_total{reason=\"client\"}").await >= 1.0
+    })
+    .await;
+    let dropped = server
+        .metric("herald_messages_dropped_total{reason=\"disconnected\"}")
+        .await;
+    assert!((1.0..40.0).contains(&dropped), "{dropped} dropped");
+}
