@@ -15,6 +15,7 @@
 use std::collections::{HashSet, VecDeque};
 use std::io;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::Body;
@@ -43,7 +44,7 @@ use crate::api::json_error;
 use crate::auth::{AuthError, Identity, unix_now};
 use crate::broker::{MAX_HISTORY_PAGE, ReadCursor};
 use crate::fanout::{
-    ConnectionHandle, ConnectionSocket, Judgement, Next, Outbound, Room, connection_socket, wire_frame,
+    ConnectionHandle, ConnectionSocket, Delivery, Judgement, Next, Outbound, Room, connection_socket, wire_frame,
 };
 use crate::hub::{Admission, Hub, PublishError, PublishRequest, Rejection, Source};
 
@@ -497,11 +498,12 @@ struct Session<'a> {
     recoveries: VecDeque<Recovery>,
 }
 
-/// A recovering subscribe's replay: the missed messages, queued behind its
-/// ack as the socket drains, a page at a time. Replay keeps the outgoing
-/// queue at most half full (see `ConnectionSocket::replay_room`), so that a
-/// long absence does not fill the queue at once and live messages and
-/// replies have room. While a replay is under way the connection stays
+/// A replay from history: a recovering subscribe's missed messages, queued
+/// behind its ack, or a gap's, queued before the live message that showed
+/// it; queued as the socket drains, a page at a time. Replay keeps the
+/// outgoing queue at most half full (see `ConnectionSocket::replay_room`),
+/// so that a long absence does not fill the queue at once and live messages
+/// and replies have room. While a replay is under way the connection stays
 /// held: live messages wait in the queue and are judged against the
 /// position once the replay has caught up.
 struct Recovery {
@@ -513,8 +515,14 @@ struct Recovery {
     pending: VecDeque<(u64, Option<Bytes>)>,
     /// The offset of the last message read from history.
     last: u64,
-    /// A page came back short: history keeps nothing after `last`.
+    /// A page came back short: history keeps nothing after `last`; for a
+    /// gap, `until` was reached.
     caught_up: bool,
+    /// For a gap: the last missing offset, and the live message that showed
+    /// the gap, queued once the gap is filled or reported.
+    gap: Option<(u64, Arc<Delivery>)>,
+    /// History could not fill the gap: `resync` precedes the live message.
+    failed: bool,
 }
 
 impl Recovery {
@@ -522,6 +530,11 @@ impl Recovery {
     /// connection `id` of `user`.
     fn add_page(&mut self, publications: Vec<herald_core::Publication>, limit: usize, id: u64, user: &str) {
         self.caught_up = publications.len() < limit;
+        if let Some((until, _)) = &self.gap {
+            // A short page leaves the gap open: history no longer has it.
+            self.failed = publications.len() < limit;
+            self.caught_up = self.failed || publications.last().and_then(|p| p.offset) >= Some(*until);
+        }
         for publication in publications {
             let Some(offset) = publication.offset else { continue };
             self.last = offset;
@@ -752,7 +765,13 @@ impl<'a> Session<'a> {
         for _ in 0..MAX_BATCH {
             match self.socket.next() {
                 None => return None,
-                Some(Next::Entry(entry)) => self.take(entry).await,
+                Some(Next::Entry(entry)) => {
+                    self.take(entry).await;
+                    if !self.recoveries.is_empty() {
+                        // A gap is being filled: what follows waits for it.
+                        return None;
+                    }
+                }
                 Some(Next::FellBehind) => return Some(Ending::SlowClient),
                 Some(Next::Failed) => return Some(Ending::ClientGone),
             }
@@ -777,15 +796,32 @@ impl<'a> Session<'a> {
                     let (Some(offset), Some(epoch)) = (delivery.offset, &delivery.epoch) else {
                         return;
                     };
-                    if let Some(position) = self.socket.position(&delivery.channel) {
-                        self.fill_gap(&delivery.channel, position, offset, epoch).await;
+                    match self.socket.position(&delivery.channel) {
+                        // A gap: filled from history as the socket drains,
+                        // this message after it.
+                        Some(position) if position.epoch == *epoch && offset > position.offset + 1 => {
+                            self.recoveries.push_back(Recovery {
+                                channel: delivery.channel.clone(),
+                                epoch: position.epoch,
+                                pending: VecDeque::new(),
+                                last: position.offset,
+                                caught_up: false,
+                                gap: Some((offset - 1, delivery.clone())),
+                                failed: false,
+                            });
+                        }
+                        // A new epoch: what came before it cannot be replayed.
+                        Some(_) => self.close_gap(&delivery.channel, true, offset - 1, &delivery),
+                        None => {
+                            let position = Position {
+                                offset,
+                                epoch: epoch.clone(),
+                            };
+                            self.socket.set_position(&delivery.channel, position);
+                            self.socket.send_message(delivery.frame.clone());
+                        }
                     }
-                    let position = Position {
-                        offset,
-                        epoch: epoch.clone(),
-                    };
-                    self.socket.set_position(&delivery.channel, position);
-                    return self.socket.send_message(delivery.frame.clone());
+                    return;
                 }
             },
             Outbound::Subscribe(channel) => {
@@ -827,41 +863,29 @@ impl<'a> Session<'a> {
         }
     }
 
-    /// Delivers what was missed between `position` and the live message at
-    /// `offset` (in `epoch`), or tells the client it cannot be replayed.
-    async fn fill_gap(&mut self, channel: &ChannelName, position: Position, offset: u64, epoch: &str) {
-        if position.epoch == epoch {
-            let missing = (offset - position.offset - 1) as usize;
-            let page = self.hub.broker.history(channel, Some(position), missing).await;
-            if let Ok(page) = page
-                && page.recovered
-                && page.publications.len() == missing
-            {
-                self.hub
-                    .metrics
-                    .gaps_recovered
-                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                for publication in &page.publications {
-                    self.push_publication(publication);
-                }
-                return;
-            }
-        }
-        self.hub
-            .metrics
-            .gaps_unrecovered
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let data = json!({"channel": channel, "recovered": false, "epoch": epoch, "offset": offset - 1});
-        self.reply(server_frame("resync", None, data));
-    }
-
-    /// Queues one publication encoded for this connection alone (recovery),
-    /// unless it was not meant for this connection (a sender's own message).
-    fn push_publication(&mut self, publication: &herald_core::Publication) {
-        if !publication.is_for(self.socket.id(), &self.identity.user_id) {
+    /// Ends a gap before `live`: counts it as recovered, or (`failed`)
+    /// tells the client with `resync` that what came before `live` cannot be
+    /// replayed; then queues `live` and moves the position to it.
+    fn close_gap(&mut self, channel: &ChannelName, failed: bool, until: u64, live: &Delivery) {
+        use std::sync::atomic::Ordering::Relaxed;
+        let (Some(offset), Some(epoch)) = (live.offset, &live.epoch) else {
             return;
+        };
+        let counter = match failed {
+            true => &self.hub.metrics.gaps_unrecovered,
+            false => &self.hub.metrics.gaps_recovered,
+        };
+        counter.fetch_add(1, Relaxed);
+        if failed {
+            let data = json!({"channel": channel, "recovered": false, "epoch": epoch, "offset": until});
+            self.reply(server_frame("resync", None, data));
         }
-        self.socket.send_message(wire_frame(publication.encode()));
+        let position = Position {
+            offset,
+            epoch: epoch.clone(),
+        };
+        self.socket.set_position(channel, position);
+        self.socket.send_message(live.frame.clone());
     }
 
     fn reply(&mut self, frame: String) {
@@ -1076,6 +1100,8 @@ impl<'a> Session<'a> {
                         pending: VecDeque::new(),
                         last: since.offset,
                         caught_up: false,
+                        gap: None,
+                        failed: false,
                     };
                     let (id, user) = (self.socket.id(), &self.identity.user_id);
                     recovery.add_page(page.publications, limit, id, user);
@@ -1126,7 +1152,10 @@ impl<'a> Session<'a> {
                 recovery.pending.pop_front();
             }
             if !recovery.caught_up {
-                let limit = self.socket.replay_room().clamp(1, MAX_HISTORY_PAGE);
+                let mut limit = self.socket.replay_room().clamp(1, MAX_HISTORY_PAGE);
+                if let Some((until, _)) = &recovery.gap {
+                    limit = limit.min(until.saturating_sub(recovery.last) as usize).max(1);
+                }
                 let since = Position {
                     offset: recovery.last,
                     epoch: recovery.epoch.clone(),
@@ -1137,13 +1166,18 @@ impl<'a> Session<'a> {
                         continue;
                     }
                     // History moved on (it was trimmed meanwhile) or could
-                    // not be read: the replay ends here, and the next live
-                    // message shows the gap, which is filled from history or
-                    // reported with `resync` like any other.
-                    _ => {}
+                    // not be read: the replay ends here. A gap is reported
+                    // with `resync`; after a subscribe's replay, the next
+                    // live message shows the gap, dealt with like any other.
+                    _ => recovery.failed = true,
                 }
             }
-            self.recoveries.pop_front();
+            let Some(recovery) = self.recoveries.pop_front() else {
+                break;
+            };
+            if let Some((until, live)) = recovery.gap {
+                self.close_gap(&recovery.channel, recovery.failed, until, &live);
+            }
         }
         match self.take_entries().await {
             Some(ending) => Err(ending),

@@ -418,3 +418,52 @@ async fn messages_queued_for_a_client_that_goes_away_are_counted() {
         .await;
     assert!((1.0..40.0).contains(&dropped), "{dropped} dropped");
 }
+
+/// A gap larger than the connection's queue (messages a node missed) is
+/// filled from history as the socket drains, within the queue's bounds.
+#[tokio::test]
+async fn a_gap_larger_than_the_queue_is_filled_within_its_bounds() {
+    let redis = crate::harness::RedisServer::start().await;
+    let config = format!(
+        "[limits]\nqueue_messages = 16\n[namespaces.feed]\nsubscribe = \"authenticated\"\nhistory_size = 1000\n{}",
+        redis.toml("")
+    );
+    let server = TestServer::start_with(&config).await;
+    server.wait_ready().await;
+    let channel = "feed:gaps";
+    let mut client = server.connect("reader").await;
+    client.subscribe(channel).await;
+    server.publish_ok(channel, json!({"seq": 0})).await;
+    assert_eq!(client.next_frame().await["data"]["seq"], 0);
+    // Stored and numbered in history, published where no node listens: lost
+    // on the way to the node, as in a Pub/Sub outage.
+    let prefix = redis.prefix();
+    for seq in 1..=100 {
+        let wire = json!({"type": "message", "message_id": format!("lost-{seq}"), "timestamp": herald_server::hub::unix_millis(), "data": {"seq": seq}});
+        redis.cli(&[
+            "EVAL",
+            herald_server::broker::redis::history::PUBLISH_SCRIPT,
+            "4",
+            &format!("{prefix}hist:{channel}"),
+            &format!("{prefix}off:{channel}"),
+            &format!("{prefix}epoch:{channel}"),
+            &format!("{prefix}nowhere"),
+            &wire.to_string(),
+            "1000",
+            "600000",
+            "unused-epoch",
+            herald_server::broker::redis::history::POSITION_TTL_MS,
+        ]);
+    }
+    server.publish_ok(channel, json!({"seq": 101})).await;
+    for seq in 1..=101 {
+        let frame = client.next_frame().await;
+        assert_eq!(frame["data"]["seq"], seq, "{frame}");
+    }
+    client.round_trip().await;
+    assert_eq!(server.metric("herald_gaps_recovered_total").await, 1.0);
+    assert_eq!(
+        server.metric("herald_disconnects_total{reason=\"slow_client\"}").await,
+        0.0
+    );
+}
