@@ -248,9 +248,9 @@ async fn a_slow_reader_reads_4008_next_instead_of_its_backlog() {
     let reader = tokio::spawn(async move {
         let mut read = 0u64;
         loop {
-            // The pace of a slow reader: one frame every 10 ms, slower than
+            // The pace of a slow reader: one frame every 20 ms, slower than
             // the publisher below.
-            tokio::time::sleep(Duration::from_millis(10)).await;
+            tokio::time::sleep(Duration::from_millis(20)).await;
             match slow.next_event().await {
                 Event::Frame(_) | Event::Binary(_) => read += 1,
                 Event::Closed(close) => return (read, close),
