@@ -121,13 +121,24 @@ struct ConnectionShared {
     max_bytes: usize,
 }
 
+/// A frame waiting for the socket.
+struct Unsent {
+    frame: Bytes,
+    /// A message (a delivery), as opposed to the task's own frames (replies,
+    /// pings, the close frame): what counts as dropped if it is discarded.
+    message: bool,
+}
+
 /// The queue. Plain deques: they allocate only while something waits (an
 /// idle connection holds no buffer) and are shrunk after a burst.
 #[derive(Default)]
 struct State {
     /// Encoded frames not yet written, in order; the first may be partly
-    /// written already.
-    unsent: VecDeque<Bytes>,
+    /// written already (see `front_partial`).
+    unsent: VecDeque<Unsent>,
+    /// The first of `unsent` is the rest of a frame the socket took part
+    /// of: it must be written whole, or the stream breaks mid-frame.
+    front_partial: bool,
     /// Entries for the task, in order, all behind `unsent`.
     entries: VecDeque<Outbound>,
     /// Bytes in `unsent` and `entries`, against `max_bytes`.
@@ -140,8 +151,13 @@ struct State {
     slow: bool,
     /// Set when a write failed: the peer is gone.
     failed: bool,
-    /// Set when the connection task is gone; offers are refused.
+    /// Set when the connection has ended (its task is done with it);
+    /// offers are refused, and counted as dropped.
     closed: bool,
+    /// Messages written or queued here so far: the task compares it across
+    /// a keepalive ping to tell a client that stopped reading what was sent
+    /// to it from one with nothing at stake.
+    messages_out: u64,
     /// For subscribed channels that keep history: the last position
     /// delivered here, to skip repeats and to notice gaps.
     positions: HashMap<ChannelName, Position>,
@@ -184,12 +200,12 @@ impl State {
         }
     }
 
-    fn push_unsent(&mut self, frame: Bytes) {
+    fn push_unsent(&mut self, frame: Bytes, message: bool) {
         if self.unsent.is_empty() {
             self.stalled_since = Some(Instant::now());
         }
         self.bytes += frame.len();
-        self.unsent.push_back(frame);
+        self.unsent.push_back(Unsent { frame, message });
     }
 
     /// Drops `written` bytes from the front of `unsent`.
@@ -197,13 +213,15 @@ impl State {
         self.bytes -= written;
         self.stalled_since = Some(Instant::now());
         while written > 0 {
-            let front = self.unsent.front_mut().expect("written bytes were unsent");
+            let front = &mut self.unsent.front_mut().expect("written bytes were unsent").frame;
             if written < front.len() {
                 *front = front.slice(written..);
+                self.front_partial = true;
                 return;
             }
             written -= front.len();
             self.unsent.pop_front();
+            self.front_partial = false;
         }
     }
 
@@ -228,6 +246,19 @@ pub struct Offers {
     pub queued: u64,
     /// Refused because the connection fell behind.
     pub dropped: u64,
+    /// Refused because the connection has ended or broken.
+    pub gone: u64,
+}
+
+/// Whether a replayed message may be queued (see
+/// [`ConnectionSocket::replay_fits`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Room {
+    Now,
+    /// When the socket has taken some of what waits.
+    Later,
+    /// Never: nothing waits for the socket, yet the queue is full.
+    Never,
 }
 
 /// What the connection task takes from its queue.
@@ -240,6 +271,8 @@ pub enum Next {
     Failed,
 }
 
+/// Subscribers a lane serves between two yields to the runtime.
+const YIELD_EVERY: usize = 2_048;
 /// Frames written in one vectored write at most.
 const MAX_WRITE_SLICES: usize = 64;
 /// A deque that held more than this many entries is shrunk once drained.
@@ -287,9 +320,15 @@ impl ConnectionHandle {
         let shared = &*self.0;
         let mut state = lock(&shared.state);
         if state.closed || state.failed {
-            return Offers::default();
+            let messages = entries.iter().filter(|entry| entry.frame().is_some()).count();
+            return Offers {
+                gone: messages as u64,
+                ..Offers::default()
+            };
         }
         let mut offers = Offers::default();
+        // Control entries among the queued: not messages.
+        let mut controls = 0;
         let mut wake = false;
         let mut next = 0;
         if !state.held && state.unsent.is_empty() && !state.slow {
@@ -317,7 +356,11 @@ impl ConnectionHandle {
                     state.failed = true;
                     drop(state);
                     shared.wake.notify_one();
-                    return Offers::default();
+                    let messages = entries.iter().filter(|entry| entry.frame().is_some()).count();
+                    return Offers {
+                        gone: messages as u64,
+                        ..Offers::default()
+                    };
                 }
             };
             offers.queued = count as u64;
@@ -328,7 +371,8 @@ impl ConnectionHandle {
                     continue;
                 }
                 wake |= state.unsent.is_empty();
-                state.push_unsent(frame.slice(written..));
+                state.front_partial = written > 0;
+                state.push_unsent(frame.slice(written..), true);
                 written = 0;
             }
         }
@@ -349,9 +393,10 @@ impl ConnectionHandle {
                 Judgement::Write => {
                     // Behind bytes the task writes (woken if they are the first).
                     wake |= state.unsent.is_empty();
-                    state.push_unsent(entry.frame().expect("only deliveries are written").clone());
+                    state.push_unsent(entry.frame().expect("only deliveries are written").clone(), true);
                 }
                 Judgement::Task => {
+                    controls += u64::from(entry.frame().is_none());
                     state.bytes += entry.len();
                     state.entries.push_back((*entry).clone());
                     state.held = true;
@@ -362,6 +407,7 @@ impl ConnectionHandle {
             }
             offers.queued += 1;
         }
+        state.messages_out += offers.queued - controls;
         drop(state);
         if wake {
             shared.wake.notify_one();
@@ -400,19 +446,95 @@ impl ConnectionSocket {
     /// The queue's bounds apply: a client that sends (pings, commands) but
     /// does not read is marked slow like one that falls behind fan-out.
     pub fn send(&self, frame: Bytes) {
+        self.push(frame, false);
+    }
+
+    /// Queues a message the task delivers itself (one it took from its
+    /// entries, or one read from history), like [`send`](Self::send).
+    pub fn send_message(&self, frame: Bytes) {
+        self.push(frame, true);
+    }
+
+    fn push(&self, frame: Bytes, message: bool) {
         let mut state = lock(&self.shared.state);
         if state.over_bounds(frame.len(), &self.shared) && !state.slow {
             state.slow = true;
             self.shared.wake.notify_one();
         }
-        state.push_unsent(frame);
+        state.messages_out += u64::from(message);
+        state.push_unsent(frame, message);
+    }
+
+    /// How many replayed messages may be queued before the queue is half
+    /// full: replay leaves the other half to live messages and replies.
+    pub fn replay_room(&self) -> usize {
+        let state = lock(&self.shared.state);
+        let queued = state.unsent.len() + state.entries.len();
+        (self.shared.max_messages / 2).saturating_sub(queued)
+    }
+
+    /// Whether a replayed frame of `size` bytes may be queued now: while the
+    /// queue is under half its bounds; otherwise once the socket has
+    /// drained what waits for it (then within the full bounds, so that even
+    /// a message larger than half the byte bound goes through).
+    pub fn replay_fits(&self, size: usize) -> Room {
+        let state = lock(&self.shared.state);
+        let shared = &*self.shared;
+        let queued = state.unsent.len() + state.entries.len();
+        if queued < shared.max_messages / 2 && state.bytes + size <= shared.max_bytes / 2 {
+            Room::Now
+        } else if !state.unsent.is_empty() {
+            Room::Later
+        } else if !state.over_bounds(size, shared) {
+            Room::Now
+        } else {
+            Room::Never
+        }
+    }
+
+    /// Messages written or queued to this connection so far.
+    pub fn messages_out(&self) -> u64 {
+        lock(&self.shared.state).messages_out
+    }
+
+    /// Ends the connection for fan-out: from now on offers are refused
+    /// (and counted as dropped by fan-out), and whatever is still queued is
+    /// discarded. Returns how many messages were discarded.
+    pub fn finish(&self) -> u64 {
+        let mut state = lock(&self.shared.state);
+        state.closed = true;
+        state.front_partial = false;
+        drop(state);
+        self.discard_backlog()
+    }
+
+    /// Discards everything queued, for a connection cut off as slow: the
+    /// close frame queued next is what the client reads next, instead of a
+    /// backlog it could not read in time. A frame the socket took part of
+    /// is kept, so that the stream stays well-formed. Returns how many
+    /// messages were discarded.
+    pub fn discard_backlog(&self) -> u64 {
+        let mut state = lock(&self.shared.state);
+        let keep = usize::from(state.front_partial);
+        let mut discarded = 0;
+        let mut bytes = 0;
+        for unsent in state.unsent.drain(keep..) {
+            discarded += u64::from(unsent.message);
+            bytes += unsent.frame.len();
+        }
+        for entry in state.entries.drain(..) {
+            discarded += u64::from(matches!(entry, Outbound::Delivery(_)));
+            bytes += entry.len();
+        }
+        state.bytes -= bytes;
+        discarded
     }
 
     /// Writes queued frames until the socket takes no more.
     pub fn flush(&self) -> io::Result<()> {
         let mut state = lock(&self.shared.state);
         while !state.unsent.is_empty() {
-            match try_write_frames(&self.shared.stream, state.unsent.iter()) {
+            match try_write_frames(&self.shared.stream, state.unsent.iter().map(|unsent| &unsent.frame)) {
                 Ok(0) => {
                     state.failed = true;
                     return Err(io::ErrorKind::WriteZero.into());
@@ -540,8 +662,42 @@ struct Pending {
 /// publications are delivered in the order they were handed over.
 #[derive(Default)]
 struct Lane {
-    pending: Mutex<Vec<Pending>>,
+    inbox: Mutex<Inbox>,
     wake: Notify,
+}
+
+/// What waits for a lane's task. Bounded by [`LaneLimits`]: it grows only
+/// while publications arrive (from the Redis reader or local publishers)
+/// faster than the lane delivers them.
+#[derive(Default)]
+struct Inbox {
+    pending: Vec<Pending>,
+    /// The encoded size of `pending`, against `LaneLimits::bytes`.
+    bytes: usize,
+}
+
+/// How much may wait for one lane. At the bound the arriving publication is
+/// dropped and counted, once per local subscriber, in
+/// `herald_messages_dropped_total{reason="lane_full"}`: in a channel with
+/// history the next delivery shows each connection the gap, which is filled
+/// from history; elsewhere the loss is that of Pub/Sub (at most once).
+/// Waiting instead would stall the Redis reader (and Redis would cut it off
+/// at its output buffer limit) or a publisher holding a channel's lock.
+#[derive(Debug, Clone, Copy)]
+pub struct LaneLimits {
+    pub messages: usize,
+    pub bytes: usize,
+}
+
+impl Default for LaneLimits {
+    /// Far above what a lane delivers in a second, far below what would
+    /// exhaust memory: 65,536 publications or 256 MiB per lane.
+    fn default() -> Self {
+        LaneLimits {
+            messages: 65_536,
+            bytes: 256 << 20,
+        }
+    }
 }
 
 /// The node's subscription registry and the fan-out over it.
@@ -555,6 +711,7 @@ pub struct Fanout {
     pub registry: Registry<ConnectionHandle>,
     metrics: Arc<Metrics>,
     lanes: Box<[Lane]>,
+    lane_limits: LaneLimits,
     hasher: RandomState,
 }
 
@@ -562,10 +719,16 @@ impl Fanout {
     /// A fan-out with `lanes` lanes (at least one); [`start`](Self::start)
     /// runs them.
     pub fn new(metrics: Arc<Metrics>, lanes: usize) -> Self {
+        Self::with_lane_limits(metrics, lanes, LaneLimits::default())
+    }
+
+    /// The same, with `lane_limits` bounding each lane's inbox.
+    pub fn with_lane_limits(metrics: Arc<Metrics>, lanes: usize, lane_limits: LaneLimits) -> Self {
         Fanout {
             registry: Registry::default(),
             metrics,
             lanes: (0..lanes.max(1)).map(|_| Lane::default()).collect(),
+            lane_limits,
             hasher: RandomState::new(),
         }
     }
@@ -578,7 +741,8 @@ impl Fanout {
     }
 
     /// Hands `publication` to its channel's lane, for every local subscriber
-    /// of the channel. `accepted_at` feeds the latency histogram.
+    /// of the channel. `accepted_at` feeds the latency histogram. Never
+    /// waits: a full lane drops it (see [`LaneLimits`]).
     pub fn deliver(&self, publication: Publication, accepted_at: Instant) {
         let entry = match publication.control() {
             Some(Control::Subscribe(channel)) => Outbound::Subscribe(channel),
@@ -591,10 +755,18 @@ impl Fanout {
             entry,
             accepted_at,
         };
-        let mut queue = lock(&lane.pending);
-        queue.push(pending);
-        if queue.len() == 1 {
-            drop(queue);
+        let size = pending.entry.len();
+        let mut inbox = lock(&lane.inbox);
+        if inbox.pending.len() >= self.lane_limits.messages || inbox.bytes + size > self.lane_limits.bytes {
+            drop(inbox);
+            let subscribers = self.registry.subscriber_count(&pending.publication.channel);
+            self.metrics.messages_dropped.add("lane_full", subscribers as u64);
+            return;
+        }
+        inbox.pending.push(pending);
+        inbox.bytes += size;
+        if inbox.pending.len() == 1 {
+            drop(inbox);
             lane.wake.notify_one();
         }
     }
@@ -610,35 +782,53 @@ impl Fanout {
             // Let the publishers that are ready run first: whatever they hand
             // over joins this batch.
             tokio::task::yield_now().await;
-            std::mem::swap(&mut batch, &mut *lock(&lane.pending));
+            {
+                let mut inbox = lock(&lane.inbox);
+                std::mem::swap(&mut batch, &mut inbox.pending);
+                inbox.bytes = 0;
+            }
             for run in batch.chunk_by(|a, b| a.publication.channel == b.publication.channel) {
-                self.deliver_run(run);
+                self.deliver_run(run).await;
             }
             batch.clear();
         }
     }
 
     /// Delivers consecutive publications to one channel: each subscriber
-    /// gets those meant for it in one offer.
-    fn deliver_run(&self, run: &[Pending]) {
+    /// gets those meant for it in one offer. Every [`YIELD_EVERY`]
+    /// subscribers the lane lets the other tasks of its worker run: a
+    /// channel with 100,000 subscribers would otherwise hold the worker for
+    /// well over 100 ms.
+    async fn deliver_run(&self, run: &[Pending]) {
         let mut totals = Offers::default();
         let mut entries: Vec<&Outbound> = Vec::with_capacity(run.len());
-        self.registry.for_each(&run[0].publication.channel, |connection| {
-            entries.clear();
-            let (id, user) = (connection.connection_id(), connection.user_id());
-            entries.extend(run.iter().filter(|p| p.publication.is_for(id, user)).map(|p| &p.entry));
-            if entries.is_empty() {
-                return;
+        let subscribers = self.registry.snapshot(&run[0].publication.channel);
+        let subscribers = subscribers.as_deref().unwrap_or_default();
+        for (index, chunk) in subscribers.chunks(YIELD_EVERY).enumerate() {
+            if index > 0 {
+                tokio::task::yield_now().await;
             }
-            let offers = connection.offer_all(&entries);
-            totals.queued += offers.queued;
-            totals.dropped += offers.dropped;
-        });
+            for connection in chunk {
+                entries.clear();
+                let (id, user) = (connection.connection_id(), connection.user_id());
+                entries.extend(run.iter().filter(|p| p.publication.is_for(id, user)).map(|p| &p.entry));
+                if entries.is_empty() {
+                    continue;
+                }
+                let offers = connection.offer_all(&entries);
+                totals.queued += offers.queued;
+                totals.dropped += offers.dropped;
+                totals.gone += offers.gone;
+            }
+        }
         self.metrics
             .messages_delivered
             .fetch_add(totals.queued, Ordering::Relaxed);
         if totals.dropped > 0 {
             self.metrics.messages_dropped.add("slow_client", totals.dropped);
+        }
+        if totals.gone > 0 {
+            self.metrics.messages_dropped.add("disconnected", totals.gone);
         }
         for pending in run {
             self.metrics.fanout_latency.observe(pending.accepted_at.elapsed());
@@ -673,16 +863,25 @@ mod tests {
         match handle.offer_all(&[entry]) {
             Offers { queued: 1, .. } => Offer::Queued,
             Offers { dropped: 1, .. } => Offer::Dropped,
-            _ => Offer::Closed,
+            Offers { gone: 1, .. } => Offer::Closed,
+            other => panic!("one entry offered, got {other:?}"),
         }
     }
 
     /// A connected pair: the server's end as a connection, and the client.
     async fn pair(max_messages: usize, max_bytes: usize) -> (ConnectionSocket, ConnectionHandle, TcpStream) {
+        pair_with_id(1, max_messages, max_bytes).await
+    }
+
+    async fn pair_with_id(
+        id: u64,
+        max_messages: usize,
+        max_bytes: usize,
+    ) -> (ConnectionSocket, ConnectionHandle, TcpStream) {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let client = TcpStream::connect(listener.local_addr().unwrap()).await.unwrap();
         let (server, _) = listener.accept().await.unwrap();
-        let socket = connection_socket(1, server, max_messages, max_bytes);
+        let socket = connection_socket(id, server, max_messages, max_bytes);
         let handle = socket.handle("alice");
         (socket, handle, client)
     }
@@ -756,7 +955,13 @@ mod tests {
             delivery("d", None),
         );
         let offers = handle.offer_all(&[&a, &b, &c, &d]);
-        assert_eq!(offers, Offers { queued: 4, dropped: 0 });
+        assert_eq!(
+            offers,
+            Offers {
+                queued: 4,
+                ..Offers::default()
+            }
+        );
         // `c` comes after a gap (6 is missing), so the task takes it; `d`
         // waits behind it.
         take_deliveries(&socket, &["c", "d"]);
@@ -772,7 +977,14 @@ mod tests {
         let (socket, handle, mut client, news) = pair_at_five().await;
         let (old, next) = (delivery("old", Some(5)), delivery("new", Some(6)));
         let offers = handle.offer_all(&[&old, &next]);
-        assert_eq!(offers, Offers { queued: 1, dropped: 0 }, "the repeat is skipped");
+        assert_eq!(
+            offers,
+            Offers {
+                queued: 1,
+                ..Offers::default()
+            },
+            "the repeat is skipped"
+        );
         assert_eq!(socket.position(&news).unwrap().offset, 6);
         assert!(socket.next().is_none(), "in order: nothing for the task");
         socket.flush().unwrap();
@@ -836,6 +1048,72 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn discarding_the_backlog_keeps_the_stream_whole_and_counts_messages() {
+        let (socket, handle, mut client) = pair(1_000, 64 * 1024 * 1024).await;
+        let frame = delivery(&"x".repeat(16 * 1024), None);
+        let mut offered = 0u64;
+        // Until the socket takes no more: then frames queue, the first
+        // perhaps in part.
+        while socket.stalled_since().is_none() {
+            assert_eq!(offer(&handle, &frame), Offer::Queued);
+            offered += 1;
+            assert!(offered < 100_000, "the socket never filled");
+        }
+        for _ in 0..3 {
+            assert_eq!(offer(&handle, &frame), Offer::Queued);
+            offered += 1;
+        }
+        socket.send(websocket::text("a reply"));
+        let discarded = socket.discard_backlog();
+        assert!(
+            (3..=4).contains(&discarded),
+            "{discarded} messages discarded, the reply not counted"
+        );
+        socket.send(websocket::close(4008, "client too slow"));
+        let reader = tokio::spawn(async move {
+            // Whole frames, then the close frame.
+            let mut buffer = Vec::new();
+            let mut messages = 0u64;
+            loop {
+                while buffer.len() >= 4 {
+                    let (opcode, short) = (buffer[0] & 0x0F, usize::from(buffer[1] & 0x7F));
+                    let (start, len) = match short {
+                        126 => (4, usize::from(u16::from_be_bytes([buffer[2], buffer[3]]))),
+                        len => (2, len),
+                    };
+                    if buffer.len() < start + len {
+                        break;
+                    }
+                    if opcode == websocket::OP_CLOSE {
+                        return (messages, buffer[start..start + 2].to_vec());
+                    }
+                    assert_eq!(&buffer[start..start + len], "x".repeat(16 * 1024).as_bytes());
+                    messages += 1;
+                    buffer.drain(..start + len);
+                }
+                let mut chunk = [0u8; 65536];
+                let read = client.read(&mut chunk).await.unwrap();
+                assert!(read > 0, "the close frame arrives");
+                buffer.extend_from_slice(&chunk[..read]);
+            }
+        });
+        while socket.stalled_since().is_some() {
+            socket.stream().writable().await.unwrap();
+            socket.flush().unwrap();
+        }
+        let (messages, code) = tokio::time::timeout(std::time::Duration::from_secs(10), reader)
+            .await
+            .expect("the reader finishes")
+            .unwrap();
+        assert_eq!(
+            messages,
+            offered - discarded,
+            "every message not discarded arrives whole"
+        );
+        assert_eq!(code, 4008u16.to_be_bytes());
+    }
+
+    #[tokio::test]
     async fn the_tasks_own_frames_count_against_the_bounds() {
         let (socket, _handle, _client) = pair(100, 10).await;
         socket.hold();
@@ -848,10 +1126,128 @@ mod tests {
         );
     }
 
+    fn publication(channel: &str, data: &str) -> Publication {
+        Publication {
+            channel: ChannelName::parse(channel).unwrap(),
+            message_type: "message".into(),
+            message_id: "m".into(),
+            timestamp_ms: 0,
+            offset: None,
+            epoch: None,
+            payload: herald_core::Payload::Json(serde_json::value::RawValue::from_string(data.into()).unwrap()),
+            from: None,
+            exclude_user: None,
+            exclude_connection: None,
+            ephemeral: false,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_full_lane_drops_what_arrives_and_counts_it_per_subscriber() {
+        let metrics = Arc::new(Metrics::default());
+        let limits = LaneLimits {
+            messages: 3,
+            bytes: 1_000,
+        };
+        let fanout = Fanout::with_lane_limits(metrics.clone(), 1, limits);
+        let (_first, first, _c1) = pair_with_id(1, 10, 10_000).await;
+        let (_second, second, _c2) = pair_with_id(2, 10, 10_000).await;
+        let news = ChannelName::parse("news").unwrap();
+        fanout.registry.subscribe(&news, first);
+        fanout.registry.subscribe(&news, second);
+        // The lane's task is not running: what arrives waits.
+        for _ in 0..5 {
+            fanout.deliver(publication("news", "1"), Instant::now());
+        }
+        assert_eq!(lock(&fanout.lanes[0].inbox).pending.len(), 3, "the message bound");
+        assert_eq!(
+            metrics.messages_dropped.get("lane_full"),
+            2 * 2,
+            "two publications, two subscribers"
+        );
+        // The byte bound: room for three frames.
+        let frame_len = Delivery::new(&publication("news", "1")).frame.len();
+        let limits = LaneLimits {
+            messages: 1_000,
+            bytes: 3 * frame_len,
+        };
+        let fanout = Fanout::with_lane_limits(metrics.clone(), 1, limits);
+        for _ in 0..4 {
+            fanout.deliver(publication("news", "1"), Instant::now());
+        }
+        let inbox = lock(&fanout.lanes[0].inbox);
+        assert_eq!((inbox.pending.len(), inbox.bytes), (3, 3 * frame_len), "the byte bound");
+    }
+
+    /// A lane lets the other tasks of its worker run between every
+    /// [`YIELD_EVERY`] subscribers of a run.
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_big_run_yields_to_the_other_tasks_of_the_worker() {
+        let fanout = Arc::new(Fanout::new(Arc::default(), 1));
+        let news = ChannelName::parse("news").unwrap();
+        // One socket, shared (duplicated descriptors): only the queues matter.
+        let (socket, _, _client) = pair(10, 10_000).await;
+        let subscriber_count = YIELD_EVERY + 10;
+        let mut sockets = Vec::new();
+        for id in 0..subscriber_count as u64 {
+            let std_stream = socket2::SockRef::from(socket.stream()).try_clone().unwrap();
+            let stream = std::net::TcpStream::from(std_stream);
+            let connection = connection_socket(id, TcpStream::from_std(stream).unwrap(), 10, 10_000);
+            // Held: fan-out queues for the task, writing nothing.
+            connection.hold();
+            fanout.registry.subscribe(&news, connection.handle("alice"));
+            sockets.push(connection);
+        }
+        let queued = |sockets: &[ConnectionSocket]| {
+            sockets
+                .iter()
+                .filter(|connection| !lock(&connection.shared.state).entries.is_empty())
+                .count()
+        };
+        let sockets = Arc::new(sockets);
+        // Runs as soon as the lane yields, and sees how far it got.
+        let probe = tokio::spawn({
+            let sockets = sockets.clone();
+            async move { queued(&sockets) }
+        });
+        let entry = Outbound::Delivery(Arc::new(Delivery::new(&publication("news", "1"))));
+        let run = [Pending {
+            publication: publication("news", "1"),
+            entry,
+            accepted_at: Instant::now(),
+        }];
+        fanout.deliver_run(&run).await;
+        assert_eq!(probe.await.unwrap(), YIELD_EVERY, "the probe ran after the first chunk");
+        assert_eq!(queued(&sockets), subscriber_count, "every subscriber got it");
+    }
+
     #[tokio::test]
     async fn a_closed_connection_refuses_offers() {
         let (socket, handle, _client) = pair(100, 1_000).await;
         drop(socket);
         assert_eq!(offer(&handle, &delivery("x", None)), Offer::Closed);
+    }
+
+    #[tokio::test]
+    async fn a_finished_connection_discards_and_refuses_messages_for_counting() {
+        let (socket, handle, _client) = pair(100, 10_000).await;
+        socket.hold();
+        for offset in 1..=3 {
+            assert_eq!(offer(&handle, &delivery("queued", Some(offset))), Offer::Queued);
+        }
+        socket.send(websocket::text("a reply"));
+        assert_eq!(
+            handle
+                .offer_all(&[&Outbound::Subscribe(ChannelName::parse("x").unwrap())])
+                .queued,
+            1
+        );
+        assert_eq!(socket.messages_out(), 3, "replies and control entries are not messages");
+        assert_eq!(
+            socket.finish(),
+            3,
+            "the queued messages, not the reply or the control entry"
+        );
+        assert_eq!(offer(&handle, &delivery("late", None)), Offer::Closed);
     }
 }

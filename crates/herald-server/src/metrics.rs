@@ -102,9 +102,12 @@ pub struct Metrics {
     pub messages_published: Family<4>,
     /// Frames queued to subscribers (one per subscriber per message).
     pub messages_delivered: AtomicU64,
-    /// Messages a subscriber did not get, by reason; the subscriber is told
-    /// (it is disconnected with a close code).
-    pub messages_dropped: Family<3>,
+    /// Messages a subscriber did not get, by reason: `slow_client` (refused
+    /// by a full queue, or discarded with a connection cut off as slow; it
+    /// is told with 4008), `disconnected` (discarded with a connection that
+    /// ended otherwise, or offered to one that was ending), `lane_full`
+    /// (a fan-out lane's inbox was full, see `fanout::LaneLimits`).
+    pub messages_dropped: Family<5>,
     pub duplicates_suppressed: AtomicU64,
     pub commands: AtomicU64,
     pub command_errors: AtomicU64,
@@ -187,7 +190,10 @@ impl Default for Metrics {
             ),
             messages_published: Family::new("source", ["http", "client", "stream", "other"]),
             messages_delivered: AtomicU64::new(0),
-            messages_dropped: Family::new("reason", ["slow_client", "invalid", "other"]),
+            messages_dropped: Family::new(
+                "reason",
+                ["slow_client", "disconnected", "lane_full", "invalid", "other"],
+            ),
             duplicates_suppressed: AtomicU64::new(0),
             commands: AtomicU64::new(0),
             command_errors: AtomicU64::new(0),

@@ -70,6 +70,15 @@ impl Ending {
         })
     }
 
+    /// The `reason` label of `herald_messages_dropped_total` for the
+    /// messages discarded with a connection that ended this way.
+    pub fn drop_label(self) -> &'static str {
+        match self {
+            Ending::SlowClient => "slow_client",
+            _ => "disconnected",
+        }
+    }
+
     /// The `reason` label of `herald_disconnects_total`.
     pub fn metric_label(self) -> &'static str {
         match self {

@@ -12,9 +12,10 @@
 //! for `limits.write_timeout`, or a full queue, end the connection with
 //! 4008, so a stalled peer never pins memory or the task.
 
-use std::collections::HashSet;
+use std::collections::{HashSet, VecDeque};
 use std::io;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::Body;
@@ -42,7 +43,9 @@ use super::origin;
 use crate::api::json_error;
 use crate::auth::{AuthError, Identity, unix_now};
 use crate::broker::{HistoryPage, MAX_HISTORY_PAGE, ReadCursor};
-use crate::fanout::{ConnectionHandle, ConnectionSocket, Judgement, Next, Outbound, connection_socket, wire_frame};
+use crate::fanout::{
+    ConnectionHandle, ConnectionSocket, Delivery, Judgement, Next, Outbound, Room, connection_socket, wire_frame,
+};
 use crate::hub::{Admission, Hub, PublishError, PublishRequest, Rejection, Source};
 
 /// Bytes read from the socket at a time: commands are small.
@@ -51,8 +54,6 @@ const READ_CHUNK: usize = 4096;
 const MAX_BATCH: usize = 64;
 /// Messages a `history` command returns when it names no limit.
 const DEFAULT_HISTORY_PAGE: usize = 100;
-/// Pages a recovering subscribe reads at most before relying on gap repair.
-const MAX_RECOVERY_PAGES: usize = 10;
 /// How long gap repair waits for history to be readable (after a Redis
 /// restart the Pub/Sub connection may be back before the command
 /// connection) before it gives up with `resync`. The connection is held
@@ -63,6 +64,12 @@ const GAP_REPAIR_WAIT: Duration = Duration::from_secs(5);
 const GAP_REPAIR_RETRY: Duration = Duration::from_millis(100);
 /// How long a close frame may take to send before the socket is dropped.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
+/// After the close frame, how long the client's input is read (and
+/// discarded) while the client reads the close frame and closes its side.
+const LINGER_TIMEOUT: Duration = Duration::from_secs(2);
+/// The most input discarded while lingering: a client that keeps sending
+/// past it is not reading either, and the socket is closed.
+const LINGER_MAX_BYTES: usize = 1 << 20;
 
 #[derive(Deserialize)]
 pub struct WsParams {
@@ -285,10 +292,98 @@ async fn run(stream: TcpStream, early: Bytes, hub: Hub, admission: Admission, qu
     if let Some((code, reason)) = ending.close_frame() {
         // Nothing more from fan-out: the close frame is the last one.
         socket.hold();
+        if ending == Ending::SlowClient {
+            // A client cut off as slow reads the close frame next: the
+            // backlog it could not keep up with would hold it back (and
+            // outlast the close timeout).
+            let discarded = socket.discard_backlog();
+            hub.metrics.messages_dropped.add(ending.drop_label(), discarded);
+        }
         socket.send(websocket::close(code, reason));
-        let _ = tokio::time::timeout(CLOSE_TIMEOUT, flush_all(&socket)).await;
+        let mut input = Lingering::default();
+        let flushed = flush_discarding_input(&socket, &mut input).await;
+        // Whatever did not go out is lost with the connection: counted,
+        // however the connection ended.
+        hub.metrics.messages_dropped.add(ending.drop_label(), socket.finish());
+        if flushed {
+            linger(&socket, &mut input).await;
+        }
+    } else {
+        hub.metrics.messages_dropped.add(ending.drop_label(), socket.finish());
     }
     drop(admission);
+}
+
+/// The client's input once the connection is closing: read only to be
+/// discarded, within bounds.
+#[derive(Default)]
+struct Lingering {
+    /// Bytes discarded so far, against `LINGER_MAX_BYTES`.
+    discarded: usize,
+    /// The client closed its side (or the socket failed): nothing more to read.
+    ended: bool,
+}
+
+impl Lingering {
+    /// Reads and discards what the client sent, once it is readable.
+    async fn discard(&mut self, stream: &TcpStream) {
+        if stream.readable().await.is_err() {
+            self.ended = true;
+            return;
+        }
+        let mut chunk = [0u8; READ_CHUNK];
+        match stream.try_read(&mut chunk) {
+            Ok(0) => self.ended = true,
+            Ok(read) => self.discarded += read,
+            Err(error) if error.kind() == io::ErrorKind::WouldBlock => {}
+            Err(_) => self.ended = true,
+        }
+    }
+
+    fn done(&self) -> bool {
+        self.ended || self.discarded >= LINGER_MAX_BYTES
+    }
+}
+
+/// Writes what is queued, the close frame last, within `CLOSE_TIMEOUT`,
+/// reading (and discarding) the client's input meanwhile, so that a client
+/// blocked sending is not deadlocked with a server blocked sending. True
+/// when everything went out.
+async fn flush_discarding_input(socket: &ConnectionSocket, input: &mut Lingering) -> bool {
+    let deadline = Instant::now() + CLOSE_TIMEOUT;
+    loop {
+        if socket.flush().is_err() {
+            return false;
+        }
+        if socket.stalled_since().is_none() {
+            return true;
+        }
+        tokio::select! {
+            _ = sleep_until(deadline) => return false,
+            ready = socket.stream().writable() => if ready.is_err() {
+                return false;
+            },
+            _ = input.discard(socket.stream()), if !input.done() => {}
+        }
+    }
+}
+
+/// Closes the way RFC 6455 §7.1.1 asks, once the close frame is out: shut
+/// down the write side, then read and discard until the client closes its
+/// side too (bounded by `LINGER_TIMEOUT` and `LINGER_MAX_BYTES`). Closing a
+/// socket whose input is unread resets the connection: the kernel discards
+/// what it has not transmitted yet (the close frame, when the client's
+/// window is full), some client stacks discard what they received but did
+/// not read yet, and a client still writing fails before it reads.
+async fn linger(socket: &ConnectionSocket, input: &mut Lingering) {
+    let _ = socket2::SockRef::from(socket.stream()).shutdown(std::net::Shutdown::Write);
+    let deadline = Instant::now() + LINGER_TIMEOUT;
+    while !input.done() {
+        tokio::select! {
+            _ = sleep_until(deadline) => return,
+            _ = input.discard(socket.stream()) => {}
+        }
+    }
 }
 
 /// Waits for a valid token: from the query string, or from the first `auth`
@@ -406,8 +501,55 @@ struct Session<'a> {
     gate: CommandGate,
     /// Set when the token was replaced by `refresh`.
     expiry_changed: bool,
-    /// Missed messages a recovering subscribe sends right after its ack.
-    replay: Vec<herald_core::Publication>,
+    /// Recovering subscribes whose missed messages are still being queued,
+    /// in the order they were asked; at most one per subscription.
+    recoveries: VecDeque<Recovery>,
+}
+
+/// A replay from history: a recovering subscribe's missed messages, queued
+/// behind its ack, or a gap's, queued before the live message that showed
+/// it; queued as the socket drains, a page at a time. Replay keeps the
+/// outgoing queue at most half full (see `ConnectionSocket::replay_room`),
+/// so that a long absence does not fill the queue at once and live messages
+/// and replies have room. While a replay is under way the connection stays
+/// held: live messages wait in the queue and are judged against the
+/// position once the replay has caught up.
+struct Recovery {
+    channel: ChannelName,
+    epoch: String,
+    /// Read from history, not yet queued, with their offsets (`None`: not
+    /// for this connection, the position moves past it): at most one page,
+    /// of at most as many messages as the queue had room for when it was read.
+    pending: VecDeque<(u64, Option<Bytes>)>,
+    /// The offset of the last message read from history.
+    last: u64,
+    /// A page came back short: history keeps nothing after `last`; for a
+    /// gap, `until` was reached.
+    caught_up: bool,
+    /// For a gap: the last missing offset, and the live message that showed
+    /// the gap, queued once the gap is filled or reported.
+    gap: Option<(u64, Arc<Delivery>)>,
+    /// History could not fill the gap: `resync` precedes the live message.
+    failed: bool,
+}
+
+impl Recovery {
+    /// Takes a page read after `last`, of at most `limit` messages, for
+    /// connection `id` of `user`.
+    fn add_page(&mut self, publications: Vec<herald_core::Publication>, limit: usize, id: u64, user: &str) {
+        self.caught_up = publications.len() < limit;
+        if let Some((until, _)) = &self.gap {
+            // A short page leaves the gap open: history no longer has it.
+            self.failed = publications.len() < limit;
+            self.caught_up = self.failed || publications.last().and_then(|p| p.offset) >= Some(*until);
+        }
+        for publication in publications {
+            let Some(offset) = publication.offset else { continue };
+            self.last = offset;
+            let frame = publication.is_for(id, user).then(|| wire_frame(publication.encode()));
+            self.pending.push_back((offset, frame));
+        }
+    }
 }
 
 /// Unsubscribes everything when the session ends, however it ends.
@@ -484,7 +626,7 @@ impl<'a> Session<'a> {
             identity,
             gate,
             expiry_changed: false,
-            replay: Vec::new(),
+            recoveries: VecDeque::new(),
         };
         tracing::debug!(user_id = %session.identity.user_id, connection_id = id, "connection authenticated");
         // `auth_success` goes out once the personal channel is live.
@@ -505,6 +647,8 @@ impl<'a> Session<'a> {
         let keepalive_timer = tokio::time::sleep_until(Instant::now() + keepalive.ping_interval);
         tokio::pin!(keepalive_timer);
         let mut awaiting_pong = false;
+        // What had been sent when the peer last sent anything.
+        let mut messages_at_sign_of_life = socket.messages_out();
         let expiry = tokio::time::sleep_until(self.expiry_instant());
         tokio::pin!(expiry);
         let drain = tokio::time::sleep_until(far_future);
@@ -522,6 +666,19 @@ impl<'a> Session<'a> {
         loop {
             if socket.flush().is_err() {
                 return Ending::ClientGone;
+            }
+            if !self.recoveries.is_empty() {
+                if let Err(ending) = self.replay().await {
+                    return ending;
+                }
+                if socket.flush().is_err() {
+                    return Ending::ClientGone;
+                }
+                // The socket took all of it: more at once, after a look at
+                // the socket (otherwise its draining brings the task back).
+                if !self.recoveries.is_empty() && socket.stalled_since().is_none() {
+                    socket.wake();
+                }
             }
             let stalled = socket
                 .stalled_since()
@@ -544,6 +701,12 @@ impl<'a> Session<'a> {
                 _ = &mut expiry => return Ending::TokenExpired,
                 _ = &mut keepalive_timer => {
                     if awaiting_pong {
+                        // Messages went to a peer that has shown no sign of
+                        // reading since: it stalled with them (a slow
+                        // client), it did not merely go quiet.
+                        if socket.messages_out() > messages_at_sign_of_life {
+                            return Ending::SlowClient;
+                        }
                         return Ending::PongTimeout;
                     }
                     socket.send(websocket::encode(websocket::OP_PING, &[]));
@@ -562,6 +725,7 @@ impl<'a> Session<'a> {
                 // limited, so they cannot starve the queue in turn.
                 incoming = reader.recv(socket.stream()) => {
                     // Any frame proves the peer is alive.
+                    messages_at_sign_of_life = socket.messages_out();
                     if awaiting_pong {
                         awaiting_pong = false;
                         keepalive_timer.as_mut().reset(Instant::now() + keepalive.ping_interval);
@@ -602,10 +766,20 @@ impl<'a> Session<'a> {
     /// Takes what fan-out queued for this task, a batch at a time; the hold
     /// ends once nothing is left.
     async fn take_entries(&mut self) -> Option<Ending> {
+        if !self.recoveries.is_empty() {
+            // Live messages wait until the replay has caught up.
+            return None;
+        }
         for _ in 0..MAX_BATCH {
             match self.socket.next() {
                 None => return None,
-                Some(Next::Entry(entry)) => self.take(entry).await,
+                Some(Next::Entry(entry)) => {
+                    self.take(entry).await;
+                    if !self.recoveries.is_empty() {
+                        // A gap is being filled: what follows waits for it.
+                        return None;
+                    }
+                }
                 Some(Next::FellBehind) => return Some(Ending::SlowClient),
                 Some(Next::Failed) => return Some(Ending::ClientGone),
             }
@@ -621,24 +795,41 @@ impl<'a> Session<'a> {
     /// node) is filled from history, or reported with `resync`.
     async fn take(&mut self, entry: Outbound) {
         let verdict = self.socket.judge(&entry);
-        let frame = match entry {
+        let notice = match entry {
             Outbound::Delivery(delivery) => match verdict {
                 Judgement::Skip => return,
-                Judgement::Write => delivery.frame.clone(),
+                Judgement::Write => return self.socket.send_message(delivery.frame.clone()),
                 Judgement::Task => {
                     // A gap or a new epoch: only deliveries with a position get here.
                     let (Some(offset), Some(epoch)) = (delivery.offset, &delivery.epoch) else {
                         return;
                     };
-                    if let Some(position) = self.socket.position(&delivery.channel) {
-                        self.fill_gap(&delivery.channel, position, offset, epoch).await;
+                    match self.socket.position(&delivery.channel) {
+                        // A gap: filled from history as the socket drains,
+                        // this message after it.
+                        Some(position) if position.epoch == *epoch && offset > position.offset + 1 => {
+                            self.recoveries.push_back(Recovery {
+                                channel: delivery.channel.clone(),
+                                epoch: position.epoch,
+                                pending: VecDeque::new(),
+                                last: position.offset,
+                                caught_up: false,
+                                gap: Some((offset - 1, delivery.clone())),
+                                failed: false,
+                            });
+                        }
+                        // A new epoch: what came before it cannot be replayed.
+                        Some(_) => self.close_gap(&delivery.channel, true, offset - 1, &delivery),
+                        None => {
+                            let position = Position {
+                                offset,
+                                epoch: epoch.clone(),
+                            };
+                            self.socket.set_position(&delivery.channel, position);
+                            self.socket.send_message(delivery.frame.clone());
+                        }
                     }
-                    let position = Position {
-                        offset,
-                        epoch: epoch.clone(),
-                    };
-                    self.socket.set_position(&delivery.channel, position);
-                    delivery.frame.clone()
+                    return;
                 }
             },
             Outbound::Subscribe(channel) => {
@@ -669,7 +860,7 @@ impl<'a> Session<'a> {
                 websocket::text(&server_frame("unsubscribed", None, data))
             }
         };
-        self.socket.send(frame);
+        self.socket.send(notice);
     }
 
     /// Advances the position past a message this connection will not
@@ -680,70 +871,29 @@ impl<'a> Session<'a> {
         }
     }
 
-    /// Delivers what was missed between `position` and the live message at
-    /// `offset` (in `epoch`), or tells the client it cannot be replayed.
-    async fn fill_gap(&mut self, channel: &ChannelName, position: Position, offset: u64, epoch: &str) {
-        if position.epoch == epoch {
-            let missing = (offset - position.offset - 1) as usize;
-            if let Some(page) = self.read_gap(channel, position, missing).await
-                && page.recovered
-                && page.publications.len() == missing
-            {
-                self.hub
-                    .metrics
-                    .gaps_recovered
-                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                for publication in &page.publications {
-                    self.push_publication(publication);
-                }
-                return;
-            }
-        }
-        self.hub
-            .metrics
-            .gaps_unrecovered
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let data = json!({"channel": channel, "recovered": false, "epoch": epoch, "offset": offset - 1});
-        self.reply(server_frame("resync", None, data));
-    }
-
-    /// Reads the `missing` messages after `position`. A broker that cannot
-    /// be reached is waited for, within [`GAP_REPAIR_WAIT`]: `None` only
-    /// when history could not be read in that time.
-    async fn read_gap(&self, channel: &ChannelName, position: Position, missing: usize) -> Option<HistoryPage> {
-        let deadline = Instant::now() + GAP_REPAIR_WAIT;
-        let mut waited = false;
-        loop {
-            let error = match self.hub.broker.history(channel, Some(position.clone()), missing).await {
-                Ok(page) => return Some(page),
-                Err(error) => error,
-            };
-            if Instant::now() >= deadline {
-                tracing::debug!(%channel, %error, "gap repair gave up waiting for history");
-                return None;
-            }
-            if !std::mem::replace(&mut waited, true) {
-                self.hub
-                    .metrics
-                    .gap_repair_waits
-                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            }
-            let pause = tokio::time::sleep(GAP_REPAIR_RETRY);
-            let _ = tokio::time::timeout_at(deadline, async {
-                self.hub.broker.reachable().await;
-                pause.await;
-            })
-            .await;
-        }
-    }
-
-    /// Queues one publication encoded for this connection alone (recovery),
-    /// unless it was not meant for this connection (a sender's own message).
-    fn push_publication(&mut self, publication: &herald_core::Publication) {
-        if !publication.is_for(self.socket.id(), &self.identity.user_id) {
+    /// Ends a gap before `live`: counts it as recovered, or (`failed`)
+    /// tells the client with `resync` that what came before `live` cannot be
+    /// replayed; then queues `live` and moves the position to it.
+    fn close_gap(&mut self, channel: &ChannelName, failed: bool, until: u64, live: &Delivery) {
+        use std::sync::atomic::Ordering::Relaxed;
+        let (Some(offset), Some(epoch)) = (live.offset, &live.epoch) else {
             return;
+        };
+        let counter = match failed {
+            true => &self.hub.metrics.gaps_unrecovered,
+            false => &self.hub.metrics.gaps_recovered,
+        };
+        counter.fetch_add(1, Relaxed);
+        if failed {
+            let data = json!({"channel": channel, "recovered": false, "epoch": epoch, "offset": until});
+            self.reply(server_frame("resync", None, data));
         }
-        self.socket.send(wire_frame(publication.encode()));
+        let position = Position {
+            offset,
+            epoch: epoch.clone(),
+        };
+        self.socket.set_position(channel, position);
+        self.socket.send_message(live.frame.clone());
     }
 
     fn reply(&mut self, frame: String) {
@@ -864,8 +1014,10 @@ impl<'a> Session<'a> {
             Ok(frame) => {
                 self.reply(frame);
                 // A recovering subscribe's missed messages follow its ack.
-                for publication in std::mem::take(&mut self.replay) {
-                    self.push_publication(&publication);
+                if !self.recoveries.is_empty()
+                    && let Err(ending) = self.replay().await
+                {
+                    return Some(ending);
                 }
             }
             Err((code, message)) => {
@@ -947,11 +1099,14 @@ impl<'a> Session<'a> {
         let position = match (baseline, recover) {
             (Some(baseline), _) => baseline,
             (None, Some(recover)) => {
+                // The first page only: the rest is read as the socket drains.
+                let limit = self.socket.replay_room().clamp(1, MAX_HISTORY_PAGE);
                 let read = async {
                     let since = self.hub.resolve(channel, recover).await.map_err(broker_error)?;
-                    self.read_since(channel, since).await
+                    let page = self.hub.broker.history(channel, Some(since.clone()), limit).await;
+                    Ok((since, page.map_err(broker_error)?))
                 };
-                let (recovered, missed, current) = match read.await {
+                let (since, page) = match read.await {
                     Ok(read) => read,
                     Err(error) => {
                         // Not half-subscribed: the client is told, and may retry.
@@ -959,16 +1114,35 @@ impl<'a> Session<'a> {
                         return Err(error);
                     }
                 };
-                data["recovered"] = json!(recovered);
-                let position = match missed.last() {
-                    Some(last) if recovered => Position {
-                        offset: last.offset.unwrap_or(0),
-                        epoch: current.epoch,
-                    },
-                    _ => current,
-                };
-                self.replay = missed;
-                position
+                data["recovered"] = json!(page.recovered);
+                // A new recovery of the channel replaces one under way.
+                self.recoveries.retain(|recovery| recovery.channel != *channel);
+                if page.recovered {
+                    let mut recovery = Recovery {
+                        channel: channel.clone(),
+                        epoch: since.epoch.clone(),
+                        pending: VecDeque::new(),
+                        last: since.offset,
+                        caught_up: false,
+                        gap: None,
+                        failed: false,
+                    };
+                    let (id, user) = (self.socket.id(), &self.identity.user_id);
+                    recovery.add_page(page.publications, limit, id, user);
+                    // The ack's position: the last missed message, or, when
+                    // more pages follow, the channel's latest when read.
+                    let acked = match recovery.caught_up {
+                        true => recovery.last,
+                        false => page.current.offset,
+                    };
+                    self.recoveries.push_back(recovery);
+                    // The kept position moves as the replay is queued.
+                    self.socket.set_position(channel, since);
+                    data["epoch"] = json!(page.current.epoch);
+                    data["offset"] = json!(acked);
+                    return Ok(data);
+                }
+                page.current
             }
             (None, None) => unreachable!("a baseline is read whenever recovery is not asked"),
         };
@@ -978,44 +1152,66 @@ impl<'a> Session<'a> {
         Ok(data)
     }
 
+    /// Queues what recovering subscribes replay, as far as the queue has
+    /// room, reading the next page of history when one is used up. Once
+    /// every replay has caught up, the live messages that waited are taken.
+    /// `Err` when live messages alone fill the queue: the client cannot keep up.
+    async fn replay(&mut self) -> Result<(), Ending> {
+        let (id, user) = (self.socket.id(), self.identity.user_id.clone());
+        while let Some(recovery) = self.recoveries.front_mut() {
+            while let Some((offset, frame)) = recovery.pending.front() {
+                if let Some(frame) = frame {
+                    match self.socket.replay_fits(frame.len()) {
+                        Room::Now => self.socket.send_message(frame.clone()),
+                        // The socket drains first; the task comes back.
+                        Room::Later => return Ok(()),
+                        Room::Never => return Err(Ending::SlowClient),
+                    }
+                }
+                let position = Position {
+                    offset: *offset,
+                    epoch: recovery.epoch.clone(),
+                };
+                self.socket.set_position(&recovery.channel, position);
+                recovery.pending.pop_front();
+            }
+            if !recovery.caught_up {
+                let mut limit = self.socket.replay_room().clamp(1, MAX_HISTORY_PAGE);
+                if let Some((until, _)) = &recovery.gap {
+                    limit = limit.min(until.saturating_sub(recovery.last) as usize).max(1);
+                }
+                let since = Position {
+                    offset: recovery.last,
+                    epoch: recovery.epoch.clone(),
+                };
+                match read_history(self.hub, &recovery.channel, since, limit).await {
+                    Some(page) if page.recovered => {
+                        recovery.add_page(page.publications, limit, id, &user);
+                        continue;
+                    }
+                    // History moved on (it was trimmed meanwhile) or could
+                    // not be read: the replay ends here. A gap is reported
+                    // with `resync`; after a subscribe's replay, the next
+                    // live message shows the gap, dealt with like any other.
+                    _ => recovery.failed = true,
+                }
+            }
+            let Some(recovery) = self.recoveries.pop_front() else {
+                break;
+            };
+            if let Some((until, live)) = recovery.gap {
+                self.close_gap(&recovery.channel, recovery.failed, until, &live);
+            }
+        }
+        match self.take_entries().await {
+            Some(ending) => Err(ending),
+            None => Ok(()),
+        }
+    }
+
     /// The channel's current position.
     async fn read_position(&self, channel: &ChannelName) -> Result<Position, (ErrorCode, String)> {
         self.hub.position(channel).await.map_err(broker_error)
-    }
-
-    /// Everything after `since`, page by page (bounded): whether it could be
-    /// recovered, the messages, and the channel's position at the end.
-    async fn read_since(
-        &self,
-        channel: &ChannelName,
-        mut since: Position,
-    ) -> Result<(bool, Vec<herald_core::Publication>, Position), (ErrorCode, String)> {
-        let mut missed = Vec::new();
-        for _ in 0..MAX_RECOVERY_PAGES {
-            let page = self
-                .hub
-                .broker
-                .history(channel, Some(since.clone()), MAX_HISTORY_PAGE)
-                .await
-                .map_err(broker_error)?;
-            if !page.recovered {
-                return Ok((false, Vec::new(), page.current));
-            }
-            let full = page.publications.len() == MAX_HISTORY_PAGE;
-            if let Some(last) = page.publications.last() {
-                since.offset = last.offset.unwrap_or(since.offset);
-            }
-            missed.extend(page.publications);
-            if !full {
-                return Ok((true, missed, page.current));
-            }
-        }
-        // More than the bound: the rest arrives through gap repair.
-        let current = Position {
-            offset: since.offset,
-            epoch: since.epoch,
-        };
-        Ok((true, missed, current))
     }
 
     /// Stores the user's read cursor for `channel` and tells the user's
@@ -1124,6 +1320,7 @@ impl<'a> Session<'a> {
             return false;
         }
         self.socket.forget_position(channel);
+        self.recoveries.retain(|recovery| recovery.channel != *channel);
         self.granted_by_server.remove(channel);
         self.hub.unsubscribe(channel, self.socket.id());
         if self.hub.tracks_presence(channel) {
@@ -1250,6 +1447,37 @@ fn publish_error(error: PublishError) -> (ErrorCode, String) {
         PublishError::OutcomeUnknown { .. } => ErrorCode::PublishOutcomeUnknown,
     };
     (code, error.to_string())
+}
+
+/// Reads `limit` messages of `channel`'s history after `since`, for a
+/// replay. A broker that cannot be reached (after a Redis restart the
+/// Pub/Sub connection may be back before the command connection) is waited
+/// for and the read retried, within [`GAP_REPAIR_WAIT`]: `None` only when
+/// history could not be read in that time.
+async fn read_history(hub: &Hub, channel: &ChannelName, since: Position, limit: usize) -> Option<HistoryPage> {
+    let deadline = Instant::now() + GAP_REPAIR_WAIT;
+    let mut waited = false;
+    loop {
+        let error = match hub.broker.history(channel, Some(since.clone()), limit).await {
+            Ok(page) => return Some(page),
+            Err(error) => error,
+        };
+        if Instant::now() >= deadline {
+            tracing::debug!(%channel, %error, "replay gave up waiting for history");
+            return None;
+        }
+        if !std::mem::replace(&mut waited, true) {
+            hub.metrics
+                .gap_repair_waits
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+        let pause = tokio::time::sleep(GAP_REPAIR_RETRY);
+        let _ = tokio::time::timeout_at(deadline, async {
+            hub.broker.reachable().await;
+            pause.await;
+        })
+        .await;
+    }
 }
 
 /// A random moment within the drain window, so that a node's clients do not

@@ -306,6 +306,18 @@ impl Client {
         }
     }
 
+    /// Reads until the connection ends, one event per `pace`; the close
+    /// code, `None` when it ended without a close frame (an EOF or a reset).
+    pub async fn read_to_end(&mut self, pace: Duration) -> Option<u16> {
+        loop {
+            tokio::time::sleep(pace).await;
+            match self.next_event().await {
+                Event::Closed(close) => return close.map(|(code, _)| code),
+                Event::Frame(_) | Event::Binary(_) => continue,
+            }
+        }
+    }
+
     /// Sends a command and returns its reply (`ack`, `error` or `pong`),
     /// skipping unrelated frames such as deliveries.
     pub async fn command(&mut self, kind: &str, id: &str, data: Value) -> Value {
@@ -468,6 +480,48 @@ impl RedisServer {
         let mut full = vec!["-a", password, "--no-auth-warning"];
         full.extend_from_slice(args);
         self.cli(&full)
+    }
+
+    /// Runs the history script a node's publish runs, by hand: `wire` is
+    /// stored and numbered in `channel`'s history (at most `max_len` kept)
+    /// and published on the Redis channel `to`; one that no node listens
+    /// to makes the message lost on its way to the nodes. Returns the
+    /// reply, which starts with the new offset.
+    pub fn store_in_history(
+        &self,
+        password: Option<&str>,
+        channel: &str,
+        wire: &Value,
+        max_len: usize,
+        to: &str,
+    ) -> String {
+        let prefix = self.prefix();
+        let (history, offset, epoch) = (
+            format!("{prefix}hist:{channel}"),
+            format!("{prefix}off:{channel}"),
+            format!("{prefix}epoch:{channel}"),
+        );
+        let (wire, max_len) = (wire.to_string(), max_len.to_string());
+        let args = [
+            "EVAL",
+            herald_server::broker::redis::history::PUBLISH_SCRIPT,
+            "5",
+            &history,
+            &offset,
+            &epoch,
+            to,
+            "", // no message-id claim
+            &wire,
+            &max_len,
+            "600000",
+            "unused-epoch",
+            herald_server::broker::redis::history::POSITION_TTL_MS,
+            "",
+        ];
+        match password {
+            Some(password) => self.cli_with_password(password, &args),
+            None => self.cli(&args),
+        }
     }
 }
 

@@ -252,22 +252,7 @@ async fn a_message_lost_on_the_way_to_a_node_is_recovered() {
     }
     for seq in 3..5 {
         let wire = json!({"type": "message", "message_id": format!("lost-{seq}"), "timestamp": herald_server::hub::unix_millis(), "data": {"seq": seq}});
-        let reply = redis.cli(&[
-            "EVAL",
-            herald_server::broker::redis::history::PUBLISH_SCRIPT,
-            "5",
-            &format!("{prefix}hist:{channel}"),
-            &format!("{prefix}off:{channel}"),
-            &format!("{prefix}epoch:{channel}"),
-            &format!("{prefix}nowhere"),
-            "",
-            &wire.to_string(),
-            "5000",
-            "600000",
-            "unused-epoch",
-            herald_server::broker::redis::history::POSITION_TTL_MS,
-            "",
-        ]);
+        let reply = redis.store_in_history(None, channel, &wire, 5000, &format!("{prefix}nowhere"));
         assert!(
             reply.starts_with(&(seq + 1).to_string()),
             "stored as offset {}: {reply}",

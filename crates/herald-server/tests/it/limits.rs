@@ -6,7 +6,7 @@ use futures_util::SinkExt;
 use serde_json::json;
 use tokio_tungstenite::tungstenite::Message;
 
-use crate::harness::{DEADLINE, Event, TestServer, wait_until};
+use crate::harness::{self, DEADLINE, Event, TestServer, wait_until};
 
 #[tokio::test]
 async fn an_oversized_frame_closes_with_1009() {
@@ -198,13 +198,12 @@ async fn a_socket_that_takes_nothing_for_the_write_timeout_is_cut_off() {
         server.metric("herald_disconnects_total{reason=\"slow_client\"}").await >= 1.0
     })
     .await;
-    assert_eq!(
-        server
-            .metric("herald_messages_dropped_total{reason=\"slow_client\"}")
-            .await,
-        0.0,
-        "the queue never filled: the write timeout ended it"
-    );
+    // The queue never filled (no message was refused): the write timeout
+    // ended it, and the messages still queued were discarded and counted.
+    let dropped = server
+        .metric("herald_messages_dropped_total{reason=\"slow_client\"}")
+        .await;
+    assert!((1.0..40.0).contains(&dropped), "{dropped} dropped");
 }
 
 #[tokio::test]
@@ -279,4 +278,222 @@ async fn a_request_body_that_trickles_in_gets_408() {
     );
     trickle.abort();
     assert_eq!(server.metric("herald_http_body_timeouts_total").await, 1.0);
+}
+
+/// A client that keeps reading, only slower than the stream, is cut off as
+/// slow: its backlog is dropped and the 4008 close frame is what it reads
+/// next, instead of a backlog it cannot read before the server gives up.
+#[tokio::test]
+async fn a_slow_reader_reads_4008_next_instead_of_its_backlog() {
+    let server = TestServer::start_with("[limits]\nqueue_messages = 256\nsend_buffer = 16384").await;
+    let mut slow = server.connect_small_window("slow").await;
+    slow.subscribe("group:fast").await;
+    let reader = tokio::spawn(async move {
+        let mut read = 0u64;
+        loop {
+            // The pace of a slow reader: one frame every 20 ms, slower than
+            // the publisher below.
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            match slow.next_event().await {
+                Event::Frame(_) | Event::Binary(_) => read += 1,
+                Event::Closed(close) => return (read, close),
+            }
+        }
+    });
+    let padding = "p".repeat(8 * 1024);
+    let mut published = 0u64;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while server.metric("herald_disconnects_total{reason=\"slow_client\"}").await < 1.0 {
+        assert!(
+            tokio::time::Instant::now() < deadline && published < 20_000,
+            "published {published} messages without a slow-client disconnect"
+        );
+        for _ in 0..50 {
+            server
+                .publish_ok("group:fast", json!({"seq": published, "pad": padding}))
+                .await;
+            published += 1;
+        }
+    }
+    let (read, close) = tokio::time::timeout(Duration::from_secs(30), reader)
+        .await
+        .expect("the reader finishes")
+        .unwrap();
+    assert_eq!(
+        close,
+        Some((4008, "client too slow".to_owned())),
+        "after {read} of {published} messages"
+    );
+    assert!(read < published, "the backlog was dropped");
+}
+
+/// A client that stops reading while messages flow to it is a slow client
+/// (4008) even when the keepalive notices first, and the messages that were
+/// waiting for it are counted as dropped.
+#[tokio::test]
+async fn a_stalled_client_found_by_the_keepalive_is_cut_as_slow_and_its_messages_counted() {
+    let server = TestServer::start_with(
+        "[limits]\nsend_buffer = 16384\n[keepalive]\nping_interval = \"1s\"\npong_timeout = \"1s\"",
+    )
+    .await;
+    let mut stalled = server.connect_small_window("stalled").await;
+    stalled.subscribe("group:stall").await;
+    // About 320 KiB: more than the kernel holds for this pair, far less than
+    // the queue's bounds; the write timeout (10 s) is far off.
+    let padding = "p".repeat(8 * 1024);
+    for seq in 0..40 {
+        server
+            .publish_ok("group:stall", json!({"seq": seq, "pad": padding}))
+            .await;
+    }
+    wait_until("the stalled client is cut off", || async {
+        let metrics = server.metrics().await;
+        harness::metric_value(&metrics, "herald_disconnects_total{reason=\"slow_client\"}")
+            + harness::metric_value(&metrics, "herald_disconnects_total{reason=\"pong_timeout\"}")
+            >= 1.0
+    })
+    .await;
+    let metrics = server.metrics().await;
+    assert_eq!(
+        harness::metric_value(&metrics, "herald_disconnects_total{reason=\"slow_client\"}"),
+        1.0,
+        "{metrics}"
+    );
+    let dropped = harness::metric_value(&metrics, "herald_messages_dropped_total{reason=\"slow_client\"}");
+    assert!((1.0..=40.0).contains(&dropped), "{dropped} dropped\n{metrics}");
+}
+
+/// A client that floods without reading, then reads (at a modest pace),
+/// finds the close frame of the limit it hit behind the answers it had not
+/// read, every time: the
+/// server sends it, shuts down its side and reads (discarding) until the
+/// client closes. Closing with the client's input unread would reset the
+/// connection, and the kernel would discard what the client had not yet
+/// taken, the close frame included (RFC 6455 §7.1.1).
+#[tokio::test]
+async fn a_flooding_client_reads_the_close_frame_behind_its_unread_answers() {
+    // Small windows on both sides, so that the answers back up in the kernels.
+    let server = TestServer::start_with(
+        "[limits]\ncommands_per_second = 1\ncommand_burst = 100\nmax_message_size = 1000\nsend_buffer = 4096",
+    )
+    .await;
+    const PACE: Duration = Duration::from_millis(2);
+    for round in 0..3 {
+        // Each invalid frame is answered with an error: 100 of them (more
+        // than the kernels hold), then 100 refusals and 4029, with more than
+        // a thousand frames still unread.
+        let mut client = server.connect_small_window("alice").await;
+        for _ in 0..1_500 {
+            if client.ws.send(Message::Text("x".into())).await.is_err() {
+                break;
+            }
+        }
+        assert_eq!(client.read_to_end(PACE).await, Some(4029), "rate limit, round {round}");
+        // 90 errors, then an oversized frame and more behind it: 1009.
+        let mut client = server.connect_small_window("bob").await;
+        let mut frames = vec!["x".to_owned(); 90];
+        frames.push("x".repeat(2_000));
+        frames.extend(vec!["x".to_owned(); 100]);
+        for frame in frames {
+            if client.ws.send(Message::Text(frame.into())).await.is_err() {
+                break;
+            }
+        }
+        assert_eq!(client.read_to_end(PACE).await, Some(1009), "too large, round {round}");
+    }
+}
+
+/// A recovering subscribe replays what was missed as the socket drains,
+/// within the connection's queue bounds, however much was missed.
+#[tokio::test]
+async fn a_recovery_larger_than_the_queue_is_replayed_within_its_bounds() {
+    let server = TestServer::start_with(
+        "[limits]\nqueue_messages = 16\n[namespaces.feed]\nsubscribe = \"authenticated\"\nhistory_size = 1000",
+    )
+    .await;
+    let channel = "feed:news";
+    let mut client = server.connect("reader").await;
+    let ack = client.command("subscribe", "s", json!({"channel": channel})).await;
+    let epoch = ack["data"]["epoch"].as_str().unwrap().to_owned();
+    drop(client);
+    for seq in 0..300 {
+        server.publish_ok(channel, json!({"seq": seq})).await;
+    }
+    let mut client = server.connect("reader").await;
+    let recover = json!({"channel": channel, "offset": 0, "epoch": epoch});
+    let ack = client.command("subscribe", "r", recover).await;
+    assert_eq!(ack["data"]["recovered"], true, "{ack}");
+    // A live message, published while the replay is under way, follows it.
+    server.publish_ok(channel, json!({"seq": 300})).await;
+    for seq in 0..=300 {
+        let frame = client.next_frame().await;
+        assert_eq!(frame["data"]["seq"], seq, "{frame}");
+    }
+    client.round_trip().await;
+    assert_eq!(
+        server.metric("herald_disconnects_total{reason=\"slow_client\"}").await,
+        0.0
+    );
+}
+
+/// A client that goes away with messages still queued for it: they are
+/// counted as dropped (`disconnected`), not lost silently.
+#[tokio::test]
+async fn messages_queued_for_a_client_that_goes_away_are_counted() {
+    let server = TestServer::start_with("[limits]\nsend_buffer = 16384").await;
+    let mut client = server.connect_small_window("leaver").await;
+    client.subscribe("group:left").await;
+    // About 320 KiB: more than the kernel holds for this pair, far less
+    // than the queue's bounds.
+    let padding = "p".repeat(8 * 1024);
+    for seq in 0..40 {
+        server
+            .publish_ok("group:left", json!({"seq": seq, "pad": padding}))
+            .await;
+    }
+    drop(client);
+    wait_until("the server notices the client is gone", || async {
+        server.metric("herald_disconnects_total{reason=\"client\"}").await >= 1.0
+    })
+    .await;
+    let dropped = server
+        .metric("herald_messages_dropped_total{reason=\"disconnected\"}")
+        .await;
+    assert!((1.0..40.0).contains(&dropped), "{dropped} dropped");
+}
+
+/// A gap larger than the connection's queue (messages a node missed) is
+/// filled from history as the socket drains, within the queue's bounds.
+#[tokio::test]
+async fn a_gap_larger_than_the_queue_is_filled_within_its_bounds() {
+    let redis = crate::harness::RedisServer::start().await;
+    let config = format!(
+        "[limits]\nqueue_messages = 16\n[namespaces.feed]\nsubscribe = \"authenticated\"\nhistory_size = 1000\n{}",
+        redis.toml("")
+    );
+    let server = TestServer::start_with(&config).await;
+    server.wait_ready().await;
+    let channel = "feed:gaps";
+    let mut client = server.connect("reader").await;
+    client.subscribe(channel).await;
+    server.publish_ok(channel, json!({"seq": 0})).await;
+    assert_eq!(client.next_frame().await["data"]["seq"], 0);
+    // Stored and numbered in history, published where no node listens: lost
+    // on the way to the node, as in a Pub/Sub outage.
+    let nowhere = format!("{}nowhere", redis.prefix());
+    for seq in 1..=100 {
+        let wire = json!({"type": "message", "message_id": format!("lost-{seq}"), "timestamp": herald_server::hub::unix_millis(), "data": {"seq": seq}});
+        redis.store_in_history(None, channel, &wire, 1000, &nowhere);
+    }
+    server.publish_ok(channel, json!({"seq": 101})).await;
+    for seq in 1..=101 {
+        let frame = client.next_frame().await;
+        assert_eq!(frame["data"]["seq"], seq, "{frame}");
+    }
+    client.round_trip().await;
+    assert_eq!(server.metric("herald_gaps_recovered_total").await, 1.0);
+    assert_eq!(
+        server.metric("herald_disconnects_total{reason=\"slow_client\"}").await,
+        0.0
+    );
 }

@@ -197,33 +197,8 @@ const FEED: &str = "[namespaces.feed]\nsubscribe = \"authenticated\"\nhistory_si
 /// Stores `{"seq": seq}` in `channel`'s history and publishes it on the
 /// Redis channel `to`, with the script a node's publish runs.
 fn store(redis: &RedisServer, password: Option<&str>, channel: &str, seq: u64, to: &str) {
-    let prefix = redis.prefix();
-    let wire = json!({"type": "message", "message_id": format!("stored-{seq}"), "data": {"seq": seq}}).to_string();
-    let (history, offset, epoch) = (
-        format!("{prefix}hist:{channel}"),
-        format!("{prefix}off:{channel}"),
-        format!("{prefix}epoch:{channel}"),
-    );
-    let args = [
-        "EVAL",
-        herald_server::broker::redis::history::PUBLISH_SCRIPT,
-        "5",
-        &history,
-        &offset,
-        &epoch,
-        to,
-        "",
-        &wire,
-        "100",
-        "600000",
-        "unused-epoch",
-        herald_server::broker::redis::history::POSITION_TTL_MS,
-        "",
-    ];
-    let reply = match password {
-        Some(password) => redis.cli_with_password(password, &args),
-        None => redis.cli(&args),
-    };
+    let wire = json!({"type": "message", "message_id": format!("stored-{seq}"), "data": {"seq": seq}});
+    let reply = redis.store_in_history(password, channel, &wire, 100, to);
     assert!(
         reply.starts_with(&(seq + 1).to_string()),
         "stored as offset {}: {reply}",
