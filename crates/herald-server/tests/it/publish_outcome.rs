@@ -77,8 +77,10 @@ async fn a_publish_redis_never_answered_is_504_and_its_retry_is_delivered_at_mos
         .expect("the answer names the generated id")
         .to_owned();
 
-    // Retried with the ids the answers named: each message arrives once,
+    // Retried with the ids the answers named, once the node is ready again
+    // (until then a retry is refused with 503): each message arrives once,
     // whether the stalled attempt ran when Redis woke up or not.
+    server.wait_ready().await;
     for (n, id) in [(1, "stalled-1"), (2, generated.as_str())] {
         let (status, answer) = server
             .publish(json!({"channel": "user:alice", "data": {"n": n}, "message_id": id}))
