@@ -98,7 +98,7 @@ pub struct Metrics {
     pub connections_rejected: Family<5>,
     pub auth_failures: Family<10>,
     /// Why connections ended.
-    pub disconnects: Family<13>,
+    pub disconnects: Family<12>,
     pub messages_published: Family<4>,
     /// Frames queued to subscribers (one per subscriber per message).
     pub messages_delivered: AtomicU64,
@@ -185,7 +185,6 @@ impl Default for Metrics {
                     "protocol_error",
                     "max_per_user",
                     "shutdown",
-                    "error",
                 ],
             ),
             messages_published: Family::new("source", ["http", "client", "stream", "other"]),

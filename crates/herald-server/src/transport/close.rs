@@ -1,7 +1,8 @@
 //! Every WebSocket close code the server sends, in one place. The numbers
-//! and their meaning are part of the protocol (`docs/protocol.md`): codes in
-//! 4000-4099 tell clients not to reconnect with the same token; 1001 and
-//! 4008 invite a reconnect (after a pause).
+//! and their meaning are part of the protocol (`docs/protocol.md` §8):
+//! 4001 and 4003 tell clients not to reconnect with the same token; 1001
+//! and 4008 invite a reconnect (after a pause); the others say what the
+//! client did wrong and leave reconnecting to it.
 
 /// The answer to the client's own close frame.
 pub const NORMAL: u16 = 1000;
@@ -13,8 +14,6 @@ pub const PROTOCOL_ERROR: u16 = 1002;
 pub const INVALID_PAYLOAD: u16 = 1007;
 /// A frame or message exceeded `limits.max_message_size`.
 pub const MESSAGE_TOO_BIG: u16 = 1009;
-/// An unexpected server-side failure.
-pub const INTERNAL_ERROR: u16 = 1011;
 /// The token was refused; do not retry with the same token.
 pub const AUTH_FAILED: u16 = 4001;
 /// No `auth` frame arrived within `limits.auth_timeout`.
@@ -47,7 +46,6 @@ pub enum Ending {
     InvalidUtf8,
     TooManyConnections,
     Shutdown,
-    Error,
 }
 
 impl Ending {
@@ -66,7 +64,6 @@ impl Ending {
             Ending::InvalidUtf8 => (INVALID_PAYLOAD, "text frame is not valid UTF-8"),
             Ending::TooManyConnections => (TOO_MANY_CONNECTIONS, "too many connections for this user"),
             Ending::Shutdown => (GOING_AWAY, "server shutting down, reconnect"),
-            Ending::Error => (INTERNAL_ERROR, "internal error"),
         })
     }
 
@@ -94,7 +91,6 @@ impl Ending {
             Ending::TooLarge => "too_large",
             Ending::InvalidUtf8 => "invalid_utf8",
             Ending::Shutdown => "shutdown",
-            Ending::Error => "error",
         }
     }
 }
