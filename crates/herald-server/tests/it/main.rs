@@ -16,4 +16,5 @@ mod presence;
 mod protocol_fuzz;
 mod publish_outcome;
 mod redis;
+mod soak;
 mod streams;
