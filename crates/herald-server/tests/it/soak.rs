@@ -1,25 +1,27 @@
 //! Soak and property test (issue 9, done-means 2): a `herald serve` child
-//! process, with the memory broker and with a real `redis-server`, is driven
-//! for `HERALD_SOAK_SECONDS` (30 by default) by random HTTP publishes (JSON
-//! with extreme numbers, deep nesting, unicode and escapes; binary; oversized
-//! payloads; bad channels, types and ids; repeated ids; broadcasts), random
-//! HTTP history reads, and WebSocket clients that send random batches of
-//! commands and disconnect at random. The inputs come from one seed, printed
+//! process with the memory broker, and two sharing a real `redis-server`,
+//! are driven for `HERALD_SOAK_SECONDS` (30 by default) by random HTTP
+//! publishes (JSON with extreme numbers, deep nesting, unicode and escapes;
+//! binary; oversized payloads; bad channels, types and ids; repeated ids;
+//! broadcasts), random HTTP history reads, and WebSocket clients that send
+//! random batches of commands and disconnect at random. Publishes, reads and
+//! clients are spread over the nodes. The inputs come from one seed, printed
 //! at the start (`HERALD_SOAK_SEED` replays it).
 //!
 //! It asserts:
-//! - no panic: the node's stderr never says `panicked`, `/health` answers
-//!   throughout, and the process is still running at the end;
+//! - no panic: no node's stderr says `panicked`, `/health` answers
+//!   throughout, and the processes are still running at the end;
 //! - every command is answered, exactly once, with the expected kind of
 //!   answer, within a deadline, and no connection ends while an answer is due;
-//! - every accepted message kept in history is readable afterwards, over HTTP,
-//!   with the `history` command and by recovery, with the exact bytes of its
-//!   `data` as published; every delivery carries those bytes too, and the
-//!   offsets a connection receives are contiguous after its subscribe;
+//! - every accepted message kept in history is readable afterwards on every
+//!   node, over HTTP, with the `history` command and by recovery, with the
+//!   exact bytes of its `data` as published; every delivery carries those
+//!   bytes too, and the offsets a connection receives are contiguous after
+//!   its subscribe;
 //! - memory is bounded: history never holds more than `history_size` per
-//!   channel used (the memory gauges, `XLEN` in Redis), the node's connection
-//!   count comes back to the open clients and then to zero, and the node's
-//!   resident memory stays under a cap.
+//!   channel used (the memory gauges, `XLEN` in Redis), each node's
+//!   connection count comes back to its open clients and then to zero, and
+//!   each node's resident memory stays under a cap.
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::process::Stdio;
@@ -105,9 +107,17 @@ async fn soak(broker: Broker) {
         .unwrap_or(30);
     println!("soak {broker:?}: seed {seed} (replay with HERALD_SOAK_SEED={seed}), {seconds} s");
 
-    let node = Node::start(broker).await;
+    // Redis mode runs two nodes: what one accepts, the other serves too.
+    let redis = match broker {
+        Broker::Memory => None,
+        Broker::Redis => Some(RedisServer::start().await),
+    };
+    let mut nodes = Vec::new();
+    for _ in 0..if redis.is_some() { 2 } else { 1 } {
+        nodes.push(Node::start(redis.as_ref()).await);
+    }
     let world = Arc::new(World {
-        node: node.view_arc(),
+        nodes: nodes.iter().map(|node| node.view.clone()).collect(),
         ledger: Mutex::new(Ledger::default()),
         stats: Stats::default(),
         deadline: Instant::now() + Duration::from_secs(seconds),
@@ -130,7 +140,10 @@ async fn soak(broker: Broker) {
             session
         }));
     }
-    let monitor = tokio::spawn(monitor(world.clone(), node.pid(), node.redis_prefix()));
+    let monitors: Vec<_> = nodes
+        .iter()
+        .map(|node| tokio::spawn(monitor(world.clone(), node.view.clone(), node.pid(), redis.is_none())))
+        .collect();
 
     let mut failures = Vec::new();
     for publisher in publishers {
@@ -145,46 +158,53 @@ async fn soak(broker: Broker) {
             Err(e) => failures.push(format!("a WebSocket client: {}", panic_message(e))),
         }
     }
-    let peak_rss = match monitor.await {
-        Ok(peak) => peak,
-        Err(e) => {
-            failures.push(format!("the monitor: {}", panic_message(e)));
-            0
+    let mut peak_rss = 0;
+    for monitor in monitors {
+        match monitor.await {
+            Ok(peak) => peak_rss = peak_rss.max(peak),
+            Err(e) => failures.push(format!("a monitor: {}", panic_message(e))),
         }
-    };
+    }
+    let stderr: Vec<Vec<String>> = nodes.iter().map(Node::panics).collect();
     assert!(
         failures.is_empty(),
-        "seed {seed}: {failures:#?}\nthe node's stderr: {:#?}",
-        node.panics()
+        "seed {seed}: {failures:#?}\nthe nodes' stderr: {stderr:#?}"
     );
 
     // Quiet now. Every delivery seen during the run carried the bytes its
     // publisher was told were accepted.
     world.ledger().verify_unverified();
 
-    // The node counts exactly the connections that are open.
-    let view = world.node.clone();
-    wait_until("the node counts only the open connections", || {
-        let view = view.clone();
-        async move { view.metric("herald_connections").await == CLIENTS as f64 }
-    })
-    .await;
+    // Each node counts exactly the connections that are open on it.
+    for (index, node) in world.nodes.iter().enumerate() {
+        let clients = open.iter().filter(|session| Arc::ptr_eq(&session.node, node)).count();
+        wait_until("the node counts only the open connections", || async move {
+            node.metric("herald_connections").await == clients as f64
+        })
+        .await;
+        println!("soak {broker:?}: node {index} holds {clients} connections");
+    }
 
-    verify_history(&world, &node).await;
-    check_memory_bounds(&world, &node).await;
+    for node in &world.nodes {
+        verify_history(&world, node).await;
+    }
+    check_memory_bounds(&world, &nodes, redis.as_ref()).await;
 
     for mut session in open {
         if let Some(mut client) = session.client.take() {
             let _ = client.ws.close(None).await;
         }
     }
-    wait_until("the node counts no connection", || {
-        let view = view.clone();
-        async move { view.metric("herald_connections").await == 0.0 }
-    })
-    .await;
+    for node in &world.nodes {
+        wait_until("the node counts no connection", || async move {
+            node.metric("herald_connections").await == 0.0
+        })
+        .await;
+    }
 
-    node.assert_alive_without_panic().await;
+    for node in nodes {
+        node.assert_alive_without_panic().await;
+    }
     println!(
         "soak {broker:?} (seed {seed}): {}; peak RSS {} MiB",
         world.stats.summary(),
@@ -205,30 +225,24 @@ fn panic_message(error: tokio::task::JoinError) -> String {
 
 // The node under test.
 
-/// A `herald serve` child process, its Redis if any, and what its stderr
-/// said that looks like a panic.
+/// A `herald serve` child process and what its stderr said that looks like
+/// a panic.
 struct Node {
     process: Process,
     view: Arc<TestServer>,
-    redis: Option<RedisServer>,
     panics: Arc<Mutex<Vec<String>>>,
     config_path: std::path::PathBuf,
 }
 
 impl Node {
-    async fn start(broker: Broker) -> Node {
-        let redis = match broker {
-            Broker::Memory => None,
-            Broker::Redis => Some(RedisServer::start().await),
-        };
-        let toml = match &redis {
+    async fn start(redis: Option<&RedisServer>) -> Node {
+        let toml = match redis {
             Some(redis) => format!("{NODE_TOML}{}\n", redis.toml("")),
             None => NODE_TOML.to_owned(),
         };
         let config_path = std::env::temp_dir().join(format!(
-            "herald-soak-{}-{:?}-{}.toml",
+            "herald-soak-{}-{}.toml",
             std::process::id(),
-            broker,
             crate::harness::free_port()
         ));
         std::fs::write(&config_path, toml).expect("temp config file");
@@ -254,22 +268,13 @@ impl Node {
         Node {
             process,
             view,
-            redis,
             panics,
             config_path,
         }
     }
 
-    fn view_arc(&self) -> Arc<TestServer> {
-        self.view.clone()
-    }
-
     fn pid(&self) -> u32 {
         self.process.child.id().expect("the node is running")
-    }
-
-    fn redis_prefix(&self) -> Option<String> {
-        self.redis.as_ref().map(RedisServer::prefix)
     }
 
     fn panics(&self) -> Vec<String> {
@@ -459,6 +464,7 @@ struct Stats {
     disconnects: AtomicU64,
     closed_1009: AtomicU64,
     closed_slow: AtomicU64,
+    resyncs: AtomicU64,
     deep: AtomicU64,
     extreme_numbers: AtomicU64,
 }
@@ -470,7 +476,7 @@ impl Stats {
 
     fn summary(&self) -> String {
         format!(
-            "{} commands ({} errors), {} HTTP publishes ({} refused, {} duplicates), {} history reads, {} deliveries, {} disconnects ({} by 1009, {} as slow), {} deep and {} extreme-number payloads",
+            "{} commands ({} errors), {} HTTP publishes ({} refused, {} duplicates), {} history reads, {} deliveries, {} resyncs, {} disconnects ({} by 1009, {} as slow), {} deep and {} extreme-number payloads",
             self.commands.load(Relaxed),
             self.errors.load(Relaxed),
             self.http_publishes.load(Relaxed),
@@ -478,6 +484,7 @@ impl Stats {
             self.duplicates.load(Relaxed),
             self.history_reads.load(Relaxed),
             self.deliveries.load(Relaxed),
+            self.resyncs.load(Relaxed),
             self.disconnects.load(Relaxed),
             self.closed_1009.load(Relaxed),
             self.closed_slow.load(Relaxed),
@@ -488,7 +495,8 @@ impl Stats {
 }
 
 struct World {
-    node: Arc<TestServer>,
+    /// The nodes under test: one, or two sharing a Redis.
+    nodes: Vec<Arc<TestServer>>,
     ledger: Mutex<Ledger>,
     stats: Stats,
     deadline: Instant,
@@ -499,6 +507,11 @@ impl World {
     /// first failure is the one to report, not a poisoned lock.
     fn ledger(&self) -> std::sync::MutexGuard<'_, Ledger> {
         self.ledger.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Any node: publishes and reads go to each.
+    fn any_node(&self, rng: &mut Rng) -> &TestServer {
+        rng.pick(&self.nodes).as_ref()
     }
 
     fn running(&self) -> bool {
@@ -1058,7 +1071,7 @@ async fn http_single(
         payload.len()
     );
     let (status, answer) = world
-        .node
+        .any_node(rng)
         .http("POST", "/api/v1/publish", Some(API_KEY), Some(body))
         .await;
     Stats::bump(&world.stats.http_publishes);
@@ -1153,7 +1166,7 @@ async fn http_broadcast(
     }
     let context = format!("HTTP broadcast to {names:?} (id {message_id:?})");
     let (status, answer) = world
-        .node
+        .any_node(rng)
         .http("POST", "/api/v1/publish", Some(API_KEY), Some(body))
         .await;
     Stats::bump(&world.stats.http_publishes);
@@ -1192,7 +1205,7 @@ async fn http_malformed(world: &World, rng: &mut Rng) {
         _ => format!("{{\"channel\":\"{channel}\",\"data\":[1,2"),
     };
     let (status, answer) = world
-        .node
+        .any_node(rng)
         .http("POST", "/api/v1/publish", Some(API_KEY), Some(body.clone()))
         .await;
     assert_eq!(status, 400, "{body:.300}: {answer}");
@@ -1216,7 +1229,7 @@ async fn http_history(world: &World, rng: &mut Rng) {
     }
     let path = format!("/api/v1/channels/{}/history?{query}", encode_segment(&channel));
     let context = format!("GET {path}");
-    let (status, body) = http_get(world, &path).await;
+    let (status, body) = http_get(world.any_node(rng), &path).await;
     let expected = match kind {
         Kind::Feed => 200,
         Kind::Room => 404,
@@ -1242,8 +1255,8 @@ impl Page {
 
 /// A GET with the API key; a connection that ends without an answer fails
 /// the test with the path in the message.
-async fn http_get(world: &World, path: &str) -> (u16, String) {
-    let url = format!("http://{}{path}", world.node.addr);
+async fn http_get(node: &TestServer, path: &str) -> (u16, String) {
+    let url = format!("http://{}{path}", node.addr);
     tokio::time::timeout(
         ANSWER_DEADLINE,
         herald_server::http_client::request("GET", &url, Some(API_KEY), None),
@@ -1308,6 +1321,8 @@ struct Track {
 /// answers read so far confirm them (`tracks`).
 struct Session {
     world: Arc<World>,
+    /// The node this client connects to.
+    node: Arc<TestServer>,
     index: usize,
     user: String,
     rng: Rng,
@@ -1330,8 +1345,10 @@ impl Session {
     async fn connect(world: Arc<World>, index: usize, rng: Rng) -> Session {
         // Two connections share a user now and then.
         let user = format!("u{}", index % 3);
+        let node = world.nodes[index % world.nodes.len()].clone();
         let mut session = Session {
             world,
+            node,
             index,
             user,
             rng,
@@ -1348,7 +1365,7 @@ impl Session {
 
     /// Opens a new connection and resubscribes, recovering where it can.
     async fn reconnect(&mut self) {
-        let client = self.world.node.connect(&self.user).await;
+        let client = self.node.connect(&self.user).await;
         self.client = Some(client);
         self.tracks.clear();
         let own = format!("user:{}", self.user);
@@ -1613,6 +1630,7 @@ impl Session {
                         "resync" => {
                             // History could not fill a gap: the connection
                             // starts over on that channel.
+                            Stats::bump(&self.world.stats.resyncs);
                             let data = frame.data.as_ref().map_or("{}", |d| d.get());
                             let channel: Value = serde_json::from_str(data).unwrap_or_default();
                             if let Some(track) = channel["channel"].as_str().and_then(|c| self.tracks.get_mut(c)) {
@@ -1859,15 +1877,15 @@ impl Session {
 
 /// Samples `/health`, `/metrics` and the node's resident memory until the
 /// deadline; returns the peak RSS in KiB.
-async fn monitor(world: Arc<World>, pid: u32, redis_prefix: Option<String>) -> u64 {
+async fn monitor(world: Arc<World>, node: Arc<TestServer>, pid: u32, memory_history: bool) -> u64 {
     let mut peak = 0;
     let mut interval = tokio::time::interval(Duration::from_millis(500));
     while world.running() {
         interval.tick().await;
-        let (status, _) = world.node.http("GET", "/health", None, None).await;
+        let (status, _) = node.http("GET", "/health", None, None).await;
         assert_eq!(status, 200, "/health during the run");
-        if redis_prefix.is_none() {
-            check_history_gauges(&world).await;
+        if memory_history {
+            check_history_gauges(&world, &node).await;
         }
         let rss = rss_kib(pid);
         assert!(rss < RSS_CAP_KIB, "the node's RSS is {rss} KiB");
@@ -1878,8 +1896,8 @@ async fn monitor(world: Arc<World>, pid: u32, redis_prefix: Option<String>) -> u
 
 /// The memory history holds at most `history_size` messages per channel
 /// that was published to.
-async fn check_history_gauges(world: &World) {
-    let metrics = world.node.metrics().await;
+async fn check_history_gauges(world: &World, node: &TestServer) {
+    let metrics = node.metrics().await;
     let channels_used = world.ledger().history_channels.len() as f64;
     let channels = metric_value(&metrics, "herald_history_channels");
     let messages = metric_value(&metrics, "herald_history_messages");
@@ -1902,9 +1920,13 @@ fn rss_kib(pid: u32) -> u64 {
         .unwrap_or(0)
 }
 
-async fn check_memory_bounds(world: &World, node: &Node) {
-    match &node.redis {
-        None => check_history_gauges(world).await,
+async fn check_memory_bounds(world: &World, nodes: &[Node], redis: Option<&RedisServer>) {
+    match redis {
+        None => {
+            for node in nodes {
+                check_history_gauges(world, &node.view).await;
+            }
+        }
         Some(redis) => {
             let channels: Vec<String> = world.ledger().history_channels.iter().cloned().collect();
             for channel in channels {
@@ -1914,8 +1936,10 @@ async fn check_memory_bounds(world: &World, node: &Node) {
             }
         }
     }
-    let rss = rss_kib(node.pid());
-    assert!(rss < RSS_CAP_KIB, "the node's RSS is {rss} KiB");
+    for node in nodes {
+        let rss = rss_kib(node.pid());
+        assert!(rss < RSS_CAP_KIB, "the node's RSS is {rss} KiB");
+    }
 }
 
 // Reading every kept message back.
@@ -1923,9 +1947,9 @@ async fn check_memory_bounds(world: &World, node: &Node) {
 /// Every channel's kept messages are exactly the latest `HISTORY_SIZE`
 /// accepted ones, with their bytes, over HTTP (one page, and paged), the
 /// `history` command, and a recovering subscribe.
-async fn verify_history(world: &World, node: &Node) {
+async fn verify_history(world: &World, node: &TestServer) {
     let channels: Vec<String> = world.ledger().history_channels.iter().cloned().collect();
-    let mut reader = node.view.connect("verifier").await;
+    let mut reader = node.connect("verifier").await;
     for (n, channel) in channels.iter().enumerate() {
         let (last, epoch) = {
             let ledger = world.ledger();
@@ -1946,7 +1970,7 @@ async fn verify_history(world: &World, node: &Node) {
 
         let path = format!("/api/v1/channels/{}/history?limit=1000", encode_segment(channel));
         let context = format!("after the run, GET {path}");
-        let (status, body) = http_get(world, &path).await;
+        let (status, body) = http_get(node, &path).await;
         assert_eq!(status, 200, "{context}: {body:.500}");
         let page = Page::parse(&body, &context);
         assert_eq!((page.offset, page.epoch.as_str()), (last, epoch.as_str()), "{context}");
@@ -1962,7 +1986,7 @@ async fn verify_history(world: &World, node: &Node) {
                 encode_segment(channel)
             );
             let context = format!("after the run, GET {path}");
-            let (status, body) = http_get(world, &path).await;
+            let (status, body) = http_get(node, &path).await;
             assert_eq!(status, 200, "{context}: {body:.500}");
             let page = Page::parse(&body, &context);
             assert!(page.recovered, "{context}: {body:.500}");
