@@ -355,11 +355,14 @@ struct Ledger {
     accepted: HashMap<(String, u64), Accepted>,
     /// The epoch of each history channel, as the first receipt gave it.
     epochs: HashMap<String, String>,
-    /// Every channel with history that a publish was aimed at.
+    /// Every channel with history that a publish or command named: each
+    /// may be kept by the node, so together they bound its history.
     history_channels: BTreeSet<String>,
     /// Publishes whose connection ended before their answer was read: they
     /// may or may not be in history.
     in_doubt: Vec<(String, Payload)>,
+    /// Messages read back at an offset no answer had named yet, checked
+    /// once every publisher has its answer.
     unverified: Vec<Seen>,
 }
 
@@ -441,7 +444,7 @@ impl Ledger {
         }
     }
 
-    /// The offsets `1..=last` of `channel`, as the ledger knows them.
+    /// The highest offset accepted in `channel`, 0 before its first message.
     fn last_offset(&self, channel: &str) -> u64 {
         self.accepted
             .keys()
