@@ -1334,7 +1334,9 @@ struct Session {
     tracks: HashMap<String, Track>,
     /// The last position seen per channel with history, across reconnects.
     positions: HashMap<String, (u64, String)>,
+    /// Numbers this client's message ids.
     counter: u64,
+    /// Recent message ids, some of which are used again.
     used_ids: Vec<Value>,
 }
 
@@ -1373,7 +1375,9 @@ impl Session {
         self.tracks.clear();
         let own = format!("user:{}", self.user);
         self.tracks.insert(own.clone(), Track { last: None });
-        let before: Vec<String> = std::mem::take(&mut self.planned).into_iter().collect();
+        // Sorted: the same seed makes the same choices.
+        let mut before: Vec<String> = std::mem::take(&mut self.planned).into_iter().collect();
+        before.sort();
         self.planned.insert(own);
         let mut batch = Vec::new();
         for channel in before {
