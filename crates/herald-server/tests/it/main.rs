@@ -18,4 +18,5 @@ mod publish_outcome;
 mod read_paths;
 mod redis;
 mod redis_link;
+mod soak;
 mod streams;
