@@ -169,9 +169,12 @@ async fn quick_reconnects_announce_join_and_leave_in_order() {
             let mut client = b.connect(&name).await;
             client.subscribe("room:9").await;
             for _ in 0..ROUNDS {
+                // The next tab opens, then the last one closes as the next
+                // one joins the room: the leave and the join race.
+                let mut next = b.connect(&name).await;
                 drop(client);
-                client = b.connect(&name).await;
-                client.subscribe("room:9").await;
+                next.subscribe("room:9").await;
+                client = next;
             }
             client
         }
