@@ -568,10 +568,13 @@ impl Drop for Session<'_> {
             .collect();
         if !tracked.is_empty() {
             let (hub, user) = (self.hub.clone(), self.identity.user_id.clone());
+            // All at once (one pipelined write in Redis mode): a channel's
+            // leave does not wait for another channel's reply.
             self.hub.shutdown.services.spawn(async move {
-                for channel in tracked {
-                    hub.presence_changed(channel, user.clone(), id, false).await;
-                }
+                let leaves = tracked
+                    .into_iter()
+                    .map(|channel| hub.presence_changed(channel, user.clone(), id, false));
+                futures_util::future::join_all(leaves).await;
             });
         }
     }

@@ -248,3 +248,117 @@ async fn a_killed_nodes_presence_entries_are_all_deleted() {
     .await;
     let _ = std::fs::remove_file(config);
 }
+
+/// A TCP proxy in front of Redis whose Redis → node direction can be held:
+/// commands still reach Redis and run, but their replies wait until
+/// released, as on a congested path.
+struct ReplyHoldingProxy {
+    addr: std::net::SocketAddr,
+    held: tokio::sync::watch::Sender<bool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl ReplyHoldingProxy {
+    async fn start(redis_port: u16) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (held, watch) = tokio::sync::watch::channel(false);
+        let task = tokio::spawn(async move {
+            // Dropped with the task: every connection goes with it.
+            let mut connections = tokio::task::JoinSet::new();
+            while let Ok((node, _)) = listener.accept().await {
+                let Ok(redis) = tokio::net::TcpStream::connect(("127.0.0.1", redis_port)).await else {
+                    continue;
+                };
+                let (node_read, node_write) = node.into_split();
+                let (redis_read, redis_write) = redis.into_split();
+                connections.spawn(forward(node_read, redis_write, None));
+                connections.spawn(forward(redis_read, node_write, Some(watch.clone())));
+            }
+        });
+        ReplyHoldingProxy { addr, held, task }
+    }
+
+    fn hold(&self, held: bool) {
+        self.held.send_replace(held);
+    }
+}
+
+impl Drop for ReplyHoldingProxy {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Copies `from` to `to` until either ends; with `held`, each chunk waits
+/// while it is set.
+async fn forward(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    mut held: Option<tokio::sync::watch::Receiver<bool>>,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut buffer = vec![0u8; 16 * 1024];
+    loop {
+        let read = match from.read(&mut buffer).await {
+            Ok(0) | Err(_) => return,
+            Ok(read) => read,
+        };
+        if let Some(held) = &mut held
+            && held.wait_for(|held| !held).await.is_err()
+        {
+            return;
+        }
+        if to.write_all(&buffer[..read]).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// The leave is announced in the step that counts it, not after its reply
+/// travels back: bob's last tab closes on node b while b's replies from
+/// Redis are held back; the leave must reach alice all the same, before bob
+/// joins again on node a. (When the node published the leave after reading
+/// the count, the join on a overtook it and alice saw bob leave last.)
+#[tokio::test]
+async fn a_leave_is_announced_when_counted_not_when_its_reply_arrives() {
+    let redis = RedisServer::start().await;
+    // Long enough that no node is declared dead (and its users swept out
+    // of presence) while replies are held.
+    let a = TestServer::start_with(&format!("{ROOM}\n{}", redis.toml("node_timeout = \"30s\""))).await;
+    a.wait_ready().await;
+    let proxy = ReplyHoldingProxy::start(redis.port).await;
+    let b = TestServer::start_with(&format!(
+        "{ROOM}\n[redis]\nurl = \"redis://{}\"\nprefix = \"{}\"\nnode_timeout = \"30s\"",
+        proxy.addr,
+        redis.prefix()
+    ))
+    .await;
+    b.wait_ready().await;
+    let mut alice = a.connect("alice").await;
+    alice.subscribe("room:7").await;
+    let mut bob = b.connect("bob").await;
+    bob.subscribe("room:7").await;
+    assert_eq!(next_event(&mut alice).await, ("join".into(), "bob".into()));
+
+    proxy.hold(true);
+    drop(bob);
+    let key = format!("{}presence:room:7", redis.prefix());
+    wait_until("bob's departure is recorded in redis", || async {
+        redis.cli(&["HLEN", &key]) == "1"
+    })
+    .await;
+    // Published by the step that counted it: in milliseconds, whatever
+    // happens to the reply (held here for as long as the test runs).
+    let leave = tokio::time::timeout(std::time::Duration::from_secs(1), next_event(&mut alice)).await;
+    assert_eq!(leave.ok(), Some(("leave".into(), "bob".into())));
+    let mut bob = a.connect("bob").await;
+    bob.subscribe("room:7").await;
+    assert_eq!(next_event(&mut alice).await, ("join".into(), "bob".into()));
+    proxy.hold(false);
+    b.wait_ready().await;
+    // Nothing about bob follows: he is present, and alice's view says so.
+    expect_only_marker(&b, &mut alice, "room:7").await;
+    assert_eq!(present(&a, "room:7").await, ["alice", "bob"]);
+    bob.round_trip().await;
+}
