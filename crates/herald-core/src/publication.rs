@@ -100,37 +100,34 @@ impl EncodedFrame {
     }
 }
 
+/// A publication in the shape of a delivered frame, borrowing its fields.
+/// `data` is the stored JSON text as it was published, never parsed again;
+/// a binary payload travels outside it (after the header in a binary frame,
+/// or as `data_base64` in JSON answers such as history pages).
 #[derive(Serialize)]
-struct DeliveryHeader<'a> {
+pub struct DeliveryView<'a> {
     #[serde(rename = "type")]
-    message_type: &'a str,
-    channel: &'a str,
-    message_id: &'a str,
+    pub message_type: &'a str,
+    pub channel: &'a str,
+    pub message_id: &'a str,
     #[serde(skip_serializing_if = "Option::is_none")]
-    offset: Option<u64>,
+    pub offset: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    epoch: Option<&'a str>,
-    timestamp: u64,
+    pub epoch: Option<&'a str>,
+    pub timestamp: u64,
     #[serde(skip_serializing_if = "Option::is_none")]
-    from: Option<&'a str>,
+    pub from: Option<&'a str>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    data: Option<&'a RawValue>,
+    pub data: Option<&'a RawValue>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub data_base64: Option<String>,
 }
 
 impl Publication {
     /// Encodes the frame every subscriber receives. Called once per message
     /// per node; the result is shared, never re-encoded per subscriber.
     pub fn encode(&self) -> EncodedFrame {
-        let mut header = DeliveryHeader {
-            message_type: &self.message_type,
-            channel: self.channel.as_str(),
-            message_id: &self.message_id,
-            offset: self.offset,
-            epoch: self.epoch.as_deref(),
-            timestamp: self.timestamp_ms,
-            from: self.from.as_deref(),
-            data: None,
-        };
+        let mut header = self.view();
         match &self.payload {
             Payload::Json(raw) => {
                 header.data = Some(raw);
@@ -143,6 +140,22 @@ impl Publication {
                 out.extend_from_slice(bytes);
                 EncodedFrame::Binary(Bytes::from(out))
             }
+        }
+    }
+
+    /// This publication's delivery fields, without its payload (`data` and
+    /// `data_base64` are the caller's to fill).
+    pub fn view(&self) -> DeliveryView<'_> {
+        DeliveryView {
+            message_type: &self.message_type,
+            channel: self.channel.as_str(),
+            message_id: &self.message_id,
+            offset: self.offset,
+            epoch: self.epoch.as_deref(),
+            timestamp: self.timestamp_ms,
+            from: self.from.as_deref(),
+            data: None,
+            data_base64: None,
         }
     }
 

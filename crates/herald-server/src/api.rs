@@ -14,7 +14,7 @@ use axum::response::{IntoResponse, Response};
 use base64::Engine;
 use herald_core::frame::StreamPosition;
 use herald_core::frame::{self, MsgType, validate_message_type};
-use herald_core::publication::{CONTROL_SUBSCRIBE, CONTROL_UNSUBSCRIBE};
+use herald_core::publication::{CONTROL_SUBSCRIBE, CONTROL_UNSUBSCRIBE, DeliveryView};
 use herald_core::{ChannelName, Payload, Publication};
 use serde::Deserialize;
 use serde::de::DeserializeOwned;
@@ -533,7 +533,7 @@ impl serde::Serialize for HistoryAnswer {
             epoch: &'a str,
             offset: u64,
             recovered: bool,
-            publications: Vec<PublicationJson<'a>>,
+            publications: Vec<DeliveryView<'a>>,
             #[serde(skip_serializing_if = "Option::is_none")]
             next: Option<u64>,
             #[serde(skip_serializing_if = "Option::is_none")]
@@ -553,7 +553,7 @@ impl serde::Serialize for HistoryAnswer {
             epoch: &page.current.epoch,
             offset: page.current.offset,
             recovered: page.recovered,
-            publications: page.publications.iter().map(PublicationJson::new).collect(),
+            publications: page.publications.iter().map(history_view).collect(),
             next: paging.map(|(next, _)| next),
             more: paging.map(|(_, more)| more),
         }
@@ -561,45 +561,15 @@ impl serde::Serialize for HistoryAnswer {
     }
 }
 
-/// One publication in its delivery shape: the fields of a delivered frame,
-/// with `data` the stored JSON text as is, or `data_base64` for binary.
-#[derive(serde::Serialize)]
-struct PublicationJson<'a> {
-    #[serde(rename = "type")]
-    message_type: &'a str,
-    channel: &'a str,
-    message_id: &'a str,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    offset: Option<u64>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    epoch: Option<&'a str>,
-    timestamp: u64,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    from: Option<&'a str>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    data: Option<&'a RawValue>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    data_base64: Option<String>,
-}
-
-impl<'a> PublicationJson<'a> {
-    fn new(publication: &'a Publication) -> Self {
-        let (data, data_base64) = match &publication.payload {
-            Payload::Json(raw) => (Some(&**raw), None),
-            Payload::Binary(bytes) => (None, Some(base64::engine::general_purpose::STANDARD.encode(bytes))),
-        };
-        PublicationJson {
-            message_type: &publication.message_type,
-            channel: publication.channel.as_str(),
-            message_id: &publication.message_id,
-            offset: publication.offset,
-            epoch: publication.epoch.as_deref(),
-            timestamp: publication.timestamp_ms,
-            from: publication.from.as_deref(),
-            data,
-            data_base64,
-        }
+/// One publication in its delivery shape: `data` the stored JSON text as
+/// is, or `data_base64` for binary.
+fn history_view(publication: &Publication) -> DeliveryView<'_> {
+    let mut view = publication.view();
+    match &publication.payload {
+        Payload::Json(raw) => view.data = Some(raw),
+        Payload::Binary(bytes) => view.data_base64 = Some(base64::engine::general_purpose::STANDARD.encode(bytes)),
     }
+    view
 }
 
 /// `GET /api/v1/channels/{channel}/presence` (API key): who is in a
