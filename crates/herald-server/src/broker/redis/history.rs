@@ -56,10 +56,10 @@ return {offset, epoch}
 /// id stays claimed (ms). Publishes unless the id is claimed (then returns
 /// `{'dup', ''}`), and claims it in the same step; see [`PUBLISH_SCRIPT`].
 pub const PUBLISH_ONCE_SCRIPT: &str = r#"
-local seen = redis.call('GET', KEYS[2])
-if seen then return {'dup', seen} end
+if not redis.call('SET', KEYS[2], '', 'NX', 'PX', ARGV[2]) then
+  return {'dup', redis.call('GET', KEYS[2]) or ''}
+end
 redis.call('PUBLISH', KEYS[1], ARGV[1])
-redis.call('SET', KEYS[2], '', 'PX', ARGV[2])
 return {'ok'}
 "#;
 
