@@ -20,8 +20,41 @@ pub const MAX_CLIENT_MESSAGE_ID: usize = 128;
 #[derive(Debug)]
 pub struct ClientFrame {
     /// The client's id for this command, echoed in the reply.
-    pub message_id: Option<Value>,
+    pub message_id: Option<MessageId>,
     pub command: Command,
+}
+
+/// A client's `message_id`: the JSON text of a string or a number exactly
+/// as the client sent it, echoed back byte for byte (`1e2` stays `1e2`, a
+/// 30-digit integer keeps its digits), so that a client can always match
+/// the answer to its command.
+#[derive(Debug, Clone, Serialize)]
+#[serde(transparent)]
+pub struct MessageId(Box<RawValue>);
+
+impl MessageId {
+    /// Takes the JSON text of an envelope's `message_id`: a string or a
+    /// number of at most [`MAX_CLIENT_MESSAGE_ID`] bytes; `null` is none.
+    fn from_json(raw: &RawValue) -> Result<Option<MessageId>, &'static str> {
+        let text = raw.get();
+        match text.as_bytes().first() {
+            Some(b'n') => Ok(None),
+            Some(b'"' | b'-' | b'0'..=b'9') if text.len() > MAX_CLIENT_MESSAGE_ID => Err("too long"),
+            Some(b'"' | b'-' | b'0'..=b'9') => Ok(Some(MessageId(raw.to_owned()))),
+            _ => Err("not a string or a number"),
+        }
+    }
+
+    /// The id's JSON text, as sent.
+    pub fn as_json(&self) -> &str {
+        self.0.get()
+    }
+}
+
+impl PartialEq for MessageId {
+    fn eq(&self, other: &Self) -> bool {
+        self.as_json() == other.as_json()
+    }
 }
 
 /// A position in a channel's history.
@@ -159,13 +192,13 @@ impl ErrorCode {
 #[derive(Debug, Clone, PartialEq)]
 pub struct FrameError {
     /// The offending command's `message_id`, when it could be read.
-    pub message_id: Option<Value>,
+    pub message_id: Option<MessageId>,
     pub code: ErrorCode,
     pub message: String,
 }
 
 impl FrameError {
-    pub fn new(message_id: Option<Value>, code: ErrorCode, message: impl Into<String>) -> Self {
+    pub fn new(message_id: Option<MessageId>, code: ErrorCode, message: impl Into<String>) -> Self {
         FrameError {
             message_id,
             code,
@@ -179,11 +212,15 @@ impl FrameError {
     }
 }
 
+/// The envelope's fields are read as raw JSON text, so that any valid JSON
+/// value in them (even a number no `f64` holds) leaves the frame readable
+/// and its `message_id` nameable.
 #[derive(Deserialize)]
 struct Envelope<'a> {
-    #[serde(rename = "type")]
-    kind: Option<Value>,
-    message_id: Option<Value>,
+    #[serde(rename = "type", borrow)]
+    kind: Option<&'a RawValue>,
+    #[serde(borrow)]
+    message_id: Option<&'a RawValue>,
     #[serde(borrow)]
     data: Option<&'a RawValue>,
 }
@@ -199,19 +236,17 @@ pub fn parse_client_frame(text: &str) -> Result<ClientFrame, FrameError> {
     }
     let envelope: Envelope<'_> = serde_json::from_str(text)
         .map_err(|e| FrameError::new(None, ErrorCode::InvalidJson, format!("invalid JSON: {e}")))?;
-    let message_id = match envelope.message_id {
-        None | Some(Value::Null) => None,
-        Some(id @ (Value::String(_) | Value::Number(_))) => {
-            if id.to_string().len() > MAX_CLIENT_MESSAGE_ID {
-                return Err(FrameError::new(
-                    None,
-                    ErrorCode::InvalidFrame,
-                    format!("`message_id` is longer than {MAX_CLIENT_MESSAGE_ID} bytes"),
-                ));
-            }
-            Some(id)
+    let message_id = match envelope.message_id.map(MessageId::from_json) {
+        None => None,
+        Some(Ok(id)) => id,
+        Some(Err("too long")) => {
+            return Err(FrameError::new(
+                None,
+                ErrorCode::InvalidFrame,
+                format!("`message_id` is longer than {MAX_CLIENT_MESSAGE_ID} bytes"),
+            ));
         }
-        Some(_) => {
+        Some(Err(_)) => {
             return Err(FrameError::new(
                 None,
                 ErrorCode::InvalidFrame,
@@ -220,9 +255,9 @@ pub fn parse_client_frame(text: &str) -> Result<ClientFrame, FrameError> {
         }
     };
     let fail = |code, message: String| FrameError::new(message_id.clone(), code, message);
-    let kind = match envelope.kind {
-        Some(Value::String(kind)) => kind,
-        Some(_) => return Err(fail(ErrorCode::InvalidFrame, "`type` must be a string".into())),
+    let kind = match envelope.kind.map(|raw| serde_json::from_str::<String>(raw.get())) {
+        Some(Ok(kind)) => kind,
+        Some(Err(_)) => return Err(fail(ErrorCode::InvalidFrame, "`type` must be a string".into())),
         None => return Err(fail(ErrorCode::InvalidFrame, "missing `type`".into())),
     };
     let data = envelope.data;
@@ -497,12 +532,12 @@ struct ServerFrame<'a, D: Serialize> {
     #[serde(rename = "type")]
     kind: &'a str,
     #[serde(skip_serializing_if = "Option::is_none")]
-    message_id: Option<&'a Value>,
+    message_id: Option<&'a MessageId>,
     data: D,
 }
 
 /// Encodes a server frame `{"type", "message_id"?, "data"}`.
-pub fn server_frame(kind: &str, message_id: Option<&Value>, data: impl Serialize) -> String {
+pub fn server_frame(kind: &str, message_id: Option<&MessageId>, data: impl Serialize) -> String {
     serde_json::to_string(&ServerFrame { kind, message_id, data }).expect("server frames always serialize")
 }
 
@@ -512,7 +547,7 @@ struct ErrorData<'a> {
     message: &'a str,
 }
 
-pub fn error_frame(message_id: Option<&Value>, code: ErrorCode, message: &str) -> String {
+pub fn error_frame(message_id: Option<&MessageId>, code: ErrorCode, message: &str) -> String {
     server_frame(
         "error",
         message_id,
@@ -523,7 +558,7 @@ pub fn error_frame(message_id: Option<&Value>, code: ErrorCode, message: &str) -
     )
 }
 
-pub fn ack_frame(message_id: Option<&Value>, data: impl Serialize) -> String {
+pub fn ack_frame(message_id: Option<&MessageId>, data: impl Serialize) -> String {
     server_frame("ack", message_id, data)
 }
 
@@ -545,14 +580,28 @@ mod tests {
         );
     }
 
-    fn id_text(id: &Option<Value>) -> String {
-        id.as_ref().map_or("-".into(), Value::to_string)
+    fn id_text(id: &Option<MessageId>) -> String {
+        id.as_ref().map_or("-".into(), |id| id.as_json().to_owned())
     }
 
     #[test]
     fn valid_commands() {
         check(r#"{"type":"ping"}"#, "ok ping -");
         check(r#"{"type":"ping","message_id":7}"#, "ok ping 7");
+        // Ids come back as sent, whatever a number parser would make of them.
+        check(r#"{"type":"ping","message_id":1e2}"#, "ok ping 1e2");
+        check(r#"{"type":"ping","message_id":-0}"#, "ok ping -0");
+        check(r#"{"type":"ping","message_id":1e400}"#, "ok ping 1e400");
+        check(
+            r#"{"type":"ping","message_id":123456789012345678901234567890}"#,
+            "ok ping 123456789012345678901234567890",
+        );
+        check(r#"{"type":"ping","message_id":"a\u0062"}"#, r#"ok ping "a\u0062""#);
+        check(
+            r#"{"type":1e400,"message_id":5}"#,
+            "err invalid_frame 5 `type` must be a string",
+        );
+        check(r#"{"type":"ping","message_id":null}"#, "ok ping -");
         check(r#"{"type":"auth","data":{"token":"t"}}"#, "ok auth -");
         check(
             r#"{"type":"subscribe","message_id":"a","data":{"channel":"group:1"}}"#,
@@ -663,10 +712,15 @@ mod tests {
 
     #[test]
     fn server_frames() {
-        let id = json!("abc");
+        let frame = parse_client_frame(r#"{"type":"ping","message_id":"abc"}"#).unwrap();
         assert_eq!(
-            error_frame(Some(&id), ErrorCode::Forbidden, "no"),
+            error_frame(frame.message_id.as_ref(), ErrorCode::Forbidden, "no"),
             r#"{"type":"error","message_id":"abc","data":{"code":"forbidden","message":"no"}}"#
+        );
+        let frame = parse_client_frame(r#"{"type":"ping","message_id":1e400}"#).unwrap();
+        assert_eq!(
+            ack_frame(frame.message_id.as_ref(), json!({})),
+            r#"{"type":"ack","message_id":1e400,"data":{}}"#
         );
         assert_eq!(ack_frame(None, json!({})), r#"{"type":"ack","data":{}}"#);
     }

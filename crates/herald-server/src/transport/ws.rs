@@ -1401,7 +1401,7 @@ fn err(code: ErrorCode, message: &str) -> (ErrorCode, String) {
     (code, message.to_owned())
 }
 
-fn ack(message_id: &Option<serde_json::Value>, data: impl Serialize) -> String {
+fn ack(message_id: &Option<herald_core::frame::MessageId>, data: impl Serialize) -> String {
     ack_frame(message_id.as_ref(), data)
 }
 

@@ -281,6 +281,20 @@ impl Client {
         }
     }
 
+    /// The next text frame as sent, unparsed (skipping pings and pongs).
+    pub async fn next_text(&mut self) -> String {
+        loop {
+            let message = tokio::time::timeout(DEADLINE, self.ws.next())
+                .await
+                .expect("a frame within the deadline");
+            match message {
+                Some(Ok(Message::Text(text))) => return text.to_string(),
+                Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
+                other => panic!("expected a text frame, got {other:?}"),
+            }
+        }
+    }
+
     pub async fn next_frame(&mut self) -> Value {
         match self.next_event().await {
             Event::Frame(frame) => frame,

@@ -385,3 +385,31 @@ async fn groups_are_members_only_by_default() {
         "ack"
     );
 }
+
+/// A command's `message_id` comes back exactly as sent, whatever a number
+/// parser would make of it, in acks and errors alike.
+#[tokio::test]
+async fn message_ids_are_echoed_as_sent() {
+    let server = TestServer::start().await;
+    let mut client = server.connect("alice").await;
+    for id in [
+        "1e2",
+        "-0",
+        "1e400",
+        "123456789012345678901234567890",
+        "0.1000",
+        r#""x\u0079""#,
+    ] {
+        client
+            .send_text(&format!(r#"{{"type":"ping","message_id":{id}}}"#))
+            .await;
+        let reply = client.next_text().await;
+        assert!(reply.contains(&format!(r#""message_id":{id}"#)), "{id}: {reply}");
+    }
+    client.send_text(r#"{"type":"dance","message_id":1e400}"#).await;
+    let reply = client.next_text().await;
+    assert!(
+        reply.contains(r#""message_id":1e400"#) && reply.contains("unknown_type"),
+        "{reply}"
+    );
+}
