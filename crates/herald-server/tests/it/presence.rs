@@ -362,3 +362,60 @@ async fn a_leave_is_announced_when_counted_not_when_its_reply_arrives() {
     assert_eq!(present(&a, "room:7").await, ["alice", "bob"]);
     bob.round_trip().await;
 }
+
+/// However long a sweep takes, the node keeps its heartbeat: a dead node
+/// left 30,000 users in a join/leave channel, and the node that sweeps them
+/// out announces 30,000 leaves, one publish each; its heartbeat in Redis
+/// never gets older than two heartbeats meanwhile, so no other node could
+/// take it for dead. (When the heartbeat waited for the sweep, it went
+/// stale for as long as the sweep took.)
+#[tokio::test]
+async fn a_long_sweep_does_not_delay_the_heartbeat() {
+    const USERS: usize = 30_000;
+    let redis = RedisServer::start().await;
+    let a = TestServer::start_with(&format!(
+        "{ROOM}\n[limits]\nqueue_messages = 100000\nqueue_bytes = 100000000\n{}",
+        redis.toml("node_timeout = \"3s\"")
+    ))
+    .await;
+    a.wait_ready().await;
+    let mut watcher = a.connect("watcher").await;
+    watcher.subscribe("room:crowd").await;
+    let (_, stats) = a.http("GET", "/stats", None, None).await;
+    let node_id = serde_json::from_str::<Value>(&stats).unwrap()["node_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+
+    // A node that is gone ("ghost", never in the heartbeat set) left its
+    // users in the channel.
+    let key = format!("{}presence:room:crowd", redis.prefix());
+    let fill = "for i = 1, tonumber(ARGV[1]) do redis.call('HSET', KEYS[1], 'ghost:' .. i, 'u' .. i) end return 1";
+    assert_eq!(redis.cli(&["EVAL", fill, "1", &key, &USERS.to_string()]), "1");
+    wait_until("the sweep removed the ghost's entries", || async {
+        redis.cli(&["HLEN", &key]) == "1"
+    })
+    .await;
+
+    // The leaves are being announced now; watch the heartbeat meanwhile.
+    let nodes = format!("{}nodes", redis.prefix());
+    let watch_until = std::time::Instant::now() + std::time::Duration::from_secs(4);
+    let mut stalest = 0;
+    while std::time::Instant::now() < watch_until {
+        let score: u64 = redis.cli(&["ZSCORE", &nodes, &node_id]).parse().unwrap_or(0);
+        stalest = stalest.max(herald_server::hub::unix_millis().saturating_sub(score));
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert!(
+        stalest < 2_500,
+        "the heartbeat went {stalest} ms stale during the sweep"
+    );
+    // The sweep was still announcing when the watch ended, or it finished:
+    // either way the leaves reach the watcher.
+    assert_eq!(
+        watcher.expect_type("leave").await["data"]["user_id"]
+            .as_str()
+            .map(|u| u.starts_with('u')),
+        Some(true)
+    );
+}
