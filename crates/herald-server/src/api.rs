@@ -684,7 +684,7 @@ pub async fn stats(State(hub): State<Hub>) -> Response {
         "messages_invalid": metrics.messages_dropped.get("invalid"),
         "stream_entries": metrics.stream_entries.load(Relaxed),
                 "draining": hub.shutdown.is_draining(),
-        "cluster": *crate::hub::lock(&hub.cluster),
+        "cluster": *crate::util::lock(&hub.cluster),
     }))
     .into_response()
 }

@@ -566,23 +566,15 @@ impl Config {
             ));
         }
         if self.jwt.secret.is_none() {
-            self.jwt.secret = Some(random_token(32));
+            self.jwt.secret = Some(crate::util::random_token(32));
             self.ephemeral_secrets = true;
         }
         if self.api_key.is_none() {
-            self.api_key = Some(random_token(24));
+            self.api_key = Some(crate::util::random_token(24));
             self.ephemeral_secrets = true;
         }
         Ok(())
     }
-}
-
-/// A random URL-safe string from `bytes` bytes of OS randomness.
-pub fn random_token(bytes: usize) -> String {
-    use base64::Engine;
-    let mut buffer = vec![0u8; bytes];
-    getrandom::fill(&mut buffer).expect("the OS random number generator is available");
-    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(buffer)
 }
 
 fn redis_config(raw: RawRedis) -> Result<Option<RedisConfig>, ConfigError> {

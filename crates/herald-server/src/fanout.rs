@@ -40,8 +40,8 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::hub::lock;
 use crate::metrics::Metrics;
+use crate::util::lock;
 
 /// A publication's WebSocket frame, ready for any number of sockets.
 pub fn wire_frame(frame: EncodedFrame) -> Bytes {

@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::Instant;
 
 use herald_core::dedup::{Claim, Dedup};
 use herald_core::policy::Policies;
@@ -22,6 +22,7 @@ use crate::config::{Config, Limits};
 use crate::fanout::{ConnectionHandle, Fanout};
 use crate::metrics::Metrics;
 use crate::shutdown::Shutdown;
+use crate::util::{lock, unix_millis};
 
 /// A cheap, cloneable handle to the node's shared state.
 #[derive(Clone)]
@@ -505,16 +506,4 @@ impl Hub {
         let sequence = self.next_message_id.fetch_add(1, Ordering::Relaxed);
         format!("{}-{sequence}", self.node_id)
     }
-}
-
-pub fn unix_millis() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
-
-/// Locks a mutex whose sections cannot leave data half-updated.
-pub fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }

@@ -16,3 +16,4 @@ pub mod metrics;
 pub mod server;
 pub mod shutdown;
 pub mod transport;
+pub mod util;

@@ -49,7 +49,7 @@ pub async fn start(config: Config) -> std::io::Result<RunningServer> {
     let fanout = Arc::new(Fanout::new(metrics.clone(), lanes));
     let shutdown = Shutdown::default();
     fanout.start(&shutdown.stopped, &shutdown.services);
-    let node_id = crate::config::random_token(6);
+    let node_id = crate::util::random_token(6);
     let mut stream_consumer = None;
     let mut redis_broker = None;
     let broker: Arc<dyn Broker> = match &config.redis {

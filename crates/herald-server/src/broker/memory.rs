@@ -32,7 +32,7 @@ use herald_core::{ChannelName, Publication};
 
 use super::{BoxFuture, Broker, BrokerError, HistoryPage, Placement, ReadCursor};
 use crate::fanout::Fanout;
-use crate::hub::{lock, unix_millis};
+use crate::util::{lock, unix_millis};
 use herald_core::registry::Presence;
 
 const SHARDS: usize = 64;
@@ -69,7 +69,7 @@ impl MemoryBroker {
         MemoryBroker {
             fanout,
             policies,
-            epoch: crate::config::random_token(6),
+            epoch: crate::util::random_token(6),
             next_channel: std::sync::atomic::AtomicU64::new(1),
             histories: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
             hasher: RandomState::new(),

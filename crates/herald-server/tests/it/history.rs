@@ -251,7 +251,7 @@ async fn a_message_lost_on_the_way_to_a_node_is_recovered() {
         publish_seq(&nodes.publisher, channel, seq).await;
     }
     for seq in 3..5 {
-        let wire = json!({"type": "message", "message_id": format!("lost-{seq}"), "timestamp": herald_server::hub::unix_millis(), "data": {"seq": seq}});
+        let wire = json!({"type": "message", "message_id": format!("lost-{seq}"), "timestamp": herald_server::util::unix_millis(), "data": {"seq": seq}});
         let reply = redis.store_in_history(None, channel, &wire, 5000, &format!("{prefix}nowhere"));
         assert!(
             reply.starts_with(&(seq + 1).to_string()),

@@ -482,7 +482,7 @@ async fn a_gap_larger_than_the_queue_is_filled_within_its_bounds() {
     // on the way to the node, as in a Pub/Sub outage.
     let nowhere = format!("{}nowhere", redis.prefix());
     for seq in 1..=100 {
-        let wire = json!({"type": "message", "message_id": format!("lost-{seq}"), "timestamp": herald_server::hub::unix_millis(), "data": {"seq": seq}});
+        let wire = json!({"type": "message", "message_id": format!("lost-{seq}"), "timestamp": herald_server::util::unix_millis(), "data": {"seq": seq}});
         redis.store_in_history(None, channel, &wire, 1000, &nowhere);
     }
     server.publish_ok(channel, json!({"seq": 101})).await;

@@ -403,7 +403,7 @@ async fn a_long_sweep_does_not_delay_the_heartbeat() {
     let mut stalest = 0;
     while std::time::Instant::now() < watch_until {
         let score: u64 = redis.cli(&["ZSCORE", &nodes, &node_id]).parse().unwrap_or(0);
-        stalest = stalest.max(herald_server::hub::unix_millis().saturating_sub(score));
+        stalest = stalest.max(herald_server::util::unix_millis().saturating_sub(score));
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     }
     assert!(

@@ -15,7 +15,7 @@ use herald_core::resp::Value;
 use super::link::Script;
 use super::{RedisConfig, decode_wire};
 use crate::broker::{HistoryPage, Placement};
-use crate::hub::unix_millis;
+use crate::util::unix_millis;
 
 /// KEYS: history, offset, epoch, pubsub channel, message-id claim. ARGV:
 /// wire message (a JSON object), max length, retention in ms, a fresh epoch

@@ -47,8 +47,8 @@ use self::pubsub::PubSub;
 use self::routes::Route;
 use super::{BoxFuture, Broker, BrokerError, Placement, ReadCursor};
 use crate::fanout::Fanout;
-use crate::hub::unix_millis;
 use crate::metrics::Metrics;
+use crate::util::unix_millis;
 
 /// Validated `[redis]` settings.
 #[derive(Debug, Clone)]
@@ -466,7 +466,7 @@ impl Broker for RedisBroker {
                 policy.history_size.to_string(),
                 policy.history_ttl.as_millis().to_string(),
             );
-            let fresh_epoch = crate::config::random_token(6);
+            let fresh_epoch = crate::util::random_token(6);
             let args: Vec<&[u8]> = vec![
                 history.as_bytes(),
                 offset.as_bytes(),
@@ -518,7 +518,7 @@ impl Broker for RedisBroker {
         let ttl = self.policies.policy(&channel).map_or(Duration::ZERO, |p| p.history_ttl);
         Box::pin(async move {
             let [history, offset, epoch] = history::keys(&self.config, &channel);
-            let fresh_epoch = crate::config::random_token(6);
+            let fresh_epoch = crate::util::random_token(6);
             let ttl_ms = history::POSITION_TTL_MS.to_owned();
             let after = since.as_ref().map(|s| s.offset.to_string()).unwrap_or_default();
             let count = limit.to_string();

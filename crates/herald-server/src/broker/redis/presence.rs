@@ -126,7 +126,7 @@ pub async fn heartbeat_loop(
                 connections: total("connections"),
                 users_online: total("users_online"),
             };
-            *crate::hub::lock(&hub.cluster) = Some(cluster);
+            *crate::util::lock(&hub.cluster) = Some(cluster);
             if !dead.is_empty() {
                 tracing::info!(nodes = ?dead, "nodes stopped heartbeating; sweeping their presence");
                 // A full channel means a sweep is already due.

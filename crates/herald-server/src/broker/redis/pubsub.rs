@@ -34,8 +34,8 @@ use super::link::{
     Backoff, DEAD_AFTER, HEALTH_TICK, Health, HealthCheck, RedisAddress, RedisError, UNRESPONSIVE_AFTER, connect,
     take_value,
 };
-use crate::hub::lock;
 use crate::metrics::Metrics;
+use crate::util::lock;
 
 /// Channels per SUBSCRIBE/UNSUBSCRIBE command.
 const CHANNELS_PER_COMMAND: usize = 1_000;

@@ -28,7 +28,7 @@ use serde::Deserialize;
 use serde_json::Value;
 use serde_json::value::RawValue;
 
-use crate::hub::unix_millis;
+use crate::util::unix_millis;
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
