@@ -60,11 +60,15 @@ pub struct ChannelHistory {
     /// The offset of the latest message (0 before the first).
     latest: u64,
     messages: VecDeque<Publication>,
+    /// When the history was created or last appended to (ms), so that a
+    /// keeper can tell a quiet channel from one just made.
+    touched_ms: u64,
 }
 
 impl ChannelHistory {
     pub fn new(epoch: String) -> Self {
         ChannelHistory {
+            touched_ms: 0,
             epoch,
             latest: 0,
             messages: VecDeque::new(),
@@ -82,6 +86,7 @@ impl ChannelHistory {
     /// and drops what exceeds `max_size` messages or is older than
     /// `max_age_ms` at `now_ms`.
     pub fn append(&mut self, publication: &mut Publication, max_size: usize, max_age_ms: u64, now_ms: u64) {
+        self.touched_ms = now_ms;
         self.latest += 1;
         publication.offset = Some(self.latest);
         publication.epoch = Some(self.epoch.clone());
@@ -109,6 +114,18 @@ impl ChannelHistory {
         self.messages.range(start..).take(limit).cloned().collect()
     }
 
+    /// Marks the history as in use at `now_ms` (created, or read for a
+    /// position that a client will hold).
+    pub fn touch(&mut self, now_ms: u64) {
+        self.touched_ms = now_ms;
+    }
+
+    /// Whether nothing is retained and nothing happened for `quiet_ms`:
+    /// every position a client took in it is as old as that.
+    pub fn is_quiet(&self, quiet_ms: u64, now_ms: u64) -> bool {
+        self.messages.is_empty() && self.touched_ms.saturating_add(quiet_ms) < now_ms
+    }
+
     /// How many messages are retained.
     pub fn len(&self) -> usize {
         self.messages.len()
@@ -127,6 +144,38 @@ impl ChannelHistory {
             Vec::new()
         };
         recover(since, self.position(), kept, limit)
+    }
+}
+
+/// A read of a channel's history.
+#[derive(Debug, Clone)]
+pub struct HistoryPage {
+    /// Messages after the requested position (or the latest ones), oldest first.
+    pub publications: Vec<Publication>,
+    /// The channel's position now.
+    pub current: Position,
+    /// False when the requested position could not be honoured (another
+    /// epoch, or messages after it are no longer kept); `publications` is
+    /// then empty.
+    pub recovered: bool,
+}
+
+impl HistoryPage {
+    /// The page a recovery decision makes; `current` is the channel's
+    /// position it was decided against.
+    pub fn from_recovery(recovery: Recovery, current: Position) -> Self {
+        match recovery {
+            Recovery::Recovered(publications) => HistoryPage {
+                publications,
+                current,
+                recovered: true,
+            },
+            Recovery::Unrecoverable { current } => HistoryPage {
+                publications: Vec::new(),
+                current,
+                recovered: false,
+            },
+        }
     }
 }
 

@@ -19,6 +19,7 @@ pub mod publication;
 pub mod rate_limit;
 pub mod registry;
 pub mod resp;
+pub mod view;
 pub mod websocket;
 
 pub use channel::{ChannelError, ChannelName};

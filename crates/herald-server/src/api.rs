@@ -14,7 +14,7 @@ use axum::response::{IntoResponse, Response};
 use base64::Engine;
 use herald_core::frame::StreamPosition;
 use herald_core::frame::{self, MsgType, validate_message_type};
-use herald_core::publication::{CONTROL_SUBSCRIBE, CONTROL_UNSUBSCRIBE, DeliveryView};
+use herald_core::publication::{CONTROL_SUBSCRIBE, CONTROL_UNSUBSCRIBE};
 use herald_core::{ChannelName, Payload, Publication};
 use serde::Deserialize;
 use serde::de::DeserializeOwned;
@@ -22,89 +22,16 @@ use serde_json::json;
 use serde_json::value::RawValue;
 
 use crate::auth::Identity;
+use crate::http_error::ApiError;
+use crate::http_error::json_error;
 use crate::hub::{Hub, PublishError, PublishRequest, Source};
-use crate::transport::ws::chat_message;
+use herald_core::view::{HistoryAnswer, chat_message, presence_json};
 
 /// The most channels one broadcast may name.
 pub const MAX_BROADCAST_CHANNELS: usize = 1_000;
 /// Request bytes allowed beyond `max_message_size` for the envelope
 /// (channel list, ids, base64 overhead).
 const ENVELOPE_ALLOWANCE: usize = 64 * 1024;
-
-/// An API failure: the one place where errors become HTTP statuses and the
-/// JSON body `{"error": {"code", "message"}}`.
-#[derive(Debug)]
-pub struct ApiError {
-    status: StatusCode,
-    code: &'static str,
-    message: String,
-    /// The id to retry with, when a publish's outcome is unknown.
-    message_id: Option<String>,
-}
-
-impl ApiError {
-    pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
-        ApiError {
-            status,
-            code,
-            message: message.into(),
-            message_id: None,
-        }
-    }
-
-    /// The `{"code", "message", "message_id"?}` object of the body.
-    fn error_object(&self) -> serde_json::Value {
-        let mut error = json!({"code": self.code, "message": self.message});
-        if let Some(id) = &self.message_id {
-            error["message_id"] = json!(id);
-        }
-        error
-    }
-}
-
-impl IntoResponse for ApiError {
-    fn into_response(self) -> Response {
-        let body = Json(json!({"error": self.error_object()}));
-        let mut response = (self.status, body).into_response();
-        if self.status == StatusCode::UNAUTHORIZED {
-            response
-                .headers_mut()
-                .insert(header::WWW_AUTHENTICATE, header::HeaderValue::from_static("Bearer"));
-        }
-        if self.status == StatusCode::REQUEST_TIMEOUT {
-            // The rest of the body may still be on its way: the connection
-            // cannot carry another request.
-            response
-                .headers_mut()
-                .insert(header::CONNECTION, header::HeaderValue::from_static("close"));
-        }
-        response
-    }
-}
-
-/// 503 means "not published, retry"; 504 means "sent, no answer: retry
-/// with the `message_id` given", which is published at most once.
-impl From<PublishError> for ApiError {
-    fn from(error: PublishError) -> Self {
-        match &error {
-            PublishError::TooLarge(_) => ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "too_large", error.to_string()),
-            PublishError::Broker(_) => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", error.to_string()),
-            PublishError::OutcomeUnknown { message_id, .. } => ApiError {
-                message_id: Some(message_id.clone()),
-                ..ApiError::new(
-                    StatusCode::GATEWAY_TIMEOUT,
-                    "publish_outcome_unknown",
-                    error.to_string(),
-                )
-            },
-        }
-    }
-}
-
-/// A JSON error response.
-pub fn json_error(status: StatusCode, code: &'static str, message: &str) -> Response {
-    ApiError::new(status, code, message).into_response()
-}
 
 type ApiResult = Result<Response, ApiError>;
 
@@ -488,90 +415,6 @@ async fn read_history(hub: &Hub, channel: &ChannelName, query: HistoryQuery) -> 
     Ok(Json(HistoryAnswer::with_paging(channel.clone(), page)).into_response())
 }
 
-/// A history page as the HTTP API and the `history` command answer it:
-/// `{channel, epoch, offset, recovered, publications}` (plus `next` and
-/// `more` over HTTP), each publication in its delivery shape (binary
-/// payloads as `data_base64`).
-///
-/// Serialized straight from the stored payloads: what was accepted goes out
-/// byte for byte, and nothing on a read path parses it again. (A payload
-/// that `serde_json::Value` cannot hold, such as `1e400` or nesting deeper
-/// than its recursion limit, is served like any other.)
-pub struct HistoryAnswer {
-    channel: ChannelName,
-    page: crate::broker::HistoryPage,
-    /// Whether to say where the next page starts (`next`, `more`): the HTTP
-    /// API pages by offset; the `history` command leaves that to the client.
-    paging: bool,
-}
-
-impl HistoryAnswer {
-    /// The `history` command's answer.
-    pub fn new(channel: ChannelName, page: crate::broker::HistoryPage) -> Self {
-        HistoryAnswer {
-            channel,
-            page,
-            paging: false,
-        }
-    }
-
-    /// The HTTP API's answer, with `next` and `more`.
-    pub fn with_paging(channel: ChannelName, page: crate::broker::HistoryPage) -> Self {
-        HistoryAnswer {
-            channel,
-            page,
-            paging: true,
-        }
-    }
-}
-
-impl serde::Serialize for HistoryAnswer {
-    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        #[derive(serde::Serialize)]
-        struct Shape<'a> {
-            channel: &'a ChannelName,
-            epoch: &'a str,
-            offset: u64,
-            recovered: bool,
-            publications: Vec<DeliveryView<'a>>,
-            #[serde(skip_serializing_if = "Option::is_none")]
-            next: Option<u64>,
-            #[serde(skip_serializing_if = "Option::is_none")]
-            more: Option<bool>,
-        }
-        let page = &self.page;
-        let next = page
-            .publications
-            .last()
-            .and_then(|p| p.offset)
-            .unwrap_or(page.current.offset);
-        let paging = self
-            .paging
-            .then_some((next, next < page.current.offset && page.recovered));
-        Shape {
-            channel: &self.channel,
-            epoch: &page.current.epoch,
-            offset: page.current.offset,
-            recovered: page.recovered,
-            publications: page.publications.iter().map(history_view).collect(),
-            next: paging.map(|(next, _)| next),
-            more: paging.map(|(_, more)| more),
-        }
-        .serialize(serializer)
-    }
-}
-
-/// One publication in its delivery shape: `data` the stored JSON text as
-/// is, or `data_base64` for binary.
-fn history_view(publication: &Publication) -> DeliveryView<'_> {
-    let mut view = publication.view();
-    match &publication.payload {
-        Payload::Json(raw) => view.data = Some(raw),
-        Payload::Binary(bytes) => view.data_base64 = Some(base64::engine::general_purpose::STANDARD.encode(bytes)),
-    }
-    view
-}
-
 /// `GET /api/v1/channels/{channel}/presence` (API key): who is in a
 /// channel, cluster-wide.
 pub async fn channel_presence(
@@ -591,16 +434,6 @@ pub async fn channel_presence(
     }
     let presence = hub.broker.presence(&channel).await.map_err(unavailable)?;
     Ok(Json(presence_json(&channel, &presence)).into_response())
-}
-
-/// Presence as JSON: `{channel, users: [{user_id, connections}], connections}`.
-pub fn presence_json(channel: &ChannelName, presence: &herald_core::registry::Presence) -> serde_json::Value {
-    let users: Vec<_> = presence
-        .users
-        .iter()
-        .map(|(user, connections)| json!({"user_id": user, "connections": connections}))
-        .collect();
-    json!({"channel": channel, "users": users, "connections": presence.connections})
 }
 
 /// The most users one online-status request may name.

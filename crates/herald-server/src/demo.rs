@@ -10,7 +10,7 @@ use axum::response::{Html, IntoResponse, Response};
 use serde::Deserialize;
 use serde_json::json;
 
-use crate::api::json_error;
+use crate::http_error::json_error;
 use crate::hub::Hub;
 
 /// The group the demo page chats in (`assets/demo.html` joins `demo`).

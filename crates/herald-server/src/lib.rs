@@ -11,6 +11,7 @@ pub mod config;
 pub mod demo;
 pub mod fanout;
 pub mod http_client;
+pub mod http_error;
 pub mod hub;
 pub mod metrics;
 pub mod server;

@@ -9,7 +9,9 @@
 //! Bounded by time, not by trust: a sweep every [`SWEEP_INTERVAL`] expires
 //! messages past their namespace's `history_ttl` in every channel (not only
 //! in channels someone touches), and forgets a channel once it keeps no
-//! message and has no subscriber on this node. A forgotten channel starts
+//! message, nothing was published or read in it for `history_ttl` (so no
+//! client holds a fresher position in it), and it has no subscriber on
+//! this node. A forgotten channel starts
 //! again with a new epoch (each channel's epoch is unique for its life in
 //! this process), so an old position in it is reported unrecoverable rather
 //! than misread. Read cursors are kept at most [`MAX_READ_CURSORS`] per
@@ -101,7 +103,9 @@ impl MemoryBroker {
                     .policy(channel)
                     .map_or(0, |p| p.history_ttl.as_millis() as u64);
                 history.expire(ttl_ms, now_ms);
-                !history.is_empty() || self.fanout.registry.subscriber_count(channel) > 0
+                // Quiet for a whole retention: a position taken in it (a
+                // subscribe's, before any message) is that old too.
+                !history.is_quiet(ttl_ms, now_ms) || self.fanout.registry.subscriber_count(channel) > 0
             });
             channels += histories.len();
             messages += histories.values().map(ChannelHistory::len).sum::<usize>();
@@ -185,8 +189,12 @@ impl Broker for MemoryBroker {
         // A channel nothing was published to yet reads as an empty history,
         // in the epoch its first publish will have (the sweep forgets it
         // again if nothing comes and nobody here subscribes).
+        let now_ms = unix_millis();
         let history = histories.entry(channel.clone()).or_insert_with(|| self.new_history());
-        history.expire(ttl_ms, unix_millis());
+        // A position read now is held by a client: the channel stays (and
+        // keeps its epoch) for at least a retention.
+        history.touch(now_ms);
+        history.expire(ttl_ms, now_ms);
         let current = history.position();
         let page = match since {
             None => {

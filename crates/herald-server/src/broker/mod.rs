@@ -14,7 +14,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::time::Duration;
 
-use herald_core::history::{Position, Recovery};
+use herald_core::history::Position;
 use herald_core::registry::Presence;
 use herald_core::{ChannelName, Publication};
 
@@ -45,37 +45,7 @@ pub struct ReadCursor {
 /// The most messages one history read returns.
 pub const MAX_HISTORY_PAGE: usize = 1_000;
 
-/// A read of a channel's history.
-#[derive(Debug, Clone)]
-pub struct HistoryPage {
-    /// Messages after the requested position (or the latest ones), oldest first.
-    pub publications: Vec<Publication>,
-    /// The channel's position now.
-    pub current: Position,
-    /// False when the requested position could not be honoured (another
-    /// epoch, or messages after it are no longer kept); `publications` is
-    /// then empty.
-    pub recovered: bool,
-}
-
-impl HistoryPage {
-    /// The page a recovery decision makes; `current` is the channel's
-    /// position it was decided against.
-    pub fn from_recovery(recovery: Recovery, current: Position) -> Self {
-        match recovery {
-            Recovery::Recovered(publications) => HistoryPage {
-                publications,
-                current,
-                recovered: true,
-            },
-            Recovery::Unrecoverable { current } => HistoryPage {
-                publications: Vec::new(),
-                current,
-                recovered: false,
-            },
-        }
-    }
-}
+pub use herald_core::history::HistoryPage;
 
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum BrokerError {

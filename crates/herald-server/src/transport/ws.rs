@@ -40,13 +40,14 @@ use tokio::time::{Instant, sleep_until};
 
 use super::close::Ending;
 use super::origin;
-use crate::api::json_error;
 use crate::auth::{AuthError, Identity, unix_now};
 use crate::broker::{HistoryPage, MAX_HISTORY_PAGE, ReadCursor};
 use crate::fanout::{
     ConnectionHandle, ConnectionSocket, Delivery, Judgement, Next, Outbound, Room, connection_socket, wire_frame,
 };
+use crate::http_error::json_error;
 use crate::hub::{Admission, Hub, PublishError, PublishRequest, Rejection, Source};
+use herald_core::view::{HistoryAnswer, presence_json};
 
 /// Bytes read from the socket at a time: commands are small.
 const READ_CHUNK: usize = 4096;
@@ -986,7 +987,7 @@ impl<'a> Session<'a> {
                 content,
             } => {
                 let channel = ChannelName::group(&group_id).expect("the parser validated the group id");
-                let data = chat_message(&group_id, &self.identity.user_id, &msg_type, &content);
+                let data = herald_core::view::chat_message(&group_id, &self.identity.user_id, &msg_type, &content);
                 let exclude = Some(self.identity.user_id.clone());
                 let published = self
                     .publish(channel.clone(), Some("new_message".into()), data, exclude)
@@ -1278,7 +1279,7 @@ impl<'a> Session<'a> {
         channel: &ChannelName,
         since: Option<StreamPosition>,
         limit: Option<u32>,
-    ) -> Result<crate::api::HistoryAnswer, (ErrorCode, String)> {
+    ) -> Result<HistoryAnswer, (ErrorCode, String)> {
         self.permit(channel, self.hub.policies().check_subscribe(&self.subject(), channel))?;
         if !self.hub.policies().policy(channel).is_ok_and(|p| p.keeps_history()) {
             return Err(err(
@@ -1288,7 +1289,7 @@ impl<'a> Session<'a> {
         }
         let limit = limit.map_or(DEFAULT_HISTORY_PAGE, |l| l as usize).min(MAX_HISTORY_PAGE);
         let page = self.hub.history(channel, since, limit).await.map_err(broker_error)?;
-        Ok(crate::api::HistoryAnswer::new(channel.clone(), page))
+        Ok(HistoryAnswer::new(channel.clone(), page))
     }
 
     async fn unsubscribe(&mut self, channel: &ChannelName) -> Result<(), (ErrorCode, String)> {
@@ -1362,7 +1363,7 @@ impl<'a> Session<'a> {
     async fn presence(&self, channel: &ChannelName) -> Result<serde_json::Value, (ErrorCode, String)> {
         self.permit(channel, self.hub.policies().check_presence(&self.subject(), channel))?;
         let presence = self.hub.broker.presence(channel).await.map_err(broker_error)?;
-        Ok(crate::api::presence_json(channel, &presence))
+        Ok(presence_json(channel, &presence))
     }
 
     async fn refresh(&mut self, token: &str) -> Result<serde_json::Value, (ErrorCode, String)> {
@@ -1407,30 +1408,6 @@ fn ack(message_id: &Option<herald_core::frame::MessageId>, data: impl Serialize)
 
 fn broker_error(error: crate::broker::BrokerError) -> (ErrorCode, String) {
     (ErrorCode::Unavailable, error.to_string())
-}
-
-/// The `data` of a chat message, the seed protocol's `new_message` shape.
-pub fn chat_message(
-    group_id: &str,
-    from_user_id: &str,
-    msg_type: &herald_core::frame::MsgType,
-    content: &RawValue,
-) -> Box<RawValue> {
-    #[derive(Serialize)]
-    struct ChatMessage<'a> {
-        group_id: &'a str,
-        from_user_id: &'a str,
-        msg_type: &'a herald_core::frame::MsgType,
-        content: &'a RawValue,
-    }
-    let json = serde_json::to_string(&ChatMessage {
-        group_id,
-        from_user_id,
-        msg_type,
-        content,
-    })
-    .expect("a chat message always serializes");
-    RawValue::from_string(json).expect("serde_json output is valid JSON")
 }
 
 fn policy_error(error: herald_core::policy::PolicyError) -> (ErrorCode, String) {

@@ -76,3 +76,35 @@ async fn history_of_100_000_channels_is_given_back_after_retention() {
     let next = server.publish_ok("feed:kept", json!({"n": 2})).await;
     assert_eq!(next["offset"], 2, "{next}");
 }
+
+/// A channel read before its first message (a subscribe's position) is
+/// not forgotten while that position is fresh: the client that subscribed,
+/// left, and comes back after the first messages recovers them.
+#[tokio::test]
+async fn a_position_taken_before_the_first_message_stays_recoverable() {
+    let server = TestServer::start_with(FEED).await;
+    let mut client = server.connect("reader").await;
+    let ack = client.command("subscribe", "s", json!({"channel": "feed:new"})).await;
+    let epoch = ack["data"]["epoch"].as_str().unwrap().to_owned();
+    drop(client);
+    // A sweep has seen the channel with no message and no subscriber.
+    wait_until("a sweep keeps the fresh channel", || async {
+        server.metric("herald_history_channels").await == 1.0 && server.metric("herald_connections").await == 0.0
+    })
+    .await;
+    wait_until("another sweep keeps it", || async {
+        server.metric("herald_history_channels").await == 1.0
+    })
+    .await;
+    server.publish_ok("feed:new", json!({"n": 1})).await;
+    let mut client = server.connect("reader").await;
+    let ack = client
+        .command(
+            "subscribe",
+            "r",
+            json!({"channel": "feed:new", "offset": 0, "epoch": epoch}),
+        )
+        .await;
+    assert_eq!(ack["data"]["recovered"], true, "{ack}");
+    assert_eq!(client.next_frame().await["data"]["n"], 1);
+}
