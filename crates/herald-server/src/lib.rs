@@ -7,6 +7,7 @@ pub mod api;
 pub mod auth;
 pub mod broker;
 pub mod cli;
+pub mod cluster;
 pub mod config;
 pub mod demo;
 pub mod fanout;

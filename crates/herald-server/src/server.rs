@@ -90,7 +90,7 @@ pub async fn start(config: Config) -> std::io::Result<RunningServer> {
     let verifier = Arc::new(JwtVerifier::new(&config.jwt));
     let hub = Hub::new(config.clone(), fanout, broker, verifier, metrics, shutdown, node_id);
     if let Some(broker) = redis_broker {
-        use crate::broker::redis::presence::{heartbeat_loop, sweep_loop};
+        use crate::cluster::{heartbeat_loop, sweep_loop};
         let (found_dead, deaths) = tokio::sync::mpsc::channel(1);
         let services = &hub.shutdown.services;
         services.spawn(heartbeat_loop(hub.clone(), broker.clone(), found_dead));
