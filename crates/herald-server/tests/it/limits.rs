@@ -253,13 +253,15 @@ async fn a_request_body_that_trickles_in_gets_408() {
         body.len()
     );
     writer.write_all(head.as_bytes()).await.unwrap();
-    // One byte every 100 ms: the whole body would take about 5 s.
+    // One byte every 100 ms (a pace, not a wait): the whole body would
+    // take about 5 s.
     let trickle = tokio::spawn(async move {
+        let mut pace = tokio::time::interval(Duration::from_millis(100));
         for byte in body.bytes() {
+            pace.tick().await;
             if writer.write_all(&[byte]).await.is_err() {
                 return;
             }
-            tokio::time::sleep(Duration::from_millis(100)).await;
         }
     });
     let started = std::time::Instant::now();
@@ -290,10 +292,12 @@ async fn a_slow_reader_reads_4008_next_instead_of_its_backlog() {
     slow.subscribe("group:fast").await;
     let reader = tokio::spawn(async move {
         let mut read = 0u64;
+        // The pace of a slow reader: one frame every 20 ms, slower than the
+        // publisher below.
+        let mut pace = tokio::time::interval(Duration::from_millis(20));
+        pace.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
-            // The pace of a slow reader: one frame every 20 ms, slower than
-            // the publisher below.
-            tokio::time::sleep(Duration::from_millis(20)).await;
+            pace.tick().await;
             match slow.next_event().await {
                 Event::Frame(_) | Event::Binary(_) => read += 1,
                 Event::Closed(close) => return (read, close),
