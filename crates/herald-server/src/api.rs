@@ -1,5 +1,7 @@
-//! The HTTP API: publishing (API key), user-token messaging, and the
-//! operational endpoints (`/health`, `/ready`, `/stats`, `/metrics`).
+//! The HTTP API, by audience: publishing and server-managed subscriptions
+//! (API key) and user-token messaging here; queries (history, inbox,
+//! unread, presence) in `queries`; operations (`/health`, `/ready`,
+//! `/stats`, `/metrics`) in `ops`.
 //!
 //! Every error is a JSON body `{"error": {"code", "message"}}` with a fitting
 //! status; request bodies are read with a size limit and parsed strictly
@@ -7,12 +9,11 @@
 
 use axum::Json;
 use axum::body::Body;
-use axum::extract::rejection::{PathRejection, QueryRejection};
-use axum::extract::{Path, Query, State};
+use axum::extract::rejection::PathRejection;
+use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use base64::Engine;
-use herald_core::frame::StreamPosition;
 use herald_core::frame::{self, MsgType, validate_message_type};
 use herald_core::publication::{CONTROL_SUBSCRIBE, CONTROL_UNSUBSCRIBE};
 use herald_core::{ChannelName, Payload, Publication};
@@ -23,9 +24,17 @@ use serde_json::value::RawValue;
 
 use crate::auth::Identity;
 use crate::http_error::ApiError;
-use crate::http_error::json_error;
 use crate::hub::{Hub, PublishError, PublishRequest, Source};
-use herald_core::view::{HistoryAnswer, chat_message, presence_json};
+use herald_core::view::chat_message;
+
+mod ops;
+mod queries;
+
+pub use ops::{health, method_not_allowed, metrics, not_found, ready, stats};
+pub use queries::{
+    HistoryQuery, MAX_STATUS_USERS, MAX_UNREAD_CHANNELS, UnreadQuery, UsersQuery, channel_history, channel_presence,
+    inbox, unread, users_online,
+};
 
 /// The most channels one broadcast may name.
 pub const MAX_BROADCAST_CHANNELS: usize = 1_000;
@@ -287,265 +296,9 @@ pub async fn group_message(
     Ok(Json(receipt).into_response())
 }
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct HistoryQuery {
-    /// Return what follows this offset (`since` is the inbox's name for it).
-    #[serde(alias = "since")]
-    offset: Option<u64>,
-    epoch: Option<String>,
-    limit: Option<usize>,
-}
-
-/// `GET /api/v1/channels/{channel}/history` (API key).
-pub async fn channel_history(
-    State(hub): State<Hub>,
-    path: Result<Path<String>, PathRejection>,
-    query: Result<Query<HistoryQuery>, QueryRejection>,
-    headers: HeaderMap,
-) -> ApiResult {
-    require_api_key(&hub, &headers)?;
-    let Path(channel) = path.map_err(|e| bad_request(&e.body_text()))?;
-    let Query(query) = query.map_err(|e| bad_request(&e.body_text()))?;
-    let channel = ChannelName::parse(&channel).map_err(|e| bad_request(&format!("channel: {e}")))?;
-    read_history(&hub, &channel, query).await
-}
-
-/// `GET /api/v1/inbox?since=OFFSET&epoch=E&limit=N` (user token): what
-/// arrived on the user's personal channel after `since`, oldest first;
-/// `next` is the offset to ask from for the following page.
-pub async fn inbox(
-    State(hub): State<Hub>,
-    query: Result<Query<HistoryQuery>, QueryRejection>,
-    headers: HeaderMap,
-) -> ApiResult {
-    let user = require_user(&hub, &headers)?;
-    let Query(query) = query.map_err(|e| bad_request(&e.body_text()))?;
-    let channel = ChannelName::user(&user.user_id).map_err(|e| bad_request(&e.to_string()))?;
-    read_history(&hub, &channel, query).await
-}
-
-/// The most channels one unread-counts request may name.
-pub const MAX_UNREAD_CHANNELS: usize = 100;
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct UnreadQuery {
-    /// Comma-separated channels; default: those with a read cursor, and the
-    /// user's personal channel.
-    channels: Option<String>,
-}
-
-/// `GET /api/v1/unread` (user token): per channel, how many messages arrived
-/// after the user's read cursor (channels that keep history).
-pub async fn unread(
-    State(hub): State<Hub>,
-    query: Result<Query<UnreadQuery>, QueryRejection>,
-    headers: HeaderMap,
-) -> ApiResult {
-    use herald_core::policy::Subject;
-    let user = require_user(&hub, &headers)?;
-    let Query(query) = query.map_err(|e| bad_request(&e.body_text()))?;
-    let cursors = hub.broker.read_cursors(&user.user_id).await.map_err(unavailable)?;
-    let mut names: Vec<String> = match &query.channels {
-        Some(list) => list
-            .split(',')
-            .map(str::trim)
-            .filter(|n| !n.is_empty())
-            .map(str::to_owned)
-            .collect(),
-        None => {
-            let mut names: Vec<String> = cursors.keys().cloned().collect();
-            let own = ChannelName::user(&user.user_id).expect("the verifier checks the user id");
-            names.push(own.to_string());
-            names
-        }
-    };
-    names.sort();
-    names.dedup();
-    if names.len() > MAX_UNREAD_CHANNELS {
-        return Err(bad_request(&format!(
-            "at most {MAX_UNREAD_CHANNELS} channels per request"
-        )));
-    }
-    let subject = Subject {
-        user_id: &user.user_id,
-        granted: &user.channels,
-    };
-    let mut results = Vec::with_capacity(names.len());
-    for name in names {
-        let channel = ChannelName::parse(&name).map_err(|e| bad_request(&format!("channel `{name}`: {e}")))?;
-        hub.policies()
-            .check_subscribe(&subject, &channel)
-            .map_err(policy_error)?;
-        let cursor = cursors.get(channel.as_str());
-        let mut entry = json!({"channel": channel, "last_read": cursor});
-        if hub.policies().policy(&channel).is_ok_and(|p| p.keeps_history()) {
-            let current = hub.position(&channel).await.map_err(unavailable)?;
-            let read = cursor
-                .filter(|c| c.epoch.as_deref() == Some(current.epoch.as_str()))
-                .and_then(|c| c.offset);
-            entry["unread"] = json!(current.offset.saturating_sub(read.unwrap_or(0)));
-            entry["offset"] = json!(current.offset);
-            entry["epoch"] = json!(current.epoch);
-        } else {
-            entry["unread"] = serde_json::Value::Null;
-        }
-        results.push(entry);
-    }
-    Ok(Json(json!({"channels": results})).into_response())
-}
-
-async fn read_history(hub: &Hub, channel: &ChannelName, query: HistoryQuery) -> ApiResult {
-    let policy = hub
-        .policies()
-        .policy(channel)
-        .map_err(|e| bad_request(&e.to_string()))?;
-    if !policy.keeps_history() {
-        let message = format!("history is not enabled for `{channel}`");
-        return Err(ApiError::new(StatusCode::NOT_FOUND, "not_available", message));
-    }
-    // A limit of 0 reads only the position, as over WebSocket.
-    let limit = query.limit.unwrap_or(100).min(crate::broker::MAX_HISTORY_PAGE);
-    let since = query.offset.map(|offset| StreamPosition {
-        offset,
-        epoch: query.epoch,
-    });
-    let page = hub.history(channel, since, limit).await.map_err(unavailable)?;
-    Ok(Json(HistoryAnswer::with_paging(channel.clone(), page)).into_response())
-}
-
-/// `GET /api/v1/channels/{channel}/presence` (API key): who is in a
-/// channel, cluster-wide.
-pub async fn channel_presence(
-    State(hub): State<Hub>,
-    path: Result<Path<String>, PathRejection>,
-    headers: HeaderMap,
-) -> ApiResult {
-    require_api_key(&hub, &headers)?;
-    let Path(channel) = path.map_err(|e| bad_request(&e.body_text()))?;
-    let channel = ChannelName::parse(&channel).map_err(|e| bad_request(&format!("channel: {e}")))?;
-    hub.policies()
-        .policy(&channel)
-        .map_err(|e| bad_request(&e.to_string()))?;
-    if !hub.tracks_presence(&channel) {
-        let message = format!("presence is not enabled for `{channel}`");
-        return Err(ApiError::new(StatusCode::NOT_FOUND, "not_available", message));
-    }
-    let presence = hub.broker.presence(&channel).await.map_err(unavailable)?;
-    Ok(Json(presence_json(&channel, &presence)).into_response())
-}
-
-/// The most users one online-status request may name.
-pub const MAX_STATUS_USERS: usize = 1_000;
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct UsersQuery {
-    /// Comma-separated user ids.
-    ids: String,
-}
-
-/// `GET /api/v1/presence/users?ids=a,b,c` (API key): whether each user has
-/// a live connection anywhere in the cluster.
-pub async fn users_online(
-    State(hub): State<Hub>,
-    query: Result<Query<UsersQuery>, QueryRejection>,
-    headers: HeaderMap,
-) -> ApiResult {
-    require_api_key(&hub, &headers)?;
-    let Query(query) = query.map_err(|e| bad_request(&e.body_text()))?;
-    let users: Vec<String> = query
-        .ids
-        .split(',')
-        .map(str::trim)
-        .filter(|u| !u.is_empty())
-        .map(str::to_owned)
-        .collect();
-    if users.is_empty() || users.len() > MAX_STATUS_USERS {
-        return Err(bad_request(&format!("`ids` must list 1-{MAX_STATUS_USERS} users")));
-    }
-    let online = hub.broker.users_online(&users).await.map_err(unavailable)?;
-    let map: serde_json::Map<String, serde_json::Value> = users
-        .into_iter()
-        .zip(online)
-        .map(|(user, online)| (user, json!(online)))
-        .collect();
-    Ok(Json(json!({"users": map})).into_response())
-}
-
 fn unavailable(error: crate::broker::BrokerError) -> ApiError {
     ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", error.to_string())
 }
-
-pub async fn health() -> Response {
-    Json(json!({"status": "ok"})).into_response()
-}
-
-pub async fn ready(State(hub): State<Hub>) -> Response {
-    if hub.shutdown.is_draining() {
-        return (
-            StatusCode::SERVICE_UNAVAILABLE,
-            Json(json!({"ready": false, "reason": "draining"})),
-        )
-            .into_response();
-    }
-    if !hub.broker.is_ready() {
-        let body = json!({"ready": false, "reason": "broker unavailable"});
-        return (StatusCode::SERVICE_UNAVAILABLE, Json(body)).into_response();
-    }
-    Json(json!({"ready": true})).into_response()
-}
-
-pub async fn stats(State(hub): State<Hub>) -> Response {
-    use std::sync::atomic::Ordering::Relaxed;
-    let metrics = &hub.metrics;
-    let users_online = hub.users_online();
-    Json(json!({
-        "node_id": hub.node_id,
-        "uptime_seconds": hub.started.elapsed().as_secs(),
-        "connections": metrics.connections_current.load(Relaxed),
-        "users_online": users_online,
-        // The seed's name for the same figure; its dashboards read it.
-        "online_users": users_online,
-        "channels": hub.fanout.registry.channel_count(),
-                "messages_published": metrics.messages_published.get("http")
-            + metrics.messages_published.get("client")
-            + metrics.messages_published.get("stream"),
-        "messages_delivered": metrics.messages_delivered.load(Relaxed),
-                "messages_dropped": metrics.messages_dropped.get("slow_client"),
-        "messages_invalid": metrics.messages_dropped.get("invalid"),
-        "stream_entries": metrics.stream_entries.load(Relaxed),
-                "draining": hub.shutdown.is_draining(),
-        "cluster": *crate::util::lock(&hub.cluster),
-    }))
-    .into_response()
-}
-
-pub async fn metrics(State(hub): State<Hub>) -> Response {
-    hub.metrics
-        .broker_up
-        .store(i64::from(hub.broker.is_ready()), std::sync::atomic::Ordering::Relaxed);
-    (
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        hub.metrics.render(),
-    )
-        .into_response()
-}
-
-pub async fn not_found() -> Response {
-    json_error(StatusCode::NOT_FOUND, "not_found", "no such endpoint")
-}
-
-pub async fn method_not_allowed() -> Response {
-    json_error(
-        StatusCode::METHOD_NOT_ALLOWED,
-        "method_not_allowed",
-        "this endpoint does not take that method",
-    )
-}
-
-// ---------------------------------------------------------------- helpers
 
 fn bad_request(message: &str) -> ApiError {
     ApiError::new(StatusCode::BAD_REQUEST, "bad_request", message)
