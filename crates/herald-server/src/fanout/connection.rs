@@ -1,119 +1,29 @@
-//! Local fan-out: from one publication to the socket of every local
-//! subscriber.
-//!
-//! A publication is encoded once, as a complete WebSocket frame, and handed
-//! to its channel's lane; the lane's task walks the channel's subscribers
-//! and gives each the same buffer (a reference-count increment). When
-//! nothing waits ahead of it, the frame is written straight to the
-//! connection's socket with one non-blocking `write`: a delivery to a
-//! connection that keeps up wakes no connection task. A lane that falls
-//! behind takes what waits together, and consecutive publications to one
-//! channel reach each subscriber in one (vectored) write.
-//!
-//! Whatever the socket does not take at once waits, in order, in the
-//! connection's queue for its task, which writes it as the socket drains.
-//! A connection keeps its position in channels with history here, so that
-//! fan-out itself skips repeats and writes in-order messages; a gap (or a
-//! new epoch) and subscriptions made by the server API go to the task, and
-//! while the task holds the connection (answering a command,
-//! working through such entries) fan-out queues behind it instead of writing
-//! around it.
-//!
-//! Queues are bounded in messages and bytes; a subscriber whose queue is
-//! full is marked slow and its connection closes with 4008. Fan-out never
-//! waits on a subscriber.
+//! The connection side of fan-out: a connection's bounded queue and its
+//! position in channels with history, shared by the lanes (`ConnectionHandle`)
+//! and the connection's task (`ConnectionSocket`).
 
 use std::collections::{HashMap, VecDeque};
-use std::hash::{BuildHasher, RandomState};
 use std::io::{self, IoSlice};
-use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Instant;
 
 use bytes::Bytes;
+use herald_core::ChannelName;
 use herald_core::history::Position;
-use herald_core::publication::{Control, EncodedFrame};
-use herald_core::registry::{Registry, Subscriber};
-use herald_core::{ChannelName, Publication, websocket};
+use herald_core::registry::Subscriber;
 use tokio::net::TcpStream;
 use tokio::sync::Notify;
-use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 
-use crate::metrics::Metrics;
+use super::Outbound;
 use crate::util::lock;
 
-/// A publication's WebSocket frame, ready for any number of sockets.
-pub fn wire_frame(frame: EncodedFrame) -> Bytes {
-    match frame {
-        EncodedFrame::Text(text) => websocket::encode(websocket::OP_TEXT, text.as_bytes()),
-        EncodedFrame::Binary(bytes) => websocket::encode(websocket::OP_BINARY, &bytes),
-    }
-}
-
-/// A publication as every subscriber of a node receives it: encoded once,
-/// with what a connection needs to keep its place in the channel.
-#[derive(Debug)]
-pub struct Delivery {
-    /// The complete WebSocket frame.
-    pub frame: Bytes,
-    pub channel: ChannelName,
-    pub offset: Option<u64>,
-    pub epoch: Option<String>,
-}
-
-impl Delivery {
-    pub fn new(publication: &Publication) -> Self {
-        Delivery {
-            frame: wire_frame(publication.encode()),
-            channel: publication.channel.clone(),
-            offset: publication.offset,
-            epoch: publication.epoch.clone(),
-        }
-    }
-}
-
-/// An entry for a connection. Cloning shares the bytes.
-#[derive(Debug, Clone)]
-pub enum Outbound {
-    Delivery(Arc<Delivery>),
-    /// The server API subscribes this connection to a channel.
-    Subscribe(ChannelName),
-    /// The server API unsubscribes this connection from a channel.
-    Unsubscribe(ChannelName),
-}
-
-/// What a control entry counts for in the queue's byte bound.
-const CONTROL_SIZE: usize = 64;
-
-impl Outbound {
-    pub fn len(&self) -> usize {
-        match self {
-            Outbound::Delivery(delivery) => delivery.frame.len(),
-            Outbound::Subscribe(_) | Outbound::Unsubscribe(_) => CONTROL_SIZE,
-        }
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
-    /// The frame of a delivery.
-    fn frame(&self) -> Option<&Bytes> {
-        match self {
-            Outbound::Delivery(delivery) => Some(&delivery.frame),
-            _ => None,
-        }
-    }
-}
-
 /// What the fan-out side and the connection task share.
-struct ConnectionShared {
+pub(super) struct ConnectionShared {
     id: u64,
     /// Set once the connection has authenticated.
     user_id: OnceLock<Arc<str>>,
     stream: TcpStream,
-    state: Mutex<State>,
+    pub(super) state: Mutex<State>,
     /// Wakes the task: entries arrived, bytes wait for the socket, or the
     /// connection fell behind or broke.
     wake: Notify,
@@ -132,7 +42,7 @@ struct Unsent {
 /// The queue. Plain deques: they allocate only while something waits (an
 /// idle connection holds no buffer) and are shrunk after a burst.
 #[derive(Default)]
-struct State {
+pub(super) struct State {
     /// Encoded frames not yet written, in order; the first may be partly
     /// written already (see `front_partial`).
     unsent: VecDeque<Unsent>,
@@ -140,7 +50,7 @@ struct State {
     /// of: it must be written whole, or the stream breaks mid-frame.
     front_partial: bool,
     /// Entries for the task, in order, all behind `unsent`.
-    entries: VecDeque<Outbound>,
+    pub(super) entries: VecDeque<Outbound>,
     /// Bytes in `unsent` and `entries`, against `max_bytes`.
     bytes: usize,
     /// The task holds the connection: fan-out queues instead of writing.
@@ -236,7 +146,7 @@ pub struct ConnectionHandle(Arc<ConnectionShared>);
 
 /// The connection task's end: the socket and the queue.
 pub struct ConnectionSocket {
-    shared: Arc<ConnectionShared>,
+    pub(super) shared: Arc<ConnectionShared>,
 }
 
 /// What a run of entries came to for one connection.
@@ -271,8 +181,6 @@ pub enum Next {
     Failed,
 }
 
-/// Subscribers a lane serves between two yields to the runtime.
-const YIELD_EVERY: usize = 2_048;
 /// Frames written in one vectored write at most.
 const MAX_WRITE_SLICES: usize = 64;
 /// A deque that held more than this many entries is shrunk once drained.
@@ -651,194 +559,11 @@ impl Drop for ConnectionSocket {
     }
 }
 
-/// A publication on its way to a lane, with its encoded entry.
-struct Pending {
-    publication: Publication,
-    entry: Outbound,
-    accepted_at: Instant,
-}
-
-/// One fan-out task's inbox. A channel always maps to the same lane, so its
-/// publications are delivered in the order they were handed over.
-#[derive(Default)]
-struct Lane {
-    inbox: Mutex<Inbox>,
-    wake: Notify,
-}
-
-/// What waits for a lane's task. Bounded by [`LaneLimits`]: it grows only
-/// while publications arrive (from the Redis reader or local publishers)
-/// faster than the lane delivers them.
-#[derive(Default)]
-struct Inbox {
-    pending: Vec<Pending>,
-    /// The encoded size of `pending`, against `LaneLimits::bytes`.
-    bytes: usize,
-}
-
-/// How much may wait for one lane. At the bound the arriving publication is
-/// dropped and counted, once per local subscriber, in
-/// `herald_messages_dropped_total{reason="lane_full"}`: in a channel with
-/// history the next delivery shows each connection the gap, which is filled
-/// from history; elsewhere the loss is that of Pub/Sub (at most once).
-/// Waiting instead would stall the Redis reader (and Redis would cut it off
-/// at its output buffer limit) or a publisher holding a channel's lock.
-#[derive(Debug, Clone, Copy)]
-pub struct LaneLimits {
-    pub messages: usize,
-    pub bytes: usize,
-}
-
-impl Default for LaneLimits {
-    /// Far above what a lane delivers in a second, far below what would
-    /// exhaust memory: 65,536 publications or 256 MiB per lane.
-    fn default() -> Self {
-        LaneLimits {
-            messages: 65_536,
-            bytes: 256 << 20,
-        }
-    }
-}
-
-/// The node's subscription registry and the fan-out over it.
-///
-/// Publications are handed to a lane (one per runtime worker, chosen by
-/// channel) and delivered by its task. When a lane falls behind, what
-/// waits is taken together and consecutive publications to one channel go
-/// to each subscriber in a single write: the busier the node, the fewer
-/// syscalls per delivery.
-pub struct Fanout {
-    pub registry: Registry<ConnectionHandle>,
-    metrics: Arc<Metrics>,
-    lanes: Box<[Lane]>,
-    lane_limits: LaneLimits,
-    hasher: RandomState,
-}
-
-impl Fanout {
-    /// A fan-out with `lanes` lanes (at least one); [`start`](Self::start)
-    /// runs them.
-    pub fn new(metrics: Arc<Metrics>, lanes: usize) -> Self {
-        Self::with_lane_limits(metrics, lanes, LaneLimits::default())
-    }
-
-    /// The same, with `lane_limits` bounding each lane's inbox.
-    pub fn with_lane_limits(metrics: Arc<Metrics>, lanes: usize, lane_limits: LaneLimits) -> Self {
-        Fanout {
-            registry: Registry::default(),
-            metrics,
-            lanes: (0..lanes.max(1)).map(|_| Lane::default()).collect(),
-            lane_limits,
-            hasher: RandomState::new(),
-        }
-    }
-
-    /// Spawns one task per lane, until `stopped`.
-    pub fn start(self: &Arc<Self>, stopped: &CancellationToken, tasks: &TaskTracker) {
-        for index in 0..self.lanes.len() {
-            tasks.spawn(self.clone().run_lane(index, stopped.clone()));
-        }
-    }
-
-    /// Hands `publication` to its channel's lane, for every local subscriber
-    /// of the channel. `accepted_at` feeds the latency histogram. Never
-    /// waits: a full lane drops it (see [`LaneLimits`]).
-    pub fn deliver(&self, publication: Publication, accepted_at: Instant) {
-        let entry = match publication.control() {
-            Some(Control::Subscribe(channel)) => Outbound::Subscribe(channel),
-            Some(Control::Unsubscribe(channel)) => Outbound::Unsubscribe(channel),
-            None => Outbound::Delivery(Arc::new(Delivery::new(&publication))),
-        };
-        let lane = &self.lanes[self.hasher.hash_one(&publication.channel) as usize % self.lanes.len()];
-        let pending = Pending {
-            publication,
-            entry,
-            accepted_at,
-        };
-        let size = pending.entry.len();
-        let mut inbox = lock(&lane.inbox);
-        if inbox.pending.len() >= self.lane_limits.messages || inbox.bytes + size > self.lane_limits.bytes {
-            drop(inbox);
-            let subscribers = self.registry.subscriber_count(&pending.publication.channel);
-            self.metrics.messages_dropped.add("lane_full", subscribers as u64);
-            return;
-        }
-        inbox.pending.push(pending);
-        inbox.bytes += size;
-        if inbox.pending.len() == 1 {
-            drop(inbox);
-            lane.wake.notify_one();
-        }
-    }
-
-    async fn run_lane(self: Arc<Self>, index: usize, stopped: CancellationToken) {
-        let lane = &self.lanes[index];
-        let mut batch = Vec::new();
-        loop {
-            tokio::select! {
-                _ = lane.wake.notified() => {}
-                _ = stopped.cancelled() => return,
-            }
-            // Let the publishers that are ready run first: whatever they hand
-            // over joins this batch.
-            tokio::task::yield_now().await;
-            {
-                let mut inbox = lock(&lane.inbox);
-                std::mem::swap(&mut batch, &mut inbox.pending);
-                inbox.bytes = 0;
-            }
-            for run in batch.chunk_by(|a, b| a.publication.channel == b.publication.channel) {
-                self.deliver_run(run).await;
-            }
-            batch.clear();
-        }
-    }
-
-    /// Delivers consecutive publications to one channel: each subscriber
-    /// gets those meant for it in one offer. Every [`YIELD_EVERY`]
-    /// subscribers the lane lets the other tasks of its worker run: a
-    /// channel with 100,000 subscribers would otherwise hold the worker for
-    /// well over 100 ms.
-    async fn deliver_run(&self, run: &[Pending]) {
-        let mut totals = Offers::default();
-        let mut entries: Vec<&Outbound> = Vec::with_capacity(run.len());
-        let subscribers = self.registry.snapshot(&run[0].publication.channel);
-        let subscribers = subscribers.as_deref().unwrap_or_default();
-        for (index, chunk) in subscribers.chunks(YIELD_EVERY).enumerate() {
-            if index > 0 {
-                tokio::task::yield_now().await;
-            }
-            for connection in chunk {
-                entries.clear();
-                let (id, user) = (connection.connection_id(), connection.user_id());
-                entries.extend(run.iter().filter(|p| p.publication.is_for(id, user)).map(|p| &p.entry));
-                if entries.is_empty() {
-                    continue;
-                }
-                let offers = connection.offer_all(&entries);
-                totals.queued += offers.queued;
-                totals.dropped += offers.dropped;
-                totals.gone += offers.gone;
-            }
-        }
-        self.metrics
-            .messages_delivered
-            .fetch_add(totals.queued, Ordering::Relaxed);
-        if totals.dropped > 0 {
-            self.metrics.messages_dropped.add("slow_client", totals.dropped);
-        }
-        if totals.gone > 0 {
-            self.metrics.messages_dropped.add("disconnected", totals.gone);
-        }
-        for pending in run {
-            self.metrics.fanout_latency.observe(pending.accepted_at.elapsed());
-        }
-    }
-}
-
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
+    use crate::fanout::Delivery;
+    use herald_core::websocket;
     use tokio::io::AsyncReadExt;
     use tokio::net::TcpListener;
 
@@ -869,11 +594,11 @@ mod tests {
     }
 
     /// A connected pair: the server's end as a connection, and the client.
-    async fn pair(max_messages: usize, max_bytes: usize) -> (ConnectionSocket, ConnectionHandle, TcpStream) {
+    pub(crate) async fn pair(max_messages: usize, max_bytes: usize) -> (ConnectionSocket, ConnectionHandle, TcpStream) {
         pair_with_id(1, max_messages, max_bytes).await
     }
 
-    async fn pair_with_id(
+    pub(crate) async fn pair_with_id(
         id: u64,
         max_messages: usize,
         max_bytes: usize,
@@ -1124,101 +849,6 @@ mod tests {
             matches!(socket.next(), Some(Next::FellBehind)),
             "pongs and replies to a client that does not read make it slow"
         );
-    }
-
-    fn publication(channel: &str, data: &str) -> Publication {
-        Publication {
-            channel: ChannelName::parse(channel).unwrap(),
-            message_type: "message".into(),
-            message_id: "m".into(),
-            timestamp_ms: 0,
-            offset: None,
-            epoch: None,
-            payload: herald_core::Payload::Json(serde_json::value::RawValue::from_string(data.into()).unwrap()),
-            from: None,
-            exclude_user: None,
-            exclude_connection: None,
-            ephemeral: false,
-        }
-    }
-
-    #[tokio::test]
-    async fn a_full_lane_drops_what_arrives_and_counts_it_per_subscriber() {
-        let metrics = Arc::new(Metrics::default());
-        let limits = LaneLimits {
-            messages: 3,
-            bytes: 1_000,
-        };
-        let fanout = Fanout::with_lane_limits(metrics.clone(), 1, limits);
-        let (_first, first, _c1) = pair_with_id(1, 10, 10_000).await;
-        let (_second, second, _c2) = pair_with_id(2, 10, 10_000).await;
-        let news = ChannelName::parse("news").unwrap();
-        fanout.registry.subscribe(&news, first);
-        fanout.registry.subscribe(&news, second);
-        // The lane's task is not running: what arrives waits.
-        for _ in 0..5 {
-            fanout.deliver(publication("news", "1"), Instant::now());
-        }
-        assert_eq!(lock(&fanout.lanes[0].inbox).pending.len(), 3, "the message bound");
-        assert_eq!(
-            metrics.messages_dropped.get("lane_full"),
-            2 * 2,
-            "two publications, two subscribers"
-        );
-        // The byte bound: room for three frames.
-        let frame_len = Delivery::new(&publication("news", "1")).frame.len();
-        let limits = LaneLimits {
-            messages: 1_000,
-            bytes: 3 * frame_len,
-        };
-        let fanout = Fanout::with_lane_limits(metrics.clone(), 1, limits);
-        for _ in 0..4 {
-            fanout.deliver(publication("news", "1"), Instant::now());
-        }
-        let inbox = lock(&fanout.lanes[0].inbox);
-        assert_eq!((inbox.pending.len(), inbox.bytes), (3, 3 * frame_len), "the byte bound");
-    }
-
-    /// A lane lets the other tasks of its worker run between every
-    /// [`YIELD_EVERY`] subscribers of a run.
-    #[tokio::test(flavor = "current_thread")]
-    async fn a_big_run_yields_to_the_other_tasks_of_the_worker() {
-        let fanout = Arc::new(Fanout::new(Arc::default(), 1));
-        let news = ChannelName::parse("news").unwrap();
-        // One socket, shared (duplicated descriptors): only the queues matter.
-        let (socket, _, _client) = pair(10, 10_000).await;
-        let subscriber_count = YIELD_EVERY + 10;
-        let mut sockets = Vec::new();
-        for id in 0..subscriber_count as u64 {
-            let std_stream = socket2::SockRef::from(socket.stream()).try_clone().unwrap();
-            let stream = std::net::TcpStream::from(std_stream);
-            let connection = connection_socket(id, TcpStream::from_std(stream).unwrap(), 10, 10_000);
-            // Held: fan-out queues for the task, writing nothing.
-            connection.hold();
-            fanout.registry.subscribe(&news, connection.handle("alice"));
-            sockets.push(connection);
-        }
-        let queued = |sockets: &[ConnectionSocket]| {
-            sockets
-                .iter()
-                .filter(|connection| !lock(&connection.shared.state).entries.is_empty())
-                .count()
-        };
-        let sockets = Arc::new(sockets);
-        // Runs as soon as the lane yields, and sees how far it got.
-        let probe = tokio::spawn({
-            let sockets = sockets.clone();
-            async move { queued(&sockets) }
-        });
-        let entry = Outbound::Delivery(Arc::new(Delivery::new(&publication("news", "1"))));
-        let run = [Pending {
-            publication: publication("news", "1"),
-            entry,
-            accepted_at: Instant::now(),
-        }];
-        fanout.deliver_run(&run).await;
-        assert_eq!(probe.await.unwrap(), YIELD_EVERY, "the probe ran after the first chunk");
-        assert_eq!(queued(&sockets), subscriber_count, "every subscriber got it");
     }
 
     #[tokio::test]
