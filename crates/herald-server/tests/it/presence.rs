@@ -16,6 +16,36 @@ async fn ready_node(redis: &RedisServer) -> TestServer {
     server
 }
 
+/// A node in a child process of its own (so that it can be killed
+/// outright), sharing `redis`, with `namespaces` TOML and a 3 s node
+/// timeout; ready. Returns the process, a view of it, and its config file.
+async fn killable_node(
+    redis: &RedisServer,
+    namespaces: &str,
+    name: &str,
+) -> (crate::harness::Process, TestServer, std::path::PathBuf) {
+    let config = std::env::temp_dir().join(format!("herald-{name}-{}.toml", redis.port));
+    std::fs::write(
+        &config,
+        format!("{namespaces}\n{}", redis.toml("node_timeout = \"3s\"")),
+    )
+    .unwrap();
+    let process = spawn(
+        &["--config", config.to_str().unwrap()],
+        &configured_env(),
+        Stdio::null(),
+    )
+    .await;
+    let view = view(&process.addr);
+    let addr = view.addr;
+    wait_until(
+        "the second node is ready",
+        || async move { ready_status(addr).await == 200 },
+    )
+    .await;
+    (process, view, config)
+}
+
 /// The users in `channel`'s presence, as seen by `server`.
 async fn present(server: &TestServer, channel: &str) -> Vec<String> {
     let (status, body) = server
@@ -98,19 +128,7 @@ async fn a_killed_nodes_users_leave_within_the_node_timeout() {
     alice.subscribe("room:9").await;
 
     // A second node in its own process, so that it can be killed outright.
-    let config = std::env::temp_dir().join(format!("herald-presence-{}.toml", redis.port));
-    std::fs::write(&config, format!("{ROOM}\n{}", redis.toml("node_timeout = \"3s\""))).unwrap();
-    let mut second = spawn(
-        &["--config", config.to_str().unwrap()],
-        &configured_env(),
-        Stdio::null(),
-    )
-    .await;
-    let view = view(&second.addr);
-    wait_until("the second node is ready", || async {
-        ready_status(view.addr).await == 200
-    })
-    .await;
+    let (mut second, view, config) = killable_node(&redis, ROOM, "presence").await;
     let mut carol = view.connect("carol").await;
     carol.subscribe("room:9").await;
     assert_eq!(next_event(&mut alice).await, ("join".into(), "carol".into()));
@@ -218,19 +236,7 @@ async fn a_killed_nodes_presence_entries_are_all_deleted() {
     let redis = RedisServer::start().await;
     let seen = "[namespaces.seen]\nsubscribe = \"authenticated\"\npresence = true";
     let _a = ready_node(&redis).await;
-    let config = std::env::temp_dir().join(format!("herald-presence-gc-{}.toml", redis.port));
-    std::fs::write(&config, format!("{seen}\n{}", redis.toml("node_timeout = \"3s\""))).unwrap();
-    let mut second = spawn(
-        &["--config", config.to_str().unwrap()],
-        &configured_env(),
-        Stdio::null(),
-    )
-    .await;
-    let view = view(&second.addr);
-    wait_until("the second node is ready", || async {
-        ready_status(view.addr).await == 200
-    })
-    .await;
+    let (mut second, view, config) = killable_node(&redis, seen, "presence-gc").await;
     let mut carol = view.connect("carol").await;
     carol.subscribe("seen:1").await;
     let keys = [
