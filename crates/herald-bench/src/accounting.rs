@@ -4,13 +4,45 @@
 //!
 //! Nothing here does I/O, so every rule is unit-tested directly.
 
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
 
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as BASE64;
 use hdrhistogram::Histogram;
 use hdrhistogram::serialization::{Deserializer, Serializer as _, V2Serializer};
 use serde::{Deserialize, Serialize};
+
+/// A publish that takes longer than this counts as failed.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+/// How many failure messages a run keeps to show.
+const ERROR_SAMPLES: usize = 1;
+
+/// Failures recorded by the in-flight requests.
+#[derive(Default)]
+pub(crate) struct Failures {
+    pub(crate) errors: u64,
+    pub(crate) samples: Vec<String>,
+    pub(crate) failed: BTreeMap<String, Vec<u64>>,
+}
+
+impl Failures {
+    pub(crate) fn record(&mut self, channel: &str, sequence: u64, error: String) {
+        self.errors += 1;
+        if self.samples.len() < ERROR_SAMPLES {
+            self.samples.push(error);
+        }
+        self.failed.entry(channel.to_owned()).or_default().push(sequence);
+    }
+}
+
+/// The shared record of failed publishes.
+pub(crate) type SharedFailures = Arc<Mutex<Failures>>;
+
+pub(crate) fn lock_failures(failures: &SharedFailures) -> std::sync::MutexGuard<'_, Failures> {
+    failures.lock().unwrap_or_else(PoisonError::into_inner)
+}
 
 /// Lowest latency a histogram tells apart, in microseconds.
 const HISTOGRAM_LOW_MICROS: u64 = 1;

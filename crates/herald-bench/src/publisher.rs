@@ -7,7 +7,6 @@
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
@@ -20,18 +19,15 @@ use hyper_util::rt::TokioIo;
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 
+use crate::accounting::{REQUEST_TIMEOUT, SharedFailures, lock_failures};
 use crate::config::{BenchConfig, PublishVia, RedisTarget, Scenario, Target, Url, render_template};
 use crate::net::{tcp_connect, unix_nanos_now};
 use crate::payload;
 use crate::redis::{RedisCommand, RedisPool};
 
-/// A publish that takes longer than this counts as failed.
-pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 /// How far ahead of the first message the schedule starts, so that the
 /// first messages are not already late.
 const START_DELAY: Duration = Duration::from_millis(20);
-/// How many failure messages a run keeps to show.
-const ERROR_SAMPLES: usize = 1;
 
 /// One keep-alive HTTP/1.1 connection.
 pub type HttpConnection = SendRequest<Full<Bytes>>;
@@ -148,31 +144,6 @@ pub struct PublishOutcome {
     /// Redis Pub/Sub only: publishes that `PUBLISH` said reached no
     /// subscriber (not errors, but nobody could deliver them).
     pub zero_receivers: Option<u64>,
-}
-
-/// Failures recorded by the in-flight requests.
-#[derive(Default)]
-pub(crate) struct Failures {
-    pub(crate) errors: u64,
-    pub(crate) samples: Vec<String>,
-    pub(crate) failed: BTreeMap<String, Vec<u64>>,
-}
-
-impl Failures {
-    pub(crate) fn record(&mut self, channel: &str, sequence: u64, error: String) {
-        self.errors += 1;
-        if self.samples.len() < ERROR_SAMPLES {
-            self.samples.push(error);
-        }
-        self.failed.entry(channel.to_owned()).or_default().push(sequence);
-    }
-}
-
-/// The shared record of failed publishes.
-pub(crate) type SharedFailures = Arc<Mutex<Failures>>;
-
-pub(crate) fn lock_failures(failures: &SharedFailures) -> std::sync::MutexGuard<'_, Failures> {
-    failures.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 type SlotSender = mpsc::Sender<Option<HttpConnection>>;

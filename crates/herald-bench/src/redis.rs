@@ -28,9 +28,9 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
+use crate::accounting::{REQUEST_TIMEOUT, SharedFailures, lock_failures};
 use crate::config::{PublishVia, RedisTarget, RedisUrl};
 use crate::net::tcp_connect;
-use crate::publisher::{REQUEST_TIMEOUT, SharedFailures, lock_failures};
 
 /// Messages queued per connection before the schedule waits (and so lags).
 const QUEUE: usize = 8_192;
