@@ -15,6 +15,7 @@ pub mod http_client;
 pub mod http_error;
 pub mod hub;
 pub mod metrics;
+pub mod redis;
 pub mod server;
 pub mod shutdown;
 pub mod transport;

@@ -22,12 +22,12 @@ use crate::auth::JwtVerifier;
 use crate::broker::Broker;
 use crate::broker::memory::MemoryBroker;
 use crate::broker::redis::RedisBroker;
-use crate::broker::redis::link::RedisLink;
 use crate::config::Config;
 use crate::demo;
 use crate::fanout::Fanout;
 use crate::hub::Hub;
 use crate::metrics::Metrics;
+use crate::redis::link::RedisLink;
 use crate::shutdown::Shutdown;
 use crate::transport::ws;
 

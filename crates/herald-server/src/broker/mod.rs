@@ -18,6 +18,8 @@ use herald_core::history::Position;
 use herald_core::registry::Presence;
 use herald_core::{ChannelName, Publication};
 
+use crate::redis::link::RedisError;
+
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
 /// Where a publication landed in its channel's history, when it has one.
@@ -59,10 +61,10 @@ pub enum BrokerError {
     OutcomeUnknown(String),
 }
 
-impl From<redis::link::RedisError> for BrokerError {
-    fn from(error: redis::link::RedisError) -> Self {
+impl From<RedisError> for BrokerError {
+    fn from(error: RedisError) -> Self {
         match error {
-            redis::link::RedisError::NoReply(message) => BrokerError::OutcomeUnknown(message),
+            RedisError::NoReply(message) => BrokerError::OutcomeUnknown(message),
             other => BrokerError::Unavailable(other.to_string()),
         }
     }

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
 use herald_core::resp::encode_command;
-use herald_server::broker::redis::link::read_value;
+use herald_server::redis::link::read_value;
 use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 

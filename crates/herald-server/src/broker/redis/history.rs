@@ -12,9 +12,9 @@ use herald_core::ChannelName;
 use herald_core::history::{Position, recover};
 use herald_core::resp::Value;
 
-use super::link::Script;
 use super::{RedisConfig, decode_wire};
 use crate::broker::{HistoryPage, Placement};
+use crate::redis::link::Script;
 use crate::util::unix_millis;
 
 /// KEYS: history, offset, epoch, pubsub channel, message-id claim. ARGV:

@@ -4,23 +4,21 @@
 //!   [`WireMessage`] and reaches every node subscribed to that channel,
 //!   the publishing node included (one path for everyone, in Redis order).
 //! - Each node subscribes only to the channels that have local subscribers
-//!   (see [`pubsub`]); routes ([`routes`]) adopt existing publishers' Redis
+//!   (see [`crate::redis::pubsub`]); routes ([`routes`]) adopt existing publishers' Redis
 //!   channels and payloads.
 //! - Streams ingest ([`streams`]) consumes `{prefix}publish` with a consumer
 //!   group shared by the nodes, read by one node at a time (a lease).
 //!
 //! - Readiness is proven, not assumed: every connection is health-checked
-//!   ([`link::Health`]) and the node hears its own probes ([`probe`]).
+//!   ([`crate::redis::link::Health`]) and the node hears its own probes ([`probe`]).
 //!
 //! Pub/Sub is at-most-once: a message published while a node is
 //! disconnected from Redis does not reach that node's clients. Publishing
 //! while Redis is unreachable fails (HTTP 503), it is never accepted and lost.
 
 pub mod history;
-pub mod link;
 pub mod presence;
 pub mod probe;
-pub mod pubsub;
 pub mod routes;
 pub mod streams;
 pub mod wire;
@@ -40,12 +38,12 @@ use herald_core::{ChannelName, Publication};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use self::link::{RedisAddress, RedisLink};
-use self::pubsub::PubSub;
 use self::routes::Route;
 use super::{BoxFuture, Broker, BrokerError, Placement, ReadCursor};
 use crate::fanout::Fanout;
 use crate::metrics::Metrics;
+use crate::redis::link::{RedisAddress, RedisLink};
+use crate::redis::pubsub::{self, PubSub};
 use crate::util::unix_millis;
 
 /// Validated `[redis]` settings.

@@ -12,7 +12,7 @@
 
 use std::time::Duration;
 
-use super::link::Script;
+use crate::redis::link::Script;
 
 /// How often a node records its heartbeat and sweeps dead nodes' entries.
 pub const HEARTBEAT: Duration = Duration::from_secs(1);

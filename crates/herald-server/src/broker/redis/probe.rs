@@ -1,6 +1,6 @@
 //! The end-to-end probe: proof that this node still hears Redis.
 //!
-//! Each connection's health check ([`super::link::Health`]) shows that Redis
+//! Each connection's health check ([`crate::redis::link::Health`]) shows that Redis
 //! answers, not that messages published now reach this node: a Pub/Sub
 //! connection can answer `PING` and still miss what it should hear. So the
 //! node publishes a sequence number on its own probe channel,
@@ -19,9 +19,9 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use tokio_util::sync::CancellationToken;
 
-use super::link::RedisLink;
-use super::pubsub::PubSub;
 use crate::metrics::Metrics;
+use crate::redis::link::RedisLink;
+use crate::redis::pubsub::PubSub;
 
 /// A probe is published this often while the node is ready.
 pub const INTERVAL: Duration = Duration::from_secs(1);

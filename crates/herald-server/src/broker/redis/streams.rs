@@ -45,8 +45,8 @@ use herald_core::ChannelName;
 use herald_core::frame::validate_message_type;
 use herald_core::resp::Value;
 
-use super::link::{Backoff, RedisError, RedisLink, Script};
 use crate::hub::{Hub, PublishError, PublishRequest, Source};
+use crate::redis::link::{Backoff, RedisError, RedisLink, Script};
 
 /// The consumer group all nodes share.
 pub const GROUP: &str = "herald";

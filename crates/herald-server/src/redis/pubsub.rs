@@ -17,7 +17,7 @@
 //! [`super::link::Health`]): a `PING` when idle, not-ready while a reply is
 //! overdue, replaced when it stays silent. That catches a hung Redis; a
 //! connection that answers `PING` but has lost its subscriptions is caught
-//! by the end-to-end probe ([`super::probe`]).
+//! by the broker's end-to-end probe (`broker::redis::probe`).
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
