@@ -7,7 +7,7 @@
 //! subscription registry and fan-out filter
 //! (`registry`), idempotency (`dedup`), the command rate limiter
 //! (`rate_limit`), human-readable durations (`duration`), the Redis wire
-//! protocol (`resp`) and WebSocket framing (`websocket`).
+//! protocol (`resp`), routes that adopt existing Redis publishers (`route`) and WebSocket framing (`websocket`).
 
 pub mod channel;
 pub mod dedup;
@@ -19,6 +19,7 @@ pub mod publication;
 pub mod rate_limit;
 pub mod registry;
 pub mod resp;
+pub mod route;
 pub mod view;
 pub mod websocket;
 

@@ -15,9 +15,9 @@ use herald_core::policy::{NamespacePolicy, Policies, SubscribePolicy, default_po
 use jsonwebtoken::Algorithm;
 
 use crate::broker::redis::RedisConfig;
-use crate::broker::redis::routes::Route;
 use crate::broker::redis::streams::StreamsConfig;
 use crate::redis::link::RedisAddress;
+use herald_core::route::Route;
 
 mod raw;
 

@@ -68,7 +68,7 @@ pub struct RawRedis {
     pub dead_letter_max_len: Option<usize>,
     pub node_timeout: Option<String>,
     #[serde(default)]
-    pub routes: Vec<crate::broker::redis::routes::RawRoute>,
+    pub routes: Vec<herald_core::route::RawRoute>,
 }
 
 #[derive(Debug, Default, Deserialize)]

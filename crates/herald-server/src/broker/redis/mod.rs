@@ -4,7 +4,7 @@
 //!   [`WireMessage`] and reaches every node subscribed to that channel,
 //!   the publishing node included (one path for everyone, in Redis order).
 //! - Each node subscribes only to the channels that have local subscribers
-//!   (see [`crate::redis::pubsub`]); routes ([`routes`]) adopt existing publishers' Redis
+//!   (see [`crate::redis::pubsub`]); routes (`herald_core::route`) adopt existing publishers' Redis
 //!   channels and payloads.
 //! - Streams ingest ([`streams`]) consumes `{prefix}publish` with a consumer
 //!   group shared by the nodes, read by one node at a time (a lease).
@@ -19,7 +19,6 @@
 pub mod history;
 pub mod presence;
 pub mod probe;
-pub mod routes;
 pub mod streams;
 pub mod wire;
 
@@ -38,13 +37,13 @@ use herald_core::{ChannelName, Publication};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use self::routes::Route;
 use super::{BoxFuture, Broker, BrokerError, Placement, ReadCursor};
 use crate::fanout::Fanout;
 use crate::metrics::Metrics;
 use crate::redis::link::{RedisAddress, RedisLink};
 use crate::redis::pubsub::{self, PubSub};
 use crate::util::unix_millis;
+use herald_core::route::Route;
 
 /// Validated `[redis]` settings.
 #[derive(Debug, Clone)]
@@ -179,7 +178,7 @@ fn inbound_handler(
                 .iter()
                 .find_map(|route| Some((route, route.matches(&name)?)))
             {
-                Some((route, captures)) => route.publications(&captures, &payload, next_id),
+                Some((route, captures)) => route.publications(&captures, &payload, next_id, crate::util::unix_millis()),
                 None => Ok(Vec::new()),
             },
         };

@@ -21,14 +21,12 @@
 //! exclude_user_field = "from_user_id"    # the sender's own connections are skipped
 //! ```
 
-use herald_core::frame::validate_message_type;
-use herald_core::publication::DEFAULT_MESSAGE_TYPE;
-use herald_core::{ChannelName, Payload, Publication};
+use crate::frame::validate_message_type;
+use crate::publication::DEFAULT_MESSAGE_TYPE;
+use crate::{ChannelName, Payload, Publication};
 use serde::Deserialize;
 use serde_json::Value;
 use serde_json::value::RawValue;
-
-use crate::util::unix_millis;
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -133,12 +131,14 @@ impl Route {
 
     /// The publications one Redis message becomes (none if it names no
     /// destination this route knows).
-    /// `captures` are what [`matches`](Self::matches) took from the Redis channel.
+    /// `captures` are what [`matches`](Self::matches) took from the Redis channel;
+    /// `timestamp_ms` is when it arrived.
     pub fn publications(
         &self,
         captures: &[String],
         payload: &[u8],
         next_id: impl FnOnce() -> String,
+        timestamp_ms: u64,
     ) -> Result<Vec<Publication>, String> {
         let needs_fields = self.data_field.is_some()
             || self.exclude_user_field.is_some()
@@ -205,7 +205,7 @@ impl Route {
             channel,
             message_type,
             message_id: next_id(),
-            timestamp_ms: unix_millis(),
+            timestamp_ms,
             offset: None,
             epoch: None,
             payload: Payload::Json(data),
@@ -233,7 +233,7 @@ mod tests {
     /// What one message on `channel` becomes through `route`, which must match it.
     fn publish(route: &Route, channel: &str, payload: &[u8]) -> Result<Vec<Publication>, String> {
         let captures = route.matches(channel).expect("the route matches");
-        route.publications(&captures, payload, || "id".into())
+        route.publications(&captures, payload, || "id".into(), 0)
     }
 
     fn frames(route: &Route, channel: &str, payload: &str) -> Vec<String> {
@@ -241,7 +241,7 @@ mod tests {
             .unwrap()
             .iter()
             .map(|p| match p.encode() {
-                herald_core::publication::EncodedFrame::Text(text) => text,
+                crate::publication::EncodedFrame::Text(text) => text,
                 _ => unreachable!(),
             })
             .collect()
