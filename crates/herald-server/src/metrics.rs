@@ -129,7 +129,7 @@ pub struct Metrics {
     /// Stream entries published and acknowledged.
     pub stream_entries: AtomicU64,
     /// Stream entries refused as invalid (acknowledged and dead-lettered), by
-    /// reason (the labels of `streams::Invalid`).
+    /// reason (the labels of `cluster::streams::Invalid`).
     pub stream_entries_invalid: Family<5>,
     /// 1 while this node holds the lease that makes it the one reader of
     /// the publish stream.
@@ -203,7 +203,7 @@ impl Default for Metrics {
             broker_unresponsive: AtomicU64::new(0),
             broker_probe_failures: AtomicU64::new(0),
             stream_entries: AtomicU64::new(0),
-            stream_entries_invalid: Family::new("reason", crate::broker::redis::streams::Invalid::LABELS),
+            stream_entries_invalid: Family::new("reason", ["too_large", "channel", "data", "type", "malformed"]),
             stream_reader: AtomicI64::new(0),
             gaps_recovered: AtomicU64::new(0),
             gaps_unrecovered: AtomicU64::new(0),

@@ -22,6 +22,7 @@ use crate::auth::JwtVerifier;
 use crate::broker::Broker;
 use crate::broker::memory::MemoryBroker;
 use crate::broker::redis::RedisBroker;
+use crate::broker::redis::keys::Keys;
 use crate::config::Config;
 use crate::demo;
 use crate::fanout::Fanout;
@@ -71,7 +72,7 @@ pub async fn start(config: Config) -> std::io::Result<RunningServer> {
                     link_stop.clone(),
                     services,
                 );
-                stream_consumer = Some((link, link_stop, redis.stream_keys(), streams.clone()));
+                stream_consumer = Some((link, link_stop, Keys::new(&redis.prefix).streams(), streams.clone()));
             }
             let broker = RedisBroker::start(
                 redis.clone(),
@@ -97,7 +98,7 @@ pub async fn start(config: Config) -> std::io::Result<RunningServer> {
         services.spawn(sweep_loop(hub.clone(), broker, deaths));
     }
     if let Some((link, link_stop, keys, streams)) = stream_consumer {
-        let consumer = crate::broker::redis::streams::run(hub.clone(), link, keys, streams);
+        let consumer = crate::cluster::streams::run(hub.clone(), link, keys, streams);
         hub.shutdown.services.spawn(async move {
             consumer.await;
             link_stop.cancel();

@@ -8,7 +8,7 @@ use std::path::Path;
 use herald_core::policy::SubscribePolicy;
 use serde::Deserialize;
 
-use super::{ConfigError, invalid};
+use super::check::{ConfigError, invalid};
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]

@@ -12,7 +12,7 @@ use herald_core::ChannelName;
 use herald_core::history::{Position, recover};
 use herald_core::resp::Value;
 
-use super::{RedisConfig, decode_wire};
+use super::wire::decode_wire;
 use crate::broker::{HistoryPage, Placement};
 use crate::redis::link::Script;
 use crate::util::unix_millis;
@@ -88,16 +88,6 @@ return {offset, epoch, entries}
 pub static PUBLISH_LUA: Script = Script::new(PUBLISH_SCRIPT);
 pub static PUBLISH_ONCE_LUA: Script = Script::new(PUBLISH_ONCE_SCRIPT);
 pub static READ_LUA: Script = Script::new(READ_SCRIPT);
-
-/// The keys of one channel: history, offset, epoch.
-pub fn keys(config: &RedisConfig, channel: &ChannelName) -> [String; 3] {
-    let prefix = &config.prefix;
-    [
-        format!("{prefix}hist:{channel}"),
-        format!("{prefix}off:{channel}"),
-        format!("{prefix}epoch:{channel}"),
-    ]
-}
 
 /// Reads the reply of [`PUBLISH_SCRIPT`] or [`PUBLISH_ONCE_SCRIPT`].
 pub fn placement(reply: &Value) -> Option<Placement> {

@@ -6,7 +6,8 @@
 //! - Each node subscribes only to the channels that have local subscribers
 //!   (see [`crate::redis::pubsub`]); routes (`herald_core::route`) adopt existing publishers' Redis
 //!   channels and payloads.
-//! - Streams ingest ([`streams`]) consumes `{prefix}publish` with a consumer
+//! - Streams ingest (`crate::cluster::streams`, a service over the hub)
+//!   consumes `{prefix}publish` with a consumer
 //!   group shared by the nodes, read by one node at a time (a lease).
 //!
 //! - Readiness is proven, not assumed: every connection is health-checked
@@ -17,9 +18,9 @@
 //! while Redis is unreachable fails (HTTP 503), it is never accepted and lost.
 
 pub mod history;
+pub mod keys;
 pub mod presence;
 pub mod probe;
-pub mod streams;
 pub mod wire;
 
 pub use wire::{WireMessage, decode_wire, encode_wire, payload};
@@ -37,59 +38,18 @@ use herald_core::{ChannelName, Publication};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use self::keys::Keys;
 use super::{BoxFuture, Broker, BrokerError, Placement, ReadCursor};
+use crate::config::RedisConfig;
 use crate::fanout::Fanout;
 use crate::metrics::Metrics;
-use crate::redis::link::{RedisAddress, RedisLink};
+use crate::redis::link::RedisLink;
 use crate::redis::pubsub::{self, PubSub};
 use crate::util::unix_millis;
-use herald_core::route::Route;
-
-/// Validated `[redis]` settings.
-#[derive(Debug, Clone)]
-pub struct RedisConfig {
-    pub address: RedisAddress,
-    /// Prepended to every key and channel, so deployments can share a Redis.
-    pub prefix: String,
-    /// How long a subscribe waits for Redis to confirm before it is acked anyway.
-    pub subscribe_timeout: Duration,
-    /// Streams ingest, when enabled.
-    pub streams: Option<streams::StreamsConfig>,
-    pub routes: Vec<Route>,
-    /// A node whose heartbeat is older than this counts as gone: its
-    /// connections leave presence.
-    pub node_timeout: Duration,
-}
-
-impl RedisConfig {
-    /// The keys of Streams ingest: the stream it consumes, its dead-letter
-    /// stream and the lease of the node that reads it.
-    pub fn stream_keys(&self) -> streams::Keys {
-        streams::Keys {
-            stream: format!("{}publish", self.prefix),
-            dead: format!("{}publish:dead", self.prefix),
-            lease: format!("{}publish:reader", self.prefix),
-        }
-    }
-
-    /// This node's probe channel (see [`probe`]).
-    pub fn probe_key(&self, node_id: &str) -> Bytes {
-        Bytes::from(format!("{}probe:{node_id}", self.prefix))
-    }
-
-    /// What every Redis channel carrying a Herald channel starts with.
-    fn channel_key_prefix(&self) -> String {
-        format!("{}ch:", self.prefix)
-    }
-
-    /// The Redis channel that carries a Herald channel.
-    pub fn channel_key(&self, channel: &ChannelName) -> Bytes {
-        Bytes::from(format!("{}{channel}", self.channel_key_prefix()))
-    }
-}
 
 pub struct RedisBroker {
     config: Arc<RedisConfig>,
+    keys: Keys,
     /// Set by the first successful heartbeat: until then this node's
     /// connections would not count in presence.
     heartbeat_ok: std::sync::atomic::AtomicBool,
@@ -125,8 +85,16 @@ impl RedisBroker {
             .iter()
             .map(|route| Bytes::from(route.pattern.clone()))
             .collect();
-        let probe = Arc::new(probe::Probe::new(config.probe_key(&node_id)));
-        let handler = inbound_handler(config.clone(), node_id.clone(), probe.clone(), fanout, metrics.clone());
+        let keys = Keys::new(&config.prefix);
+        let probe = Arc::new(probe::Probe::new(keys.probe(&node_id)));
+        let handler = inbound_handler(
+            config.clone(),
+            &keys,
+            node_id.clone(),
+            probe.clone(),
+            fanout,
+            metrics.clone(),
+        );
         let pubsub = PubSub::start(
             config.address.clone(),
             patterns,
@@ -139,6 +107,7 @@ impl RedisBroker {
         tracker.spawn(probe.clone().run(link.clone(), pubsub.clone(), metrics, shutdown));
         RedisBroker {
             config,
+            keys,
             heartbeat_ok: std::sync::atomic::AtomicBool::new(false),
             policies,
             node_id,
@@ -152,12 +121,13 @@ impl RedisBroker {
 /// Turns Redis messages into local deliveries.
 fn inbound_handler(
     config: Arc<RedisConfig>,
+    keys: &Keys,
     node_id: String,
     probe: Arc<probe::Probe>,
     fanout: Arc<Fanout>,
     metrics: Arc<Metrics>,
 ) -> pubsub::Handler {
-    let channel_prefix = config.channel_key_prefix();
+    let channel_prefix = keys.channel_prefix();
     let counter = Arc::new(AtomicU64::new(1));
     Arc::new(move |redis_channel: &[u8], payload: Bytes| {
         // Before routes: a route pattern may match the probe channel too.
@@ -200,26 +170,6 @@ fn inbound_handler(
 const READ_CURSOR_TTL_MS: &str = "2592000000";
 
 impl RedisBroker {
-    fn dedup_key(&self, channel: &ChannelName, id: &str) -> String {
-        format!("{}dedup:{channel}:{id}", self.config.prefix)
-    }
-
-    fn nodes_key(&self) -> String {
-        format!("{}nodes", self.config.prefix)
-    }
-
-    fn node_stats_key(&self) -> String {
-        format!("{}nodestats", self.config.prefix)
-    }
-
-    fn presence_key(&self, channel: &ChannelName) -> String {
-        format!("{}presence:{channel}", self.config.prefix)
-    }
-
-    fn read_key(&self, user: &str) -> String {
-        format!("{}read:{user}", self.config.prefix)
-    }
-
     fn node_timeout_ms(&self) -> String {
         self.config.node_timeout.as_millis().to_string()
     }
@@ -231,8 +181,8 @@ impl RedisBroker {
         channel: &ChannelName,
         delete_dead: bool,
     ) -> Result<(Vec<(String, String)>, Vec<String>), BrokerError> {
-        let key = self.presence_key(channel);
-        let (nodes, now, timeout) = (self.nodes_key(), unix_millis().to_string(), self.node_timeout_ms());
+        let key = self.keys.presence(channel);
+        let (nodes, now, timeout) = (self.keys.nodes(), unix_millis().to_string(), self.node_timeout_ms());
         let delete = if delete_dead { "1" } else { "0" };
         let args: Vec<&str> = vec![&key, &nodes, &now, &timeout, delete];
         let reply = self.link.eval(&presence::QUERY_LUA, 2, &args).await?;
@@ -259,8 +209,8 @@ impl RedisBroker {
         &self,
         stats: &serde_json::Value,
     ) -> Result<(Vec<serde_json::Value>, Vec<String>), BrokerError> {
-        let stats_key = self.node_stats_key();
-        let (nodes, now, timeout) = (self.nodes_key(), unix_millis().to_string(), self.node_timeout_ms());
+        let stats_key = self.keys.node_stats();
+        let (nodes, now, timeout) = (self.keys.nodes(), unix_millis().to_string(), self.node_timeout_ms());
         let stats = stats.to_string();
         let args: Vec<&str> = vec![&nodes, &stats_key, &self.node_id, &now, &stats, &timeout];
         let reply = self.link.eval(&presence::HEARTBEAT_LUA, 2, &args).await?;
@@ -286,7 +236,7 @@ impl RedisBroker {
     /// Every channel with a presence hash in Redis, walked with `SCAN` (a
     /// few keys per round trip, never one blocking `KEYS`).
     pub async fn presence_channels(&self) -> Result<Vec<ChannelName>, BrokerError> {
-        let prefix = format!("{}presence:", self.config.prefix);
+        let prefix = self.keys.presence_prefix();
         let pattern = format!("{prefix}*");
         let mut cursor = "0".to_owned();
         let mut channels = Vec::new();
@@ -319,14 +269,14 @@ impl Broker for RedisBroker {
         publication: Publication,
         claim: Option<Duration>,
     ) -> BoxFuture<'_, Result<Placement, BrokerError>> {
-        let key = self.config.channel_key(&publication.channel);
+        let key = self.keys.channel(&publication.channel);
         let payload = encode_wire(&publication, &self.node_id);
         let policy = self.policies.history_for(&publication).copied();
         // The claim's key and lifetime; a history publish without a claim
         // passes an empty key that the script never touches.
         let (claim_key, claim_ms) = match claim {
             Some(window) => (
-                self.dedup_key(&publication.channel, &publication.message_id),
+                self.keys.dedup(&publication.channel, &publication.message_id),
                 Some(window.as_millis().max(1).to_string()),
             ),
             None => (String::new(), None),
@@ -342,7 +292,7 @@ impl Broker for RedisBroker {
                 let reply = self.link.eval(&history::PUBLISH_ONCE_LUA, 2, &args).await?;
                 return history::placement(&reply).ok_or_else(unexpected);
             };
-            let [history, offset, epoch] = history::keys(&self.config, &publication.channel);
+            let [history, offset, epoch] = self.keys.history(&publication.channel);
             let (max_len, ttl) = (
                 policy.history_size.to_string(),
                 policy.history_ttl.as_millis().to_string(),
@@ -367,15 +317,15 @@ impl Broker for RedisBroker {
     }
 
     fn channel_added(&self, channel: &ChannelName) {
-        self.pubsub.subscribe(self.config.channel_key(channel));
+        self.pubsub.subscribe(self.keys.channel(channel));
     }
 
     fn channel_removed(&self, channel: &ChannelName) {
-        self.pubsub.unsubscribe(self.config.channel_key(channel));
+        self.pubsub.unsubscribe(self.keys.channel(channel));
     }
 
     fn subscribed(&self, channel: &ChannelName) -> BoxFuture<'_, ()> {
-        let key = self.config.channel_key(channel);
+        let key = self.keys.channel(channel);
         Box::pin(async move {
             let _ = tokio::time::timeout(self.config.subscribe_timeout, self.pubsub.confirmed(key)).await;
         })
@@ -398,7 +348,7 @@ impl Broker for RedisBroker {
         let channel = channel.clone();
         let ttl = self.policies.policy(&channel).map_or(Duration::ZERO, |p| p.history_ttl);
         Box::pin(async move {
-            let [history, offset, epoch] = history::keys(&self.config, &channel);
+            let [history, offset, epoch] = self.keys.history(&channel);
             let fresh_epoch = crate::util::random_token(6);
             let ttl_ms = history::POSITION_TTL_MS.to_owned();
             let after = since.as_ref().map(|s| s.offset.to_string()).unwrap_or_default();
@@ -416,7 +366,7 @@ impl Broker for RedisBroker {
         channel: &ChannelName,
         cursor: ReadCursor,
     ) -> BoxFuture<'_, Result<(), BrokerError>> {
-        let key = self.read_key(user);
+        let key = self.keys.read_cursors(user);
         let (field, value) = (
             channel.to_string(),
             serde_json::to_string(&cursor).expect("cursors serialize"),
@@ -437,7 +387,7 @@ impl Broker for RedisBroker {
     }
 
     fn read_cursors(&self, user: &str) -> BoxFuture<'_, Result<HashMap<String, ReadCursor>, BrokerError>> {
-        let key = self.read_key(user);
+        let key = self.keys.read_cursors(user);
         Box::pin(async move {
             let reply = self.link.call(&["HGETALL", &key]).await?;
             let items = reply.as_array().unwrap_or_default();
@@ -460,15 +410,15 @@ impl Broker for RedisBroker {
         joined: bool,
         event: Option<Publication>,
     ) -> BoxFuture<'_, Result<(), BrokerError>> {
-        let key = self.presence_key(channel);
-        let pubsub_key = self.config.channel_key(channel);
+        let key = self.keys.presence(channel);
+        let pubsub_key = self.keys.channel(channel);
         let field = format!("{}:{connection}", self.node_id);
         let user = user.to_owned();
         let event = event
             .map(|event| encode_wire(&event, &self.node_id))
             .unwrap_or_default();
         Box::pin(async move {
-            let nodes = self.nodes_key();
+            let nodes = self.keys.nodes();
             let (now, timeout) = (unix_millis().to_string(), self.node_timeout_ms());
             let joined: &[u8] = if joined { b"1" } else { b"0" };
             let args: Vec<&[u8]> = vec![

@@ -17,9 +17,6 @@ use crate::redis::link::Script;
 /// How often a node records its heartbeat and sweeps dead nodes' entries.
 pub const HEARTBEAT: Duration = Duration::from_secs(1);
 
-/// The shortest `redis.node_timeout` accepted: a few missed heartbeats.
-pub const MIN_NODE_TIMEOUT: Duration = Duration::from_secs(3);
-
 /// KEYS: presence hash, nodes zset, pubsub channel. ARGV: field, user, '1'
 /// join / '0' leave, now ms, node timeout ms, the join/leave event as a wire
 /// message ('' when the namespace announces nothing). With an event, counts

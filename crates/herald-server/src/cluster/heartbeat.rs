@@ -1,6 +1,4 @@
-//! Cluster services: tasks that run over the hub in Redis mode, the node's
-//! heartbeat and the presence sweep. They sit above both the hub and the
-//! Redis broker, so that the broker never calls back into the hub.
+//! The node's heartbeat and the presence sweep (see `cluster`).
 
 use std::sync::Arc;
 

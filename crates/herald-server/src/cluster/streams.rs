@@ -45,6 +45,9 @@ use herald_core::ChannelName;
 use herald_core::frame::validate_message_type;
 use herald_core::resp::Value;
 
+use crate::broker::redis::keys::StreamKeys;
+use crate::broker::redis::wire;
+use crate::config::StreamsConfig;
 use crate::hub::{Hub, PublishError, PublishRequest, Source};
 use crate::redis::link::{Backoff, RedisError, RedisLink, Script};
 
@@ -57,9 +60,6 @@ const BATCH: usize = 100;
 const BLOCK: Duration = Duration::from_secs(1);
 /// The longest a node waits between attempts to take the lease.
 const FOLLOW: Duration = Duration::from_secs(1);
-/// The shortest `redis.claim_idle` (the lease time): a third of it is how
-/// often the reader renews and the others poll, so it must not approach 0.
-pub const MIN_CLAIM_IDLE: Duration = Duration::from_millis(300);
 /// How long a draining node tries to give the lease up (within the
 /// shutdown's grace for services).
 const RELEASE_TIMEOUT: Duration = Duration::from_millis(500);
@@ -91,29 +91,6 @@ return 0
 static LEASE_LUA: Script = Script::new(LEASE_SCRIPT);
 static RELEASE_LUA: Script = Script::new(RELEASE_SCRIPT);
 
-#[derive(Debug, Clone)]
-pub struct StreamsConfig {
-    /// How long the reader's lease lasts without renewal: a node that died
-    /// while reading is replaced, and its pending entries claimed, after
-    /// this long.
-    pub claim_idle: Duration,
-    /// The dead-letter stream keeps at most this many entries (exact
-    /// `MAXLEN`: dead letters are rare, and an exact cap is what operators
-    /// configure); older ones are trimmed.
-    pub dead_letter_max_len: usize,
-}
-
-/// The Redis keys of Streams ingest, built by `RedisConfig::stream_keys`.
-#[derive(Debug, Clone)]
-pub struct Keys {
-    /// The stream publishers `XADD` to.
-    pub stream: String,
-    /// Where invalid entries are copied before they are acknowledged.
-    pub dead: String,
-    /// Holds the id of the node that reads the stream.
-    pub lease: String,
-}
-
 /// Why an entry can never be published. A fixed set: the `reason` label of
 /// `herald_stream_entries_invalid_total` and the `dead.reason` field of its
 /// dead letter.
@@ -132,9 +109,6 @@ pub enum Invalid {
 }
 
 impl Invalid {
-    /// Every label, in the order `/metrics` lists them.
-    pub const LABELS: [&'static str; 5] = ["too_large", "channel", "data", "type", "malformed"];
-
     pub fn label(self) -> &'static str {
         match self {
             Invalid::TooLarge => "too_large",
@@ -190,7 +164,7 @@ impl Retry {
 /// that another node takes over at once. It uses its own link, because a
 /// blocking read would stall every command pipelined behind it; the caller
 /// stops that link when this returns (not before: the release needs it).
-pub async fn run(hub: Hub, link: RedisLink, keys: Keys, config: StreamsConfig) {
+pub async fn run(hub: Hub, link: RedisLink, keys: StreamKeys, config: StreamsConfig) {
     let mut consumer = Consumer {
         hub: &hub,
         link: &link,
@@ -217,7 +191,7 @@ pub async fn run(hub: Hub, link: RedisLink, keys: Keys, config: StreamsConfig) {
 struct Consumer<'a> {
     hub: &'a Hub,
     link: &'a RedisLink,
-    keys: &'a Keys,
+    keys: &'a StreamKeys,
     config: &'a StreamsConfig,
     /// While this node holds the lease: when it may expire, by this node's
     /// clock (the lease time counted from before the request that took or
@@ -413,7 +387,7 @@ struct DeadLetter<'a> {
 /// entry is published ahead of one before it on its channel. Invalid
 /// entries are copied to the dead-letter stream; then one `XACK` covers
 /// every entry that was published or dead-lettered.
-async fn process(hub: &Hub, link: &RedisLink, keys: &Keys, config: &StreamsConfig, entries: &Value) -> usize {
+async fn process(hub: &Hub, link: &RedisLink, keys: &StreamKeys, config: &StreamsConfig, entries: &Value) -> usize {
     let Some(entries) = entries.as_array() else {
         return 0;
     };
@@ -517,7 +491,12 @@ async fn process(hub: &Hub, link: &RedisLink, keys: &Keys, config: &StreamsConfi
 
 /// Copies invalid entries to the dead-letter stream (pipelined); says for
 /// each whether Redis took it.
-async fn dead_letter(link: &RedisLink, keys: &Keys, config: &StreamsConfig, dead: &[DeadLetter<'_>]) -> Vec<bool> {
+async fn dead_letter(
+    link: &RedisLink,
+    keys: &StreamKeys,
+    config: &StreamsConfig,
+    dead: &[DeadLetter<'_>],
+) -> Vec<bool> {
     let max_len = config.dead_letter_max_len.to_string();
     let copies = dead.iter().map(|letter| {
         let mut command: Vec<&[u8]> = vec![
@@ -560,7 +539,7 @@ fn request(id: &str, fields: &[Value]) -> Result<PublishRequest, (Invalid, Strin
         .get("channel")
         .ok_or((Invalid::Channel, "no `channel` field".to_owned()))?;
     let channel = ChannelName::parse(channel).map_err(|e| (Invalid::Channel, format!("channel: {e}")))?;
-    let payload = super::payload(fields.get("data").copied(), fields.get("data_base64").copied())
+    let payload = wire::payload(fields.get("data").copied(), fields.get("data_base64").copied())
         .map_err(|problem| (Invalid::Data, problem))?;
     let message_type = fields.get("type").map(|t| (*t).to_owned());
     if let Some(t) = &message_type {
