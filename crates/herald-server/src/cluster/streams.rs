@@ -556,3 +556,29 @@ fn request(id: &str, fields: &[Value]) -> Result<PublishRequest, (Invalid, Strin
         ephemeral: false,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::metrics::Metrics;
+
+    /// `/metrics` lists the reasons itself: each must be a label of its
+    /// own there (an unknown one would be counted under the last label).
+    #[test]
+    fn every_reason_has_its_own_metric_label() {
+        let all = [
+            Invalid::TooLarge,
+            Invalid::Channel,
+            Invalid::Data,
+            Invalid::Type,
+            Invalid::Malformed,
+        ];
+        let metrics = Metrics::default();
+        for reason in all {
+            metrics.stream_entries_invalid.add(reason.label(), 1);
+        }
+        for reason in all {
+            assert_eq!(metrics.stream_entries_invalid.get(reason.label()), 1, "{reason:?}");
+        }
+    }
+}
