@@ -12,7 +12,7 @@ use herald_core::view::{HistoryAnswer, presence_json};
 use serde::Deserialize;
 use serde_json::json;
 
-use super::{ApiResult, bad_request, policy_error, require_api_key, require_user, unavailable};
+use super::request::{ApiResult, bad_request, policy_error, require_api_key, require_user, unavailable};
 use crate::http_error::ApiError;
 use crate::hub::Hub;
 
