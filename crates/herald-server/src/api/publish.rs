@@ -1,11 +1,6 @@
-//! The HTTP API, by audience: publishing and server-managed subscriptions
-//! (API key) and user-token messaging here; queries (history, inbox,
-//! unread, presence) in `queries`; operations (`/health`, `/ready`,
-//! `/stats`, `/metrics`) in `ops`.
-//!
-//! Every error is a JSON body `{"error": {"code", "message"}}` with a fitting
-//! status; request bodies are read with a size limit and parsed strictly
-//! (unknown fields are refused, so typos are not silently ignored).
+//! Publishing, for the API key: `POST /api/v1/publish` (one channel or a
+//! broadcast) and server-managed subscriptions (a user's connections, on
+//! every node, subscribed to or unsubscribed from a channel).
 
 use axum::Json;
 use axum::body::Body;
@@ -14,29 +9,16 @@ use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::IntoResponse;
 use base64::Engine;
-use herald_core::frame::{self, MsgType, validate_message_type};
+use herald_core::frame::validate_message_type;
 use herald_core::publication::{CONTROL_SUBSCRIBE, CONTROL_UNSUBSCRIBE};
 use herald_core::{ChannelName, Payload, Publication};
 use serde::Deserialize;
 use serde_json::json;
 use serde_json::value::RawValue;
 
-use crate::auth::Identity;
+use super::request::{ApiResult, bad_request, read_json, require_api_key};
 use crate::http_error::ApiError;
 use crate::hub::{Hub, PublishError, PublishRequest, Source};
-use herald_core::view::chat_message;
-
-mod ops;
-mod queries;
-mod request;
-
-pub use ops::{health, method_not_allowed, metrics, not_found, ready, stats};
-pub use queries::{
-    HistoryQuery, MAX_STATUS_USERS, MAX_UNREAD_CHANNELS, UnreadQuery, UsersQuery, channel_history, channel_presence,
-    inbox, unread, users_online,
-};
-
-use request::{ApiResult, bad_request, policy_error, read_json, require_api_key, require_user};
 
 /// The most channels one broadcast may name.
 pub const MAX_BROADCAST_CHANNELS: usize = 1_000;
@@ -207,99 +189,4 @@ async fn manage_subscription(hub: &Hub, user_id: &str, channel: ChannelName, con
 /// Deserializes a field that is present, whatever its JSON value.
 fn present<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<Option<Box<RawValue>>, D::Error> {
     Box::<RawValue>::deserialize(deserializer).map(Some)
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct DirectMessageBody {
-    #[serde(deserialize_with = "frame::string_or_number")]
-    to_user_id: String,
-    content: Box<RawValue>,
-    #[serde(default)]
-    msg_type: MsgType,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct GroupMessageBody {
-    content: Box<RawValue>,
-    #[serde(default)]
-    msg_type: MsgType,
-}
-
-/// `POST /api/v1/messages` (user token): a direct message to another user,
-/// delivered on their personal channel as `new_message`.
-pub async fn direct_message(State(hub): State<Hub>, headers: HeaderMap, body: Body) -> ApiResult {
-    let sender = require_user(&hub, &headers)?;
-    let request: DirectMessageBody = read_json(&hub, body).await?;
-    request.msg_type.validate().map_err(|m| bad_request(&m))?;
-    let channel = ChannelName::user(&request.to_user_id).map_err(|e| bad_request(&format!("`to_user_id`: {e}")))?;
-    check_publish(&hub, &sender, &channel)?;
-    #[derive(serde::Serialize)]
-    struct DirectMessage<'a> {
-        from_user_id: &'a str,
-        to_user_id: &'a str,
-        msg_type: &'a MsgType,
-        content: &'a RawValue,
-    }
-    let data = serde_json::to_string(&DirectMessage {
-        from_user_id: &sender.user_id,
-        to_user_id: &request.to_user_id,
-        msg_type: &request.msg_type,
-        content: &request.content,
-    })
-    .expect("a direct message serializes");
-    let payload = Payload::Json(RawValue::from_string(data).expect("serde_json output is valid JSON"));
-    let publish = PublishRequest {
-        channel,
-        message_type: Some("new_message".into()),
-        message_id: None,
-        payload,
-        from: Some(sender.user_id.clone()),
-        exclude_user: None,
-        exclude_connection: None,
-        ephemeral: false,
-    };
-    let receipt = hub.publish(publish, Source::Http).await?;
-    Ok(Json(receipt).into_response())
-}
-
-/// `POST /api/v1/groups/{id}/messages` (user token): a chat message to a
-/// group, delivered to the other members as `new_message`.
-pub async fn group_message(
-    State(hub): State<Hub>,
-    path: Result<Path<String>, PathRejection>,
-    headers: HeaderMap,
-    body: Body,
-) -> ApiResult {
-    let sender = require_user(&hub, &headers)?;
-    let Path(group_id) = path.map_err(|e| bad_request(&e.body_text()))?;
-    let request: GroupMessageBody = read_json(&hub, body).await?;
-    request.msg_type.validate().map_err(|m| bad_request(&m))?;
-    let channel = ChannelName::group(&group_id).map_err(|e| bad_request(&format!("group id: {e}")))?;
-    check_publish(&hub, &sender, &channel)?;
-    let data = chat_message(&group_id, &sender.user_id, &request.msg_type, &request.content);
-    let publish = PublishRequest {
-        channel,
-        message_type: Some("new_message".into()),
-        message_id: None,
-        payload: Payload::Json(data),
-        from: Some(sender.user_id.clone()),
-        exclude_user: Some(sender.user_id.clone()),
-        exclude_connection: None,
-        ephemeral: false,
-    };
-    let receipt = hub.publish(publish, Source::Http).await?;
-    Ok(Json(receipt).into_response())
-}
-
-fn check_publish(hub: &Hub, sender: &Identity, channel: &ChannelName) -> Result<(), ApiError> {
-    use herald_core::policy::Subject;
-    let subject = Subject {
-        user_id: &sender.user_id,
-        granted: &sender.channels,
-    };
-    hub.policies()
-        .check_client_publish(&subject, channel)
-        .map_err(policy_error)
 }
