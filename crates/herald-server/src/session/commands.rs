@@ -207,7 +207,7 @@ impl<'a> Session<'a> {
         };
         self.add_subscription(channel).await;
         // Ack only once messages published from now on will arrive here.
-        self.hub.broker.subscribed(channel).await;
+        self.hub.subscribed(channel).await;
         let mut data = json!({"channel": channel});
         if !keeps_history {
             if recover.is_some() {
@@ -222,7 +222,7 @@ impl<'a> Session<'a> {
                 let limit = self.socket.replay_room().clamp(1, MAX_HISTORY_PAGE);
                 let read = async {
                     let since = self.hub.resolve(channel, recover).await.map_err(broker_error)?;
-                    let page = self.hub.broker.history(channel, Some(since.clone()), limit).await;
+                    let page = self.hub.history_after(channel, since.clone(), limit).await;
                     Ok((since, page.map_err(broker_error)?))
                 };
                 let (since, page) = match read.await {
@@ -294,7 +294,6 @@ impl<'a> Session<'a> {
                 // Find the message's position among the kept ones.
                 let page = self
                     .hub
-                    .broker
                     .history(&channel, None, MAX_HISTORY_PAGE)
                     .await
                     .map_err(broker_error)?;
@@ -308,7 +307,6 @@ impl<'a> Session<'a> {
             epoch,
         };
         self.hub
-            .broker
             .set_read_cursor(&self.identity.user_id, &channel, cursor.clone())
             .await
             .map_err(broker_error)?;
@@ -386,7 +384,7 @@ impl<'a> Session<'a> {
 
     async fn presence(&self, channel: &ChannelName) -> Result<serde_json::Value, (ErrorCode, String)> {
         self.permit(channel, self.hub.policies().check_presence(&self.subject(), channel))?;
-        let presence = self.hub.broker.presence(channel).await.map_err(broker_error)?;
+        let presence = self.hub.presence(channel).await.map_err(broker_error)?;
         Ok(presence_json(channel, &presence))
     }
 

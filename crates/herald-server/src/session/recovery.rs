@@ -231,7 +231,7 @@ async fn read_history(hub: &Hub, channel: &ChannelName, since: Position, limit: 
     let deadline = Instant::now() + GAP_REPAIR_WAIT;
     let mut waited = false;
     loop {
-        let error = match hub.broker.history(channel, Some(since.clone()), limit).await {
+        let error = match hub.history_after(channel, since.clone(), limit).await {
             Ok(page) => return Some(page),
             Err(error) => error,
         };
@@ -246,7 +246,7 @@ async fn read_history(hub: &Hub, channel: &ChannelName, since: Position, limit: 
         }
         let pause = tokio::time::sleep(GAP_REPAIR_RETRY);
         let _ = tokio::time::timeout_at(deadline, async {
-            hub.broker.reachable().await;
+            hub.broker_reachable().await;
             pause.await;
         })
         .await;

@@ -171,7 +171,7 @@ impl<'a> Session<'a> {
         };
         tracing::debug!(user_id = %session.identity.user_id, connection_id = id, "connection authenticated");
         // `auth_success` goes out once the personal channel is live.
-        hub.broker.subscribed(&session.user_channel).await;
+        hub.subscribed(&session.user_channel).await;
         let (user_channel, user) = (session.user_channel.clone(), session.identity.user_id.clone());
         hub.presence_changed(user_channel, user, id, true).await;
         session.reply(success);
