@@ -12,12 +12,12 @@ use std::time::Instant;
 use herald_core::dedup::{Claim, Dedup};
 use herald_core::policy::Policies;
 use herald_core::publication::DEFAULT_MESSAGE_TYPE;
-use herald_core::registry::Change;
+use herald_core::registry::{Change, Presence};
 use herald_core::{ChannelName, Payload, Publication};
 use serde::Serialize;
 
 use crate::auth::TokenVerifier;
-use crate::broker::{Broker, BrokerError};
+use crate::broker::{Broker, BrokerError, HistoryPage, ReadCursor};
 use crate::config::{Config, Limits};
 use crate::fanout::{ConnectionHandle, Fanout};
 use crate::metrics::Metrics;
@@ -28,15 +28,20 @@ use crate::util::{lock, unix_millis};
 #[derive(Clone)]
 pub struct Hub(Arc<HubInner>);
 
+/// The node's shared state. The broker and fan-out are private: the hub's
+/// methods are the one way from the session, the transports and the API to
+/// them (history reads, presence, read cursors included). What stays public
+/// is read-only configuration and handles.
 pub struct HubInner {
     pub config: Arc<Config>,
-    pub fanout: Arc<Fanout>,
-    pub broker: Arc<dyn Broker>,
+    fanout: Arc<Fanout>,
+    broker: Arc<dyn Broker>,
     pub verifier: Arc<dyn TokenVerifier>,
     pub metrics: Arc<Metrics>,
     pub shutdown: Shutdown,
     /// Random per process; prefixes generated message ids.
     pub node_id: String,
+    /// When the node started (`/stats` reports the uptime).
     pub started: Instant,
     dedup: Mutex<Dedup<Receipt>>,
     /// Woken whenever a claim in `dedup` completes or is released, for
@@ -49,7 +54,7 @@ pub struct HubInner {
     /// registry's edges on `user:` channels).
     users_online: AtomicUsize,
     /// The live nodes' stats from the last heartbeat (Redis mode).
-    pub cluster: Mutex<Option<ClusterStats>>,
+    cluster: Mutex<Option<ClusterStats>>,
 }
 
 /// Totals over the live nodes of a cluster.
@@ -292,12 +297,85 @@ impl Hub {
         channel: &ChannelName,
         since: Option<herald_core::frame::StreamPosition>,
         limit: usize,
-    ) -> Result<crate::broker::HistoryPage, BrokerError> {
+    ) -> Result<HistoryPage, BrokerError> {
         let since = match since {
             Some(since) => Some(self.resolve(channel, since).await?),
             None => None,
         };
         self.broker.history(channel, since, limit).await
+    }
+
+    /// A page of `channel`'s history after a position already resolved
+    /// (a replay's next page).
+    pub async fn history_after(
+        &self,
+        channel: &ChannelName,
+        since: herald_core::history::Position,
+        limit: usize,
+    ) -> Result<HistoryPage, BrokerError> {
+        self.broker.history(channel, Some(since), limit).await
+    }
+
+    /// Stores `user`'s read cursor for `channel`.
+    pub async fn set_read_cursor(
+        &self,
+        user: &str,
+        channel: &ChannelName,
+        cursor: ReadCursor,
+    ) -> Result<(), BrokerError> {
+        self.broker.set_read_cursor(user, channel, cursor).await
+    }
+
+    /// `user`'s read cursors, by channel name.
+    pub async fn read_cursors(&self, user: &str) -> Result<HashMap<String, ReadCursor>, BrokerError> {
+        self.broker.read_cursors(user).await
+    }
+
+    /// Who is in `channel`, cluster-wide.
+    pub async fn presence(&self, channel: &ChannelName) -> Result<Presence, BrokerError> {
+        self.broker.presence(channel).await
+    }
+
+    /// Whether each of `users` has a live connection anywhere in the cluster.
+    pub async fn online_status(&self, users: &[String]) -> Result<Vec<bool>, BrokerError> {
+        self.broker.users_online(users).await
+    }
+
+    /// Resolves once messages published to `channel` from now on will reach
+    /// this node; a subscribe is acknowledged to the client after it.
+    pub async fn subscribed(&self, channel: &ChannelName) {
+        self.broker.subscribed(channel).await
+    }
+
+    /// Whether publishes can succeed now (`/ready`).
+    pub fn broker_ready(&self) -> bool {
+        self.broker.is_ready()
+    }
+
+    /// Resolves once requests can be sent to the broker again (at once for
+    /// a broker that is always reachable); callers bound the wait.
+    pub async fn broker_reachable(&self) {
+        self.broker.reachable().await
+    }
+
+    /// The channels with subscribers on this node.
+    pub fn local_channels(&self) -> Vec<ChannelName> {
+        self.fanout.registry.channels()
+    }
+
+    /// How many channels have subscribers on this node.
+    pub fn local_channel_count(&self) -> usize {
+        self.fanout.registry.channel_count()
+    }
+
+    /// The live nodes' totals from the last heartbeat (Redis mode).
+    pub fn cluster_stats(&self) -> Option<ClusterStats> {
+        lock(&self.cluster).clone()
+    }
+
+    /// Records the live nodes' totals (the heartbeat, Redis mode).
+    pub fn set_cluster_stats(&self, stats: ClusterStats) {
+        *lock(&self.cluster) = Some(stats);
     }
 
     /// Subscribes a new connection to its personal channel, unless the user

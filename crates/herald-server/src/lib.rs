@@ -1,7 +1,8 @@
-//! The Herald server: configuration, authentication, the WebSocket
-//! transport, brokers, the HTTP API, metrics and shutdown. The `herald`
-//! binary (`main.rs`) is a thin command-line front end over this library;
-//! integration tests start nodes through [`server::start`].
+//! The Herald server: configuration, authentication, the session (what a
+//! connection's commands mean), the WebSocket transport, brokers, the HTTP
+//! API, metrics and shutdown. The `herald` binary (`main.rs`) is a thin
+//! command-line front end over this library; integration tests start nodes
+//! through [`server::start`].
 
 pub mod api;
 pub mod auth;
@@ -17,6 +18,7 @@ pub mod hub;
 pub mod metrics;
 pub mod redis;
 pub mod server;
+pub mod session;
 pub mod shutdown;
 pub mod transport;
 pub mod util;

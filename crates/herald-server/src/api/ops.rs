@@ -22,7 +22,7 @@ pub async fn ready(State(hub): State<Hub>) -> Response {
         )
             .into_response();
     }
-    if !hub.broker.is_ready() {
+    if !hub.broker_ready() {
         let body = json!({"ready": false, "reason": "broker unavailable"});
         return (StatusCode::SERVICE_UNAVAILABLE, Json(body)).into_response();
     }
@@ -40,7 +40,7 @@ pub async fn stats(State(hub): State<Hub>) -> Response {
         "users_online": users_online,
         // The seed's name for the same figure; its dashboards read it.
         "online_users": users_online,
-        "channels": hub.fanout.registry.channel_count(),
+        "channels": hub.local_channel_count(),
                 "messages_published": metrics.messages_published.get("http")
             + metrics.messages_published.get("client")
             + metrics.messages_published.get("stream"),
@@ -49,7 +49,7 @@ pub async fn stats(State(hub): State<Hub>) -> Response {
         "messages_invalid": metrics.messages_dropped.get("invalid"),
         "stream_entries": metrics.stream_entries.load(Relaxed),
                 "draining": hub.shutdown.is_draining(),
-        "cluster": *crate::util::lock(&hub.cluster),
+        "cluster": hub.cluster_stats(),
     }))
     .into_response()
 }
@@ -57,7 +57,7 @@ pub async fn stats(State(hub): State<Hub>) -> Response {
 pub async fn metrics(State(hub): State<Hub>) -> Response {
     hub.metrics
         .broker_up
-        .store(i64::from(hub.broker.is_ready()), std::sync::atomic::Ordering::Relaxed);
+        .store(i64::from(hub.broker_ready()), std::sync::atomic::Ordering::Relaxed);
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
         hub.metrics.render(),

@@ -12,7 +12,7 @@ use herald_core::view::{HistoryAnswer, presence_json};
 use serde::Deserialize;
 use serde_json::json;
 
-use super::{ApiResult, bad_request, policy_error, require_api_key, require_user, unavailable};
+use super::request::{ApiResult, bad_request, policy_error, require_api_key, require_user, unavailable};
 use crate::http_error::ApiError;
 use crate::hub::Hub;
 
@@ -75,7 +75,7 @@ pub async fn unread(
     use herald_core::policy::Subject;
     let user = require_user(&hub, &headers)?;
     let Query(query) = query.map_err(|e| bad_request(&e.body_text()))?;
-    let cursors = hub.broker.read_cursors(&user.user_id).await.map_err(unavailable)?;
+    let cursors = hub.read_cursors(&user.user_id).await.map_err(unavailable)?;
     let mut names: Vec<String> = match &query.channels {
         Some(list) => list
             .split(',')
@@ -161,7 +161,7 @@ pub async fn channel_presence(
         let message = format!("presence is not enabled for `{channel}`");
         return Err(ApiError::new(StatusCode::NOT_FOUND, "not_available", message));
     }
-    let presence = hub.broker.presence(&channel).await.map_err(unavailable)?;
+    let presence = hub.presence(&channel).await.map_err(unavailable)?;
     Ok(Json(presence_json(&channel, &presence)).into_response())
 }
 
@@ -194,7 +194,7 @@ pub async fn users_online(
     if users.is_empty() || users.len() > MAX_STATUS_USERS {
         return Err(bad_request(&format!("`ids` must list 1-{MAX_STATUS_USERS} users")));
     }
-    let online = hub.broker.users_online(&users).await.map_err(unavailable)?;
+    let online = hub.online_status(&users).await.map_err(unavailable)?;
     let map: serde_json::Map<String, serde_json::Value> = users
         .into_iter()
         .zip(online)

@@ -30,7 +30,7 @@ pub async fn heartbeat_loop(hub: Hub, broker: Arc<RedisBroker>, found_dead: toki
                 connections: total("connections"),
                 users_online: total("users_online"),
             };
-            *crate::util::lock(&hub.cluster) = Some(cluster);
+            hub.set_cluster_stats(cluster);
             if !dead.is_empty() {
                 tracing::info!(nodes = ?dead, "nodes stopped heartbeating; sweeping their presence");
                 // A full channel means a sweep is already due.
@@ -55,9 +55,7 @@ pub async fn sweep_loop(hub: Hub, broker: Arc<RedisBroker>, mut found_dead: toki
         let channels = tokio::select! {
             _ = stopped.cancelled() => return,
             _ = tick.tick() => hub
-                .fanout
-                .registry
-                .channels()
+                .local_channels()
                 .into_iter()
                 .filter(|channel| hub.policies().policy(channel).is_ok_and(|p| p.join_leave))
                 .collect(),

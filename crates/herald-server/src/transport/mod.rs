@@ -1,6 +1,6 @@
-//! Transports: how clients reach the hub. `ws` serves `/ws`; `close` is the
-//! one table of WebSocket close codes; `origin` checks the `Origin` header.
+//! Transports: how clients reach the session and the hub. `ws` serves
+//! `/ws`; `origin` checks the `Origin` header. Close codes are the
+//! session's (`session::close`).
 
-pub mod close;
 pub mod origin;
 pub mod ws;

@@ -1,24 +1,21 @@
 //! A connection's life: the socket reader (`Reader`), the authentication
 //! phase, the connection loop and its timers, and the lingering close.
 
-use std::collections::{HashSet, VecDeque};
 use std::io;
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
-use herald_core::ChannelName;
-use herald_core::frame::{self, Command, ErrorCode, FrameError, error_frame, server_frame};
+use herald_core::frame::{self, Command, ErrorCode, error_frame, server_frame};
 use herald_core::rate_limit::{CommandGate, Verdict};
 use herald_core::websocket::{self, DecodeError, Decoder, Message};
 use serde_json::json;
 use tokio::net::TcpStream;
 use tokio::time::{Instant, sleep_until};
 
-use super::session::{AuthSuccess, Session};
-use crate::auth::{Identity, unix_now};
+use crate::auth::Identity;
 use crate::fanout::{ConnectionSocket, connection_socket};
 use crate::hub::{Admission, Hub};
-use crate::transport::close::Ending;
+use crate::session::{Ending, Session, rate_limited_frame};
 
 /// Bytes read from the socket at a time: commands are small.
 const READ_CHUNK: usize = 4096;
@@ -104,7 +101,7 @@ pub(super) async fn run(stream: TcpStream, early: Bytes, hub: Hub, admission: Ad
     let mut reader = Reader::new(limits.max_message_size, early);
     let mut gate = CommandGate::new(limits.commands_per_second, limits.command_burst, Instant::now().into());
     let ending = match authenticate(&socket, &mut reader, &hub, query_token, &mut gate).await {
-        Ok(identity) => Session::start(&socket, &mut reader, &hub, identity, gate).await,
+        Ok(identity) => start(&socket, &mut reader, &hub, identity, gate).await,
         Err(ending) => ending,
     };
     hub.metrics.disconnects.add(ending.metric_label(), 1);
@@ -271,17 +268,6 @@ fn answer_ping(socket: &ConnectionSocket, gate: &mut CommandGate, payload: &[u8]
     Ok(())
 }
 
-/// The `rate_limited` error for a refused frame, naming its `message_id`
-/// when the frame had a readable one.
-pub(super) fn rate_limited_frame(parsed: Option<&Result<frame::ClientFrame, FrameError>>) -> String {
-    let message_id = match parsed {
-        Some(Ok(frame)) => frame.message_id.as_ref(),
-        Some(Err(error)) => error.message_id.as_ref(),
-        None => None,
-    };
-    error_frame(message_id, ErrorCode::RateLimited, "command rate limit exceeded")
-}
-
 async fn verify(socket: &ConnectionSocket, hub: &Hub, token: &str) -> Result<Identity, Ending> {
     match hub.verifier.verify(token) {
         Ok(identity) => Ok(identity),
@@ -305,188 +291,149 @@ async fn send_now(socket: &ConnectionSocket, hub: &Hub, frame: String) -> Result
     }
 }
 
-impl<'a> Session<'a> {
-    async fn start(
-        socket: &'a ConnectionSocket,
-        reader: &mut Reader,
-        hub: &'a Hub,
-        identity: Identity,
-        gate: CommandGate,
-    ) -> Ending {
-        let user_channel = ChannelName::user(&identity.user_id).expect("the verifier checks the user id");
-        let id = socket.id();
-        // `auth_success` goes first: fan-out queues behind it until it is sent.
-        socket.hold();
-        let handle = socket.handle(&identity.user_id);
-        match hub.subscribe_user(&user_channel, handle.clone()) {
-            Some(_) => {}
-            None => {
-                hub.metrics.connections_rejected.add("max_per_user", 1);
-                let frame = error_frame(None, ErrorCode::LimitExceeded, "too many connections for this user");
-                let _ = send_now(socket, hub, frame).await;
-                return Ending::TooManyConnections;
-            }
+/// Opens the session of an authenticated connection and serves it until
+/// the connection ends.
+async fn start(
+    socket: &ConnectionSocket,
+    reader: &mut Reader,
+    hub: &Hub,
+    identity: Identity,
+    gate: CommandGate,
+) -> Ending {
+    match Session::open(socket, hub, identity, gate).await {
+        Ok(mut session) => serve(&mut session, reader).await,
+        Err((ending, refusal)) => {
+            let _ = send_now(socket, hub, refusal).await;
+            ending
         }
-        let success = AuthSuccess {
-            user_id: &identity.user_id,
-            connection_id: id,
-            expires_at: identity.expires_at,
-            channel: user_channel.as_str(),
-            node_id: &hub.node_id,
-        };
-        let success = server_frame("auth_success", None, success);
-        let mut session = Session {
-            hub,
-            socket,
-            user_channel: user_channel.clone(),
-            handle,
-            subscriptions: HashSet::from([user_channel]),
-            granted_by_server: HashSet::new(),
-            identity,
-            gate,
-            expiry_changed: false,
-            recoveries: VecDeque::new(),
-        };
-        tracing::debug!(user_id = %session.identity.user_id, connection_id = id, "connection authenticated");
-        // `auth_success` goes out once the personal channel is live.
-        hub.broker.subscribed(&session.user_channel).await;
-        let (user_channel, user) = (session.user_channel.clone(), session.identity.user_id.clone());
-        hub.presence_changed(user_channel, user, id, true).await;
-        session.reply(success);
-        session.serve(reader).await
+    }
+}
+
+/// The connection loop: the socket's commands, fan-out's entries, replays,
+/// and the timers (keepalive, token expiry, write stall, drain).
+async fn serve(session: &mut Session<'_>, reader: &mut Reader) -> Ending {
+    let hub = session.hub;
+    let socket = session.socket;
+    let keepalive = &hub.config.keepalive;
+    let far_future = Instant::now() + Duration::from_secs(86_400 * 365);
+    // One timer for both halves of keepalive: when the next ping is due,
+    // or, while a ping is unanswered, when the peer counts as dead.
+    let keepalive_timer = tokio::time::sleep_until(Instant::now() + keepalive.ping_interval);
+    tokio::pin!(keepalive_timer);
+    let mut awaiting_pong = false;
+    // What had been sent when the peer last sent anything.
+    let mut messages_at_sign_of_life = socket.messages_out();
+    let expiry = tokio::time::sleep_until(session.expiry_instant());
+    tokio::pin!(expiry);
+    let drain = tokio::time::sleep_until(far_future);
+    tokio::pin!(drain);
+    let mut draining = false;
+    // Created once: a fresh `cancelled()` per loop turn would register
+    // with the token (a lock) on every message.
+    let drain_signal = hub.shutdown.draining.clone().cancelled_owned();
+    tokio::pin!(drain_signal);
+    // Whatever queued behind `auth_success` goes now.
+    if let Some(ending) = session.take_entries().await {
+        return ending;
     }
 
-    async fn serve(&mut self, reader: &mut Reader) -> Ending {
-        let hub = self.hub;
-        let socket = self.socket;
-        let keepalive = &hub.config.keepalive;
-        let far_future = Instant::now() + Duration::from_secs(86_400 * 365);
-        // One timer for both halves of keepalive: when the next ping is due,
-        // or, while a ping is unanswered, when the peer counts as dead.
-        let keepalive_timer = tokio::time::sleep_until(Instant::now() + keepalive.ping_interval);
-        tokio::pin!(keepalive_timer);
-        let mut awaiting_pong = false;
-        // What had been sent when the peer last sent anything.
-        let mut messages_at_sign_of_life = socket.messages_out();
-        let expiry = tokio::time::sleep_until(self.expiry_instant());
-        tokio::pin!(expiry);
-        let drain = tokio::time::sleep_until(far_future);
-        tokio::pin!(drain);
-        let mut draining = false;
-        // Created once: a fresh `cancelled()` per loop turn would register
-        // with the token (a lock) on every message.
-        let drain_signal = hub.shutdown.draining.clone().cancelled_owned();
-        tokio::pin!(drain_signal);
-        // Whatever queued behind `auth_success` goes now.
-        if let Some(ending) = self.take_entries().await {
-            return ending;
+    loop {
+        if socket.flush().is_err() {
+            return Ending::ClientGone;
         }
-
-        loop {
+        if session.replaying() {
+            if let Err(ending) = session.replay().await {
+                return ending;
+            }
             if socket.flush().is_err() {
                 return Ending::ClientGone;
             }
-            if !self.recoveries.is_empty() {
-                if let Err(ending) = self.replay().await {
-                    return ending;
+            // The socket took all of it: more at once, after a look at
+            // the socket (otherwise its draining brings the task back).
+            if session.replaying() && socket.stalled_since().is_none() {
+                socket.wake();
+            }
+        }
+        let stalled = socket
+            .stalled_since()
+            .map(|since| Instant::from_std(since) + hub.limits().write_timeout);
+        if session.expiry_changed {
+            session.expiry_changed = false;
+            expiry.as_mut().reset(session.expiry_instant());
+        }
+        tokio::select! {
+            biased;
+            _ = &mut drain_signal, if !draining => {
+                draining = true;
+                drain.as_mut().reset(Instant::now() + drain_delay(hub.config.shutdown.drain_window));
+            }
+            _ = &mut drain, if draining => {
+                let data = json!({"reason": "shutdown", "reconnect": true});
+                session.reply(server_frame("disconnect", None, data));
+                return Ending::Shutdown;
+            }
+            _ = &mut expiry => return Ending::TokenExpired,
+            _ = &mut keepalive_timer => {
+                if awaiting_pong {
+                    // Messages went to a peer that has shown no sign of
+                    // reading since: it stalled with them (a slow
+                    // client), it did not merely go quiet.
+                    if socket.messages_out() > messages_at_sign_of_life {
+                        return Ending::SlowClient;
+                    }
+                    return Ending::PongTimeout;
                 }
-                if socket.flush().is_err() {
+                socket.send(websocket::encode(websocket::OP_PING, &[]));
+                awaiting_pong = true;
+                keepalive_timer.as_mut().reset(Instant::now() + keepalive.pong_timeout);
+            }
+            // Queued bytes that make no progress for the write timeout.
+            _ = sleep_until(stalled.unwrap_or(far_future)), if stalled.is_some() => return Ending::SlowClient,
+            ready = socket.stream().writable(), if stalled.is_some() => {
+                if ready.is_err() {
                     return Ending::ClientGone;
                 }
-                // The socket took all of it: more at once, after a look at
-                // the socket (otherwise its draining brings the task back).
-                if !self.recoveries.is_empty() && socket.stalled_since().is_none() {
-                    socket.wake();
+            }
+            // The socket comes before the queue: a busy channel must not
+            // starve the client's commands and pongs. Commands are rate
+            // limited, so they cannot starve the queue in turn.
+            incoming = reader.recv(socket.stream()) => {
+                // Any frame proves the peer is alive.
+                messages_at_sign_of_life = socket.messages_out();
+                if awaiting_pong {
+                    awaiting_pong = false;
+                    keepalive_timer.as_mut().reset(Instant::now() + keepalive.ping_interval);
+                }
+                let text = match incoming {
+                    Err(ending) => return ending,
+                    Ok(Message::Close(_)) => return Ending::ClientClosed,
+                    Ok(Message::Ping(payload)) => {
+                        if let Err(ending) = answer_ping(socket, &mut session.gate, &payload) {
+                            return ending;
+                        }
+                        continue;
+                    }
+                    Ok(Message::Pong) => continue,
+                    Ok(Message::Binary(_)) => None,
+                    Ok(Message::Text(text)) => Some(text),
+                };
+                // The reply goes before anything published meanwhile.
+                socket.hold();
+                // Boxed: the command path (publish included) is large and
+                // rarely running; inline, every idle connection would carry it.
+                if let Some(ending) = Box::pin(session.command(text.as_deref())).await {
+                    return ending;
+                }
+                if let Some(ending) = session.take_entries().await {
+                    return ending;
                 }
             }
-            let stalled = socket
-                .stalled_since()
-                .map(|since| Instant::from_std(since) + hub.limits().write_timeout);
-            if self.expiry_changed {
-                self.expiry_changed = false;
-                expiry.as_mut().reset(self.expiry_instant());
-            }
-            tokio::select! {
-                biased;
-                _ = &mut drain_signal, if !draining => {
-                    draining = true;
-                    drain.as_mut().reset(Instant::now() + drain_delay(hub.config.shutdown.drain_window));
-                }
-                _ = &mut drain, if draining => {
-                    let data = json!({"reason": "shutdown", "reconnect": true});
-                    self.reply(server_frame("disconnect", None, data));
-                    return Ending::Shutdown;
-                }
-                _ = &mut expiry => return Ending::TokenExpired,
-                _ = &mut keepalive_timer => {
-                    if awaiting_pong {
-                        // Messages went to a peer that has shown no sign of
-                        // reading since: it stalled with them (a slow
-                        // client), it did not merely go quiet.
-                        if socket.messages_out() > messages_at_sign_of_life {
-                            return Ending::SlowClient;
-                        }
-                        return Ending::PongTimeout;
-                    }
-                    socket.send(websocket::encode(websocket::OP_PING, &[]));
-                    awaiting_pong = true;
-                    keepalive_timer.as_mut().reset(Instant::now() + keepalive.pong_timeout);
-                }
-                // Queued bytes that make no progress for the write timeout.
-                _ = sleep_until(stalled.unwrap_or(far_future)), if stalled.is_some() => return Ending::SlowClient,
-                ready = socket.stream().writable(), if stalled.is_some() => {
-                    if ready.is_err() {
-                        return Ending::ClientGone;
-                    }
-                }
-                // The socket comes before the queue: a busy channel must not
-                // starve the client's commands and pongs. Commands are rate
-                // limited, so they cannot starve the queue in turn.
-                incoming = reader.recv(socket.stream()) => {
-                    // Any frame proves the peer is alive.
-                    messages_at_sign_of_life = socket.messages_out();
-                    if awaiting_pong {
-                        awaiting_pong = false;
-                        keepalive_timer.as_mut().reset(Instant::now() + keepalive.ping_interval);
-                    }
-                    let text = match incoming {
-                        Err(ending) => return ending,
-                        Ok(Message::Close(_)) => return Ending::ClientClosed,
-                        Ok(Message::Ping(payload)) => {
-                            if let Err(ending) = answer_ping(socket, &mut self.gate, &payload) {
-                                return ending;
-                            }
-                            continue;
-                        }
-                        Ok(Message::Pong) => continue,
-                        Ok(Message::Binary(_)) => None,
-                        Ok(Message::Text(text)) => Some(text),
-                    };
-                    // The reply goes before anything published meanwhile.
-                    socket.hold();
-                    // Boxed: the command path (publish included) is large and
-                    // rarely running; inline, every idle connection would carry it.
-                    if let Some(ending) = Box::pin(self.command(text.as_deref())).await {
-                        return ending;
-                    }
-                    if let Some(ending) = self.take_entries().await {
-                        return ending;
-                    }
-                }
-                _ = socket.changed() => {
-                    if let Some(ending) = self.take_entries().await {
-                        return ending;
-                    }
+            _ = socket.changed() => {
+                if let Some(ending) = session.take_entries().await {
+                    return ending;
                 }
             }
         }
-    }
-
-    fn expiry_instant(&self) -> Instant {
-        // A token may claim any `exp`; cap it so the instant cannot overflow.
-        const TEN_YEARS: u64 = 10 * 365 * 86_400;
-        let remaining = self.identity.expires_at.saturating_sub(unix_now()).min(TEN_YEARS);
-        Instant::now() + Duration::from_secs(remaining) + self.hub.config.jwt.leeway
     }
 }
 

@@ -14,12 +14,10 @@
 //!
 //! `upgrade` answers the upgrade and admits the connection; `connection`
 //! reads the socket, runs the authentication phase and the connection loop
-//! with its timers, and closes; `session` is what commands mean; `recovery`
-//! replays history behind a recovering subscribe or into a gap.
+//! with its timers, and closes. What commands mean is the session's
+//! (`crate::session`).
 
 mod connection;
-mod recovery;
-mod session;
 mod upgrade;
 
 pub use upgrade::{Upgrade, WsParams, handler};

@@ -1,98 +1,35 @@
 //! What the protocol's commands mean for an authenticated connection
-//! (`Session`): subscribe, `mark_read`, `refresh`, publish, history,
-//! presence, and their error mappings.
+//! (`Session::command`): subscribe (with recovery), unsubscribe, groups,
+//! publish and the chat payload, `mark_read`, history, presence, `refresh`,
+//! and their error mappings.
 
-use std::collections::{HashSet, VecDeque};
+use std::collections::VecDeque;
 
 use herald_core::frame::{self, Command, ErrorCode, FrameError, StreamPosition, ack_frame, error_frame, server_frame};
 use herald_core::history::Position;
 use herald_core::policy::Subject;
-use herald_core::rate_limit::{CommandGate, Verdict};
-use herald_core::websocket;
+use herald_core::rate_limit::Verdict;
+use herald_core::view::{HistoryAnswer, presence_json};
 use herald_core::{ChannelName, Payload};
 use serde::Serialize;
 use serde_json::json;
 use serde_json::value::RawValue;
 use tokio::time::Instant;
 
-use super::connection::rate_limited_frame;
-use super::recovery::Recovery;
-use crate::auth::{AuthError, Identity};
+use super::close::Ending;
+use super::state::{Recovery, Session};
+use crate::auth::AuthError;
 use crate::broker::{MAX_HISTORY_PAGE, ReadCursor};
-use crate::fanout::{ConnectionHandle, ConnectionSocket};
-use crate::hub::{Hub, PublishError, PublishRequest, Source};
-use crate::transport::close::Ending;
-use herald_core::view::{HistoryAnswer, presence_json};
+use crate::hub::{PublishError, PublishRequest, Source};
 
 /// Messages a `history` command returns when it names no limit.
 const DEFAULT_HISTORY_PAGE: usize = 100;
 
-/// An authenticated connection.
-pub(super) struct Session<'a> {
-    pub(super) hub: &'a Hub,
-    pub(super) socket: &'a ConnectionSocket,
-    pub(super) identity: Identity,
-    pub(super) user_channel: ChannelName,
-    pub(super) handle: ConnectionHandle,
-    /// Channels this connection is subscribed to (the user channel included).
-    pub(super) subscriptions: HashSet<ChannelName>,
-    /// The subset of `subscriptions` made by the server API, which no token
-    /// change revokes.
-    pub(super) granted_by_server: HashSet<ChannelName>,
-    pub(super) gate: CommandGate,
-    /// Set when the token was replaced by `refresh`.
-    pub(super) expiry_changed: bool,
-    /// Recovering subscribes whose missed messages are still being queued,
-    /// in the order they were asked; at most one per subscription.
-    pub(super) recoveries: VecDeque<Recovery>,
-}
-
-/// Unsubscribes everything when the session ends, however it ends.
-impl Drop for Session<'_> {
-    fn drop(&mut self) {
-        let id = self.socket.id();
-        for channel in &self.subscriptions {
-            self.hub.unsubscribe(channel, id);
-        }
-        // Presence lives in the broker (maybe Redis): record the departures
-        // in a task of their own.
-        let tracked: Vec<ChannelName> = self
-            .subscriptions
-            .drain()
-            .filter(|channel| self.hub.tracks_presence(channel))
-            .collect();
-        if !tracked.is_empty() {
-            let (hub, user) = (self.hub.clone(), self.identity.user_id.clone());
-            // All at once (one pipelined write in Redis mode): a channel's
-            // leave does not wait for another channel's reply.
-            self.hub.shutdown.services.spawn(async move {
-                let leaves = tracked
-                    .into_iter()
-                    .map(|channel| hub.presence_changed(channel, user.clone(), id, false));
-                futures_util::future::join_all(leaves).await;
-            });
-        }
-    }
-}
-
-#[derive(Serialize)]
-pub(super) struct AuthSuccess<'a> {
-    pub(super) user_id: &'a str,
-    pub(super) connection_id: u64,
-    pub(super) expires_at: u64,
-    pub(super) channel: &'a str,
-    pub(super) node_id: &'a str,
-}
-
 impl<'a> Session<'a> {
-    pub(super) fn reply(&mut self, frame: String) {
-        self.socket.send(websocket::text(&frame));
-    }
-
     /// Handles one client data frame (`None` for a binary frame); `Some`
     /// ends the connection. Every frame passes the rate gate first, valid or
     /// not, so that garbage cannot be sent faster than commands.
-    pub(super) async fn command(&mut self, text: Option<&str>) -> Option<Ending> {
+    pub(crate) async fn command(&mut self, text: Option<&str>) -> Option<Ending> {
         use std::sync::atomic::Ordering::Relaxed;
         let metrics = &self.hub.metrics;
         metrics.commands.fetch_add(1, Relaxed);
@@ -270,7 +207,7 @@ impl<'a> Session<'a> {
         };
         self.add_subscription(channel).await;
         // Ack only once messages published from now on will arrive here.
-        self.hub.broker.subscribed(channel).await;
+        self.hub.subscribed(channel).await;
         let mut data = json!({"channel": channel});
         if !keeps_history {
             if recover.is_some() {
@@ -285,7 +222,7 @@ impl<'a> Session<'a> {
                 let limit = self.socket.replay_room().clamp(1, MAX_HISTORY_PAGE);
                 let read = async {
                     let since = self.hub.resolve(channel, recover).await.map_err(broker_error)?;
-                    let page = self.hub.broker.history(channel, Some(since.clone()), limit).await;
+                    let page = self.hub.history_after(channel, since.clone(), limit).await;
                     Ok((since, page.map_err(broker_error)?))
                 };
                 let (since, page) = match read.await {
@@ -335,7 +272,7 @@ impl<'a> Session<'a> {
     }
 
     /// The channel's current position.
-    pub(super) async fn read_position(&self, channel: &ChannelName) -> Result<Position, (ErrorCode, String)> {
+    async fn read_position(&self, channel: &ChannelName) -> Result<Position, (ErrorCode, String)> {
         self.hub.position(channel).await.map_err(broker_error)
     }
 
@@ -357,7 +294,6 @@ impl<'a> Session<'a> {
                 // Find the message's position among the kept ones.
                 let page = self
                     .hub
-                    .broker
                     .history(&channel, None, MAX_HISTORY_PAGE)
                     .await
                     .map_err(broker_error)?;
@@ -371,7 +307,6 @@ impl<'a> Session<'a> {
             epoch,
         };
         self.hub
-            .broker
             .set_read_cursor(&self.identity.user_id, &channel, cursor.clone())
             .await
             .map_err(broker_error)?;
@@ -423,40 +358,6 @@ impl<'a> Session<'a> {
         Ok(())
     }
 
-    /// Registers a subscription and its presence; false if it existed.
-    pub(super) async fn add_subscription(&mut self, channel: &ChannelName) -> bool {
-        if !self.subscriptions.insert(channel.clone()) {
-            // Re-subscribing (e.g. to recover) keeps the registration.
-            return false;
-        }
-        self.hub.subscribe(channel, self.handle.clone());
-        if self.hub.tracks_presence(channel) {
-            let user = self.identity.user_id.clone();
-            self.hub
-                .presence_changed(channel.clone(), user, self.socket.id(), true)
-                .await;
-        }
-        true
-    }
-
-    /// Removes a subscription and its presence; false if there was none.
-    pub(super) async fn remove_subscription(&mut self, channel: &ChannelName) -> bool {
-        if !self.subscriptions.remove(channel) {
-            return false;
-        }
-        self.socket.forget_position(channel);
-        self.recoveries.retain(|recovery| recovery.channel != *channel);
-        self.granted_by_server.remove(channel);
-        self.hub.unsubscribe(channel, self.socket.id());
-        if self.hub.tracks_presence(channel) {
-            let user = self.identity.user_id.clone();
-            self.hub
-                .presence_changed(channel.clone(), user, self.socket.id(), false)
-                .await;
-        }
-        true
-    }
-
     async fn publish(
         &self,
         channel: ChannelName,
@@ -483,7 +384,7 @@ impl<'a> Session<'a> {
 
     async fn presence(&self, channel: &ChannelName) -> Result<serde_json::Value, (ErrorCode, String)> {
         self.permit(channel, self.hub.policies().check_presence(&self.subject(), channel))?;
-        let presence = self.hub.broker.presence(channel).await.map_err(broker_error)?;
+        let presence = self.hub.presence(channel).await.map_err(broker_error)?;
         Ok(presence_json(channel, &presence))
     }
 
@@ -517,6 +418,17 @@ impl<'a> Session<'a> {
             Ok(json!({"expires_at": expires_at, "unsubscribed": revoked}))
         }
     }
+}
+
+/// The `rate_limited` error for a refused frame, naming its `message_id`
+/// when the frame had a readable one.
+pub(crate) fn rate_limited_frame(parsed: Option<&Result<frame::ClientFrame, FrameError>>) -> String {
+    let message_id = match parsed {
+        Some(Ok(frame)) => frame.message_id.as_ref(),
+        Some(Err(error)) => error.message_id.as_ref(),
+        None => None,
+    };
+    error_frame(message_id, ErrorCode::RateLimited, "command rate limit exceeded")
 }
 
 fn err(code: ErrorCode, message: &str) -> (ErrorCode, String) {

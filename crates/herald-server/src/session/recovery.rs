@@ -1,11 +1,11 @@
-//! Replay from history: `Recovery` (a recovering subscribe's or a gap's
-//! missed messages), taking fan-out's entries, and gap repair.
+//! Taking what fan-out queued for a connection, and replay from history:
+//! repeats skipped, server-made subscription changes applied, a gap
+//! repaired (or reported with `resync`), a recovering subscribe's missed
+//! messages queued as the socket drains.
 
 use std::collections::VecDeque;
-use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
 use herald_core::ChannelName;
 use herald_core::frame::{ErrorCode, error_frame, server_frame};
 use herald_core::history::Position;
@@ -13,11 +13,11 @@ use herald_core::websocket;
 use serde_json::json;
 use tokio::time::Instant;
 
-use super::session::Session;
+use super::close::Ending;
+use super::state::{Recovery, Session};
 use crate::broker::{HistoryPage, MAX_HISTORY_PAGE};
-use crate::fanout::{Delivery, Judgement, Next, Outbound, Room, wire_frame};
+use crate::fanout::{Delivery, Judgement, Next, Outbound, Room};
 use crate::hub::Hub;
-use crate::transport::close::Ending;
 
 /// The most queue entries taken in one turn before the socket is read again.
 const MAX_BATCH: usize = 64;
@@ -30,56 +30,10 @@ const GAP_REPAIR_WAIT: Duration = Duration::from_secs(5);
 /// broker that is reachable but failing is not asked in a loop.
 const GAP_REPAIR_RETRY: Duration = Duration::from_millis(100);
 
-/// A replay from history: a recovering subscribe's missed messages, queued
-/// behind its ack, or a gap's, queued before the live message that showed
-/// it; queued as the socket drains, a page at a time. Replay keeps the
-/// outgoing queue at most half full (see `ConnectionSocket::replay_room`),
-/// so that a long absence does not fill the queue at once and live messages
-/// and replies have room. While a replay is under way the connection stays
-/// held: live messages wait in the queue and are judged against the
-/// position once the replay has caught up.
-pub(super) struct Recovery {
-    pub(super) channel: ChannelName,
-    pub(super) epoch: String,
-    /// Read from history, not yet queued, with their offsets (`None`: not
-    /// for this connection, the position moves past it): at most one page,
-    /// of at most as many messages as the queue had room for when it was read.
-    pub(super) pending: VecDeque<(u64, Option<Bytes>)>,
-    /// The offset of the last message read from history.
-    pub(super) last: u64,
-    /// A page came back short: history keeps nothing after `last`; for a
-    /// gap, `until` was reached.
-    pub(super) caught_up: bool,
-    /// For a gap: the last missing offset, and the live message that showed
-    /// the gap, queued once the gap is filled or reported.
-    pub(super) gap: Option<(u64, Arc<Delivery>)>,
-    /// History could not fill the gap: `resync` precedes the live message.
-    pub(super) failed: bool,
-}
-
-impl Recovery {
-    /// Takes a page read after `last`, of at most `limit` messages, for
-    /// connection `id` of `user`.
-    pub(super) fn add_page(&mut self, publications: Vec<herald_core::Publication>, limit: usize, id: u64, user: &str) {
-        self.caught_up = publications.len() < limit;
-        if let Some((until, _)) = &self.gap {
-            // A short page leaves the gap open: history no longer has it.
-            self.failed = publications.len() < limit;
-            self.caught_up = self.failed || publications.last().and_then(|p| p.offset) >= Some(*until);
-        }
-        for publication in publications {
-            let Some(offset) = publication.offset else { continue };
-            self.last = offset;
-            let frame = publication.is_for(id, user).then(|| wire_frame(publication.encode()));
-            self.pending.push_back((offset, frame));
-        }
-    }
-}
-
 impl<'a> Session<'a> {
     /// Takes what fan-out queued for this task, a batch at a time; the hold
     /// ends once nothing is left.
-    pub(super) async fn take_entries(&mut self) -> Option<Ending> {
+    pub(crate) async fn take_entries(&mut self) -> Option<Ending> {
         if !self.recoveries.is_empty() {
             // Live messages wait until the replay has caught up.
             return None;
@@ -158,7 +112,7 @@ impl<'a> Session<'a> {
                 let keeps_history = self.hub.policies().policy(&channel).is_ok_and(|p| p.keeps_history());
                 if keeps_history
                     && self.socket.position(&channel).is_none()
-                    && let Ok(position) = self.read_position(&channel).await
+                    && let Ok(position) = self.hub.position(&channel).await
                 {
                     self.socket.set_position(&channel, position);
                 }
@@ -214,7 +168,7 @@ impl<'a> Session<'a> {
     /// room, reading the next page of history when one is used up. Once
     /// every replay has caught up, the live messages that waited are taken.
     /// `Err` when live messages alone fill the queue: the client cannot keep up.
-    pub(super) async fn replay(&mut self) -> Result<(), Ending> {
+    pub(crate) async fn replay(&mut self) -> Result<(), Ending> {
         let (id, user) = (self.socket.id(), self.identity.user_id.clone());
         while let Some(recovery) = self.recoveries.front_mut() {
             while let Some((offset, frame)) = recovery.pending.front() {
@@ -277,7 +231,7 @@ async fn read_history(hub: &Hub, channel: &ChannelName, since: Position, limit: 
     let deadline = Instant::now() + GAP_REPAIR_WAIT;
     let mut waited = false;
     loop {
-        let error = match hub.broker.history(channel, Some(since.clone()), limit).await {
+        let error = match hub.history_after(channel, since.clone(), limit).await {
             Ok(page) => return Some(page),
             Err(error) => error,
         };
@@ -292,7 +246,7 @@ async fn read_history(hub: &Hub, channel: &ChannelName, since: Position, limit: 
         }
         let pause = tokio::time::sleep(GAP_REPAIR_RETRY);
         let _ = tokio::time::timeout_at(deadline, async {
-            hub.broker.reachable().await;
+            hub.broker_reachable().await;
             pause.await;
         })
         .await;
