@@ -3,11 +3,11 @@
 
 use std::time::Duration;
 
+use herald_core::resp::RedisAddress;
 use herald_core::route::Route;
 
 use super::check::{ConfigError, duration, invalid, positive};
 use super::raw::RawRedis;
-use herald_core::resp::RedisAddress;
 
 /// The shortest `redis.claim_idle` (the lease time): a third of it is how
 /// often the reader renews and the others poll, so it must not approach 0.
