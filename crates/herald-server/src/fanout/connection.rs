@@ -14,7 +14,7 @@ use herald_core::registry::Subscriber;
 use tokio::net::TcpStream;
 use tokio::sync::Notify;
 
-use super::Outbound;
+use super::outbound::Outbound;
 use crate::util::lock;
 
 /// What the fan-out side and the connection task share.
@@ -562,7 +562,7 @@ impl Drop for ConnectionSocket {
 #[cfg(test)]
 pub(super) mod tests {
     use super::*;
-    use crate::fanout::Delivery;
+    use crate::fanout::outbound::Delivery;
     use herald_core::websocket;
     use tokio::io::AsyncReadExt;
     use tokio::net::TcpListener;

@@ -28,10 +28,9 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use bytes::Bytes;
-use herald_core::publication::{Control, EncodedFrame};
+use herald_core::Publication;
+use herald_core::publication::Control;
 use herald_core::registry::{Registry, Subscriber};
-use herald_core::{ChannelName, Publication, websocket};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -40,72 +39,10 @@ use crate::metrics::Metrics;
 use crate::util::lock;
 
 mod connection;
+mod outbound;
 
 pub use connection::{ConnectionHandle, ConnectionSocket, Judgement, Next, Offers, Room, connection_socket};
-
-/// A publication's WebSocket frame, ready for any number of sockets.
-pub fn wire_frame(frame: EncodedFrame) -> Bytes {
-    match frame {
-        EncodedFrame::Text(text) => websocket::encode(websocket::OP_TEXT, text.as_bytes()),
-        EncodedFrame::Binary(bytes) => websocket::encode(websocket::OP_BINARY, &bytes),
-    }
-}
-
-/// A publication as every subscriber of a node receives it: encoded once,
-/// with what a connection needs to keep its place in the channel.
-#[derive(Debug)]
-pub struct Delivery {
-    /// The complete WebSocket frame.
-    pub frame: Bytes,
-    pub channel: ChannelName,
-    pub offset: Option<u64>,
-    pub epoch: Option<String>,
-}
-
-impl Delivery {
-    pub fn new(publication: &Publication) -> Self {
-        Delivery {
-            frame: wire_frame(publication.encode()),
-            channel: publication.channel.clone(),
-            offset: publication.offset,
-            epoch: publication.epoch.clone(),
-        }
-    }
-}
-
-/// An entry for a connection. Cloning shares the bytes.
-#[derive(Debug, Clone)]
-pub enum Outbound {
-    Delivery(Arc<Delivery>),
-    /// The server API subscribes this connection to a channel.
-    Subscribe(ChannelName),
-    /// The server API unsubscribes this connection from a channel.
-    Unsubscribe(ChannelName),
-}
-
-/// What a control entry counts for in the queue's byte bound.
-const CONTROL_SIZE: usize = 64;
-
-impl Outbound {
-    pub fn len(&self) -> usize {
-        match self {
-            Outbound::Delivery(delivery) => delivery.frame.len(),
-            Outbound::Subscribe(_) | Outbound::Unsubscribe(_) => CONTROL_SIZE,
-        }
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
-    /// The frame of a delivery.
-    pub(super) fn frame(&self) -> Option<&Bytes> {
-        match self {
-            Outbound::Delivery(delivery) => Some(&delivery.frame),
-            _ => None,
-        }
-    }
-}
+pub use outbound::{Delivery, Outbound, wire_frame};
 
 /// Subscribers a lane serves between two yields to the runtime.
 const YIELD_EVERY: usize = 2_048;
@@ -299,6 +236,7 @@ impl Fanout {
 mod tests {
     use super::connection::tests::{pair, pair_with_id};
     use super::*;
+    use herald_core::ChannelName;
     use tokio::net::TcpStream;
 
     fn publication(channel: &str, data: &str) -> Publication {
