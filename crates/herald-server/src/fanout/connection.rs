@@ -2,7 +2,7 @@
 //! position in channels with history, shared by the lanes (`ConnectionHandle`)
 //! and the connection's task (`ConnectionSocket`).
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::io::{self, IoSlice};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Instant;
@@ -15,6 +15,7 @@ use tokio::net::TcpStream;
 use tokio::sync::Notify;
 
 use super::outbound::Outbound;
+use super::position::{Judgement, Positions};
 use crate::util::lock;
 
 /// What the fan-out side and the connection task share.
@@ -70,46 +71,10 @@ pub(super) struct State {
     messages_out: u64,
     /// For subscribed channels that keep history: the last position
     /// delivered here, to skip repeats and to notice gaps.
-    positions: HashMap<ChannelName, Position>,
-}
-
-/// What a connection does with an entry, given its position in the channel.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Judgement {
-    /// Write the frame as it is (the position, if kept, has advanced).
-    Write,
-    /// Already delivered here (the overlap of a recovery with the live stream).
-    Skip,
-    /// For the task: a gap or a new epoch to deal with, or a control entry.
-    Task,
+    positions: Positions,
 }
 
 impl State {
-    /// Judges `entry` for this connection; an in-order message in a channel
-    /// whose position is kept advances the position.
-    fn judge(&mut self, entry: &Outbound) -> Judgement {
-        let Outbound::Delivery(delivery) = entry else {
-            return Judgement::Task;
-        };
-        let (Some(offset), Some(epoch)) = (delivery.offset, delivery.epoch.as_deref()) else {
-            return Judgement::Write;
-        };
-        let Some(position) = self.positions.get_mut(&delivery.channel) else {
-            return Judgement::Write;
-        };
-        if position.epoch != epoch {
-            return Judgement::Task;
-        }
-        match offset {
-            offset if offset <= position.offset => Judgement::Skip,
-            offset if offset == position.offset + 1 => {
-                position.offset = offset;
-                Judgement::Write
-            }
-            _ => Judgement::Task,
-        }
-    }
-
     fn push_unsent(&mut self, frame: Bytes, message: bool) {
         if self.unsent.is_empty() {
             self.stalled_since = Some(Instant::now());
@@ -247,7 +212,7 @@ impl ConnectionHandle {
             while let Some(entry) = entries.get(next)
                 && count < MAX_WRITE_SLICES
             {
-                match state.judge(entry) {
+                match state.positions.judge(entry) {
                     Judgement::Write => {
                         frames[count] = entry.frame().expect("only deliveries are written");
                         count += 1;
@@ -294,7 +259,7 @@ impl ConnectionHandle {
             let verdict = if state.held {
                 Judgement::Task
             } else {
-                state.judge(entry)
+                state.positions.judge(entry)
             };
             match verdict {
                 Judgement::Skip => continue,
@@ -505,7 +470,7 @@ impl ConnectionSocket {
 
     /// Judges an entry the task took (see [`Judgement`]).
     pub fn judge(&self, entry: &Outbound) -> Judgement {
-        lock(&self.shared.state).judge(entry)
+        lock(&self.shared.state).positions.judge(entry)
     }
 
     /// The position kept for `channel`, if any.
@@ -526,13 +491,7 @@ impl ConnectionSocket {
     /// Advances the position past a message this connection will not
     /// receive (its own, excluded), when it is the next one.
     pub fn step_over(&self, channel: &ChannelName, offset: u64, epoch: &str) {
-        let mut state = lock(&self.shared.state);
-        if let Some(position) = state.positions.get_mut(channel)
-            && position.epoch == epoch
-            && offset == position.offset + 1
-        {
-            position.offset = offset;
-        }
+        lock(&self.shared.state).positions.step_over(channel, offset, epoch);
     }
 
     /// Makes the next [`changed`](Self::changed) resolve at once.

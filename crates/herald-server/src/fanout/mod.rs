@@ -26,7 +26,9 @@
 mod connection;
 mod lane;
 mod outbound;
+mod position;
 
-pub use connection::{ConnectionHandle, ConnectionSocket, Judgement, Next, Offers, Room, connection_socket};
+pub use connection::{ConnectionHandle, ConnectionSocket, Next, Offers, Room, connection_socket};
 pub use lane::{Fanout, LaneLimits};
 pub use outbound::{Delivery, Outbound, wire_frame};
+pub use position::Judgement;
