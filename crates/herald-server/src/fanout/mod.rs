@@ -27,6 +27,7 @@ mod connection;
 mod lane;
 mod outbound;
 mod position;
+mod queue;
 
 pub use connection::{ConnectionHandle, ConnectionSocket, Next, Offers, Room, connection_socket};
 pub use lane::{Fanout, LaneLimits};
