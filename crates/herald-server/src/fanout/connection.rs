@@ -1,8 +1,10 @@
-//! The connection side of fan-out: a connection's bounded queue and its
-//! position in channels with history, shared by the lanes (`ConnectionHandle`)
-//! and the connection's task (`ConnectionSocket`).
+//! The connection side of fan-out, its two ends: `ConnectionHandle`, what
+//! the registry stores and the lanes offer entries to (written straight to
+//! the socket or queued, never waiting), and `ConnectionSocket`, the
+//! connection task's end (the socket, the task's own frames, flushing, and
+//! what is queued for it). Both work on the queue of `fanout/queue.rs`.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::io::{self, IoSlice};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Instant;
@@ -14,131 +16,10 @@ use herald_core::registry::Subscriber;
 use tokio::net::TcpStream;
 use tokio::sync::Notify;
 
-use super::Outbound;
+use super::outbound::Outbound;
+use super::position::Judgement;
+use super::queue::{ConnectionShared, State};
 use crate::util::lock;
-
-/// What the fan-out side and the connection task share.
-pub(super) struct ConnectionShared {
-    id: u64,
-    /// Set once the connection has authenticated.
-    user_id: OnceLock<Arc<str>>,
-    stream: TcpStream,
-    pub(super) state: Mutex<State>,
-    /// Wakes the task: entries arrived, bytes wait for the socket, or the
-    /// connection fell behind or broke.
-    wake: Notify,
-    max_messages: usize,
-    max_bytes: usize,
-}
-
-/// A frame waiting for the socket.
-struct Unsent {
-    frame: Bytes,
-    /// A message (a delivery), as opposed to the task's own frames (replies,
-    /// pings, the close frame): what counts as dropped if it is discarded.
-    message: bool,
-}
-
-/// The queue. Plain deques: they allocate only while something waits (an
-/// idle connection holds no buffer) and are shrunk after a burst.
-#[derive(Default)]
-pub(super) struct State {
-    /// Encoded frames not yet written, in order; the first may be partly
-    /// written already (see `front_partial`).
-    unsent: VecDeque<Unsent>,
-    /// The first of `unsent` is the rest of a frame the socket took part
-    /// of: it must be written whole, or the stream breaks mid-frame.
-    front_partial: bool,
-    /// Entries for the task, in order, all behind `unsent`.
-    pub(super) entries: VecDeque<Outbound>,
-    /// Bytes in `unsent` and `entries`, against `max_bytes`.
-    bytes: usize,
-    /// The task holds the connection: fan-out queues instead of writing.
-    held: bool,
-    /// When the socket last took bytes (or `unsent` filled), while bytes wait.
-    stalled_since: Option<Instant>,
-    /// Set when something did not fit: the connection must be closed.
-    slow: bool,
-    /// Set when a write failed: the peer is gone.
-    failed: bool,
-    /// Set when the connection has ended (its task is done with it);
-    /// offers are refused, and counted as dropped.
-    closed: bool,
-    /// Messages written or queued here so far: the task compares it across
-    /// a keepalive ping to tell a client that stopped reading what was sent
-    /// to it from one with nothing at stake.
-    messages_out: u64,
-    /// For subscribed channels that keep history: the last position
-    /// delivered here, to skip repeats and to notice gaps.
-    positions: HashMap<ChannelName, Position>,
-}
-
-/// What a connection does with an entry, given its position in the channel.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Judgement {
-    /// Write the frame as it is (the position, if kept, has advanced).
-    Write,
-    /// Already delivered here (the overlap of a recovery with the live stream).
-    Skip,
-    /// For the task: a gap or a new epoch to deal with, or a control entry.
-    Task,
-}
-
-impl State {
-    /// Judges `entry` for this connection; an in-order message in a channel
-    /// whose position is kept advances the position.
-    fn judge(&mut self, entry: &Outbound) -> Judgement {
-        let Outbound::Delivery(delivery) = entry else {
-            return Judgement::Task;
-        };
-        let (Some(offset), Some(epoch)) = (delivery.offset, delivery.epoch.as_deref()) else {
-            return Judgement::Write;
-        };
-        let Some(position) = self.positions.get_mut(&delivery.channel) else {
-            return Judgement::Write;
-        };
-        if position.epoch != epoch {
-            return Judgement::Task;
-        }
-        match offset {
-            offset if offset <= position.offset => Judgement::Skip,
-            offset if offset == position.offset + 1 => {
-                position.offset = offset;
-                Judgement::Write
-            }
-            _ => Judgement::Task,
-        }
-    }
-
-    fn push_unsent(&mut self, frame: Bytes, message: bool) {
-        if self.unsent.is_empty() {
-            self.stalled_since = Some(Instant::now());
-        }
-        self.bytes += frame.len();
-        self.unsent.push_back(Unsent { frame, message });
-    }
-
-    /// Drops `written` bytes from the front of `unsent`.
-    fn advance(&mut self, mut written: usize) {
-        self.bytes -= written;
-        self.stalled_since = Some(Instant::now());
-        while written > 0 {
-            let front = &mut self.unsent.front_mut().expect("written bytes were unsent").frame;
-            if written < front.len() {
-                *front = front.slice(written..);
-                self.front_partial = true;
-                return;
-            }
-            written -= front.len();
-            self.unsent.pop_front();
-            self.front_partial = false;
-        }
-    }
-
-    fn over_bounds(&self, size: usize, shared: &ConnectionShared) -> bool {
-        self.unsent.len() + self.entries.len() >= shared.max_messages || self.bytes + size > shared.max_bytes
-    }
-}
 
 /// A cheap handle to a live connection, stored in the registry.
 #[derive(Clone)]
@@ -247,7 +128,7 @@ impl ConnectionHandle {
             while let Some(entry) = entries.get(next)
                 && count < MAX_WRITE_SLICES
             {
-                match state.judge(entry) {
+                match state.positions.judge(entry) {
                     Judgement::Write => {
                         frames[count] = entry.frame().expect("only deliveries are written");
                         count += 1;
@@ -294,7 +175,7 @@ impl ConnectionHandle {
             let verdict = if state.held {
                 Judgement::Task
             } else {
-                state.judge(entry)
+                state.positions.judge(entry)
             };
             match verdict {
                 Judgement::Skip => continue,
@@ -505,7 +386,7 @@ impl ConnectionSocket {
 
     /// Judges an entry the task took (see [`Judgement`]).
     pub fn judge(&self, entry: &Outbound) -> Judgement {
-        lock(&self.shared.state).judge(entry)
+        lock(&self.shared.state).positions.judge(entry)
     }
 
     /// The position kept for `channel`, if any.
@@ -526,13 +407,7 @@ impl ConnectionSocket {
     /// Advances the position past a message this connection will not
     /// receive (its own, excluded), when it is the next one.
     pub fn step_over(&self, channel: &ChannelName, offset: u64, epoch: &str) {
-        let mut state = lock(&self.shared.state);
-        if let Some(position) = state.positions.get_mut(channel)
-            && position.epoch == epoch
-            && offset == position.offset + 1
-        {
-            position.offset = offset;
-        }
+        lock(&self.shared.state).positions.step_over(channel, offset, epoch);
     }
 
     /// Makes the next [`changed`](Self::changed) resolve at once.
@@ -562,7 +437,7 @@ impl Drop for ConnectionSocket {
 #[cfg(test)]
 pub(super) mod tests {
     use super::*;
-    use crate::fanout::Delivery;
+    use crate::fanout::outbound::Delivery;
     use herald_core::websocket;
     use tokio::io::AsyncReadExt;
     use tokio::net::TcpListener;
