@@ -9,6 +9,7 @@ mod cluster;
 mod framing;
 mod history;
 mod http_api;
+mod layering;
 mod lifecycle;
 mod limits;
 mod messaging;
