@@ -300,8 +300,11 @@ async fn start(
     identity: Identity,
     gate: CommandGate,
 ) -> Ending {
+    // The session is served where `open` left it (`ref mut`): moving it out
+    // would keep a second copy of it in this future, the memory of every
+    // connection.
     match Session::open(socket, hub, identity, gate).await {
-        Ok(mut session) => serve(&mut session, reader).await,
+        Ok(ref mut session) => serve(session, reader).await,
         Err((ending, refusal)) => {
             let _ = send_now(socket, hub, refusal).await;
             ending
