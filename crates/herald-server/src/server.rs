@@ -30,7 +30,7 @@ use crate::hub::Hub;
 use crate::metrics::Metrics;
 use crate::redis::link::RedisLink;
 use crate::shutdown::Shutdown;
-use crate::transport::ws;
+use crate::transport::{guest, ws};
 
 /// A started node.
 pub struct RunningServer {
@@ -170,6 +170,20 @@ pub fn router(hub: Hub) -> Router {
         .route("/ready", get(api::ready))
         .route("/stats", get(api::stats))
         .route("/metrics", get(api::metrics));
+    match &hub.config.guest {
+        Some(config) => {
+            let guests = axum::Extension(Arc::new(guest::Guests::new(config)));
+            router = router
+                .route(&config.path, get(guest::lobby).layer(guests.clone()))
+                .route(&format!("{}/{{room}}", config.path), get(guest::room).layer(guests));
+        }
+        None => {
+            let path = crate::config::DEFAULT_GUEST_PATH;
+            router = router
+                .route(path, get(guest::disabled))
+                .route(&format!("{path}/{{room}}"), get(guest::disabled));
+        }
+    }
     if hub.config.demo_page {
         router = router.route("/", get(demo::page));
     }

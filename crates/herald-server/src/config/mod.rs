@@ -8,6 +8,7 @@
 //! (`check`). Configuration depends on no part of the server it configures.
 
 mod check;
+mod guest;
 mod jwt;
 mod limits;
 mod namespaces;
@@ -16,12 +17,13 @@ mod redis;
 mod validated;
 
 pub use check::ConfigError;
+pub use guest::{DEFAULT_GUEST_PATH, GuestConfig};
 pub use jwt::JwtConfig;
 pub use limits::{Idempotency, Keepalive, Limits, ShutdownConfig};
 pub use namespaces::MAX_HISTORY_SIZE;
 pub use raw::{
-    RawApi, RawConfig, RawIdempotency, RawJwt, RawKeepalive, RawLimits, RawLog, RawNamespace, RawOrigins, RawRedis,
-    RawShutdown,
+    RawApi, RawConfig, RawGuest, RawIdempotency, RawJwt, RawKeepalive, RawLimits, RawLog, RawNamespace, RawOrigins,
+    RawRedis, RawShutdown,
 };
 pub use redis::{MIN_CLAIM_IDLE, MIN_NODE_TIMEOUT, RedisConfig, StreamsConfig};
 pub use validated::{Config, DEFAULT_LISTEN, LogConfig, LogFormat, OriginPolicy};

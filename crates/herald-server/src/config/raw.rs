@@ -37,6 +37,8 @@ pub struct RawConfig {
     /// The policy of bare channel names (no namespace).
     pub default_namespace: Option<RawNamespace>,
     pub demo_page: Option<bool>,
+    #[serde(default)]
+    pub guest: RawGuest,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -124,6 +126,16 @@ pub struct RawIdempotency {
     pub capacity: Option<usize>,
 }
 
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawGuest {
+    pub enabled: Option<bool>,
+    pub path: Option<String>,
+    pub namespace: Option<String>,
+    pub rooms: Option<Vec<String>>,
+    pub max_username_length: Option<usize>,
+}
+
 #[derive(Debug, Default, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawNamespace {
@@ -178,6 +190,23 @@ impl RawConfig {
         set(&mut self.log.level, "HERALD_LOG_LEVEL");
         set(&mut self.shutdown.timeout, "HERALD_SHUTDOWN_TIMEOUT");
         set(&mut self.shutdown.drain_window, "HERALD_SHUTDOWN_DRAIN_WINDOW");
+        set(&mut self.guest.path, "HERALD_GUEST_PATH");
+        if let Some(value) = text("HERALD_GUEST_ENABLED") {
+            let enabled = match value.as_str() {
+                "true" | "1" => true,
+                "false" | "0" => false,
+                _ => {
+                    return Err(invalid(
+                        "HERALD_GUEST_ENABLED",
+                        format!("`{value}` is not true or false"),
+                    ));
+                }
+            };
+            self.guest.enabled = Some(enabled);
+        }
+        if let Some(list) = text("HERALD_GUEST_ROOMS") {
+            self.guest.rooms = Some(list.split(',').map(|s| s.trim().to_owned()).collect());
+        }
         if let Some(list) = text("HERALD_JWT_ALGORITHMS") {
             self.jwt.algorithms = Some(list.split(',').map(|s| s.trim().to_owned()).collect());
         }

@@ -1,5 +1,5 @@
 //! The validated configuration: [`Config`], assembled from each section's
-//! checks (`jwt`, `limits`, `namespaces`, `redis`) plus the small
+//! checks (`jwt`, `limits`, `namespaces`, `redis`, `guest`) plus the small
 //! top-level settings (listen address, origins, log), and the embedded
 //! default's ephemeral secrets.
 
@@ -8,6 +8,7 @@ use std::net::SocketAddr;
 use herald_core::policy::Policies;
 
 use super::check::{ConfigError, invalid};
+use super::guest::{GuestConfig, guest_config};
 use super::jwt::JwtConfig;
 use super::limits::{Idempotency, Keepalive, Limits, ShutdownConfig};
 use super::namespaces::policies;
@@ -53,6 +54,8 @@ pub struct Config {
     pub idempotency: Idempotency,
     pub policies: Policies,
     pub demo_page: bool,
+    /// The guest chat, when enabled.
+    pub guest: Option<GuestConfig>,
     /// True when the secret and API key were generated for this run.
     pub ephemeral_secrets: bool,
 }
@@ -130,7 +133,9 @@ impl Config {
         };
 
         let idempotency = Idempotency::from_raw(raw.idempotency)?;
-        let policies = policies(raw.default_namespace.as_ref(), &raw.namespaces)?;
+        let mut namespaces = raw.namespaces;
+        let guest = guest_config(raw.guest, &mut namespaces)?;
+        let policies = policies(raw.default_namespace.as_ref(), &namespaces)?;
         let redis = redis_config(raw.redis)?;
 
         Ok(Config {
@@ -146,6 +151,7 @@ impl Config {
             idempotency,
             policies,
             demo_page: raw.demo_page.unwrap_or(true),
+            guest,
             ephemeral_secrets: false,
         })
     }
@@ -300,5 +306,37 @@ mod tests {
         let mut config = load("", &[]).unwrap();
         config.fill_ephemeral_secrets().unwrap();
         assert!(config.ephemeral_secrets && config.jwt.secret.is_some() && config.api_key.is_some());
+    }
+
+    #[test]
+    fn the_guest_chat_is_off_by_default_and_checked_when_on() {
+        assert!(load("", &[]).unwrap().guest.is_none());
+        let config = load(
+            "",
+            &[("HERALD_GUEST_ENABLED", "true"), ("HERALD_GUEST_ROOMS", "lobby, games")],
+        )
+        .unwrap();
+        let guest = config.guest.expect("enabled");
+        assert_eq!((guest.path.as_str(), guest.rooms.len()), ("/chat", 2));
+        let room = herald_core::ChannelName::parse("chat:lobby").unwrap();
+        assert!(
+            config
+                .policies
+                .policy(&room)
+                .is_ok_and(|p| p.join_leave && p.client_publish)
+        );
+        check_error("[guest]\nenabled = true\npath = \"/ws\"", "`guest.path`");
+        check_error("[guest]\nenabled = true\nrooms = []", "`guest.rooms`");
+        check_error("[guest]\nenabled = true\nrooms = [\"a b\"]", "`guest.rooms`");
+        check_error(
+            "[guest]\nenabled = true\nmax_username_length = 0",
+            "`guest.max_username_length`",
+        );
+        check_error(
+            "[guest]\nenabled = true\n[namespaces.chat]\njoin_leave = false",
+            "`namespaces.chat.join_leave`",
+        );
+        let env_error = load("", &[("HERALD_GUEST_ENABLED", "yes")]).unwrap_err();
+        assert!(env_error.contains("HERALD_GUEST_ENABLED"), "{env_error}");
     }
 }

@@ -359,6 +359,15 @@ impl ConnectionSocket {
         lock(&self.shared.state).held = true;
     }
 
+    /// Holds the connection for the rest of its life: fan-out never writes
+    /// to the socket itself, every entry goes to the task, which writes
+    /// frames of its own dialect (the guest chat re-frames deliveries).
+    pub fn hold_for_good(&self) {
+        let mut state = lock(&self.shared.state);
+        state.held = true;
+        state.held_for_good = true;
+    }
+
     /// The next entry, or the news that the connection fell behind or broke.
     /// `None` means nothing is queued for the task, and releases the hold.
     pub fn next(&self) -> Option<Next> {
@@ -375,7 +384,7 @@ impl ConnectionSocket {
                 Some(Next::Entry(entry))
             }
             None => {
-                state.held = false;
+                state.held = state.held_for_good;
                 if state.entries.capacity() > SHRINK_ABOVE {
                     state.entries = VecDeque::new();
                 }

@@ -53,6 +53,9 @@ pub(super) struct State {
     pub(super) bytes: usize,
     /// The task holds the connection: fan-out queues instead of writing.
     pub(super) held: bool,
+    /// The task holds the connection for good: every entry goes to it
+    /// (a dialect that re-frames deliveries, the guest chat).
+    pub(super) held_for_good: bool,
     /// When the socket last took bytes (or `unsent` filled), while bytes wait.
     pub(super) stalled_since: Option<Instant>,
     /// Set when something did not fit: the connection must be closed.

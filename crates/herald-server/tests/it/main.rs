@@ -7,6 +7,7 @@ mod auth;
 mod bounds;
 mod cluster;
 mod framing;
+mod guest;
 mod history;
 mod http_api;
 mod layering;

@@ -30,13 +30,13 @@ const LINGER_MAX_BYTES: usize = 1 << 20;
 
 /// The reading half of a connection: bytes from the socket, decoded into
 /// messages. Buffers only while a message is incomplete.
-struct Reader {
+pub(crate) struct Reader {
     decoder: Decoder,
     buffer: BytesMut,
 }
 
 impl Reader {
-    fn new(max_message: usize, early: Bytes) -> Self {
+    pub(crate) fn new(max_message: usize, early: Bytes) -> Self {
         Reader {
             decoder: Decoder::new(max_message),
             buffer: BytesMut::from(&early[..]),
@@ -44,7 +44,7 @@ impl Reader {
     }
 
     /// The next message. Cancel-safe: what was read stays buffered.
-    async fn recv(&mut self, stream: &TcpStream) -> Result<Message, Ending> {
+    pub(crate) async fn recv(&mut self, stream: &TcpStream) -> Result<Message, Ending> {
         loop {
             match self.decoder.decode(&mut self.buffer) {
                 Ok(Some(message)) => {
@@ -104,6 +104,13 @@ pub(super) async fn run(stream: TcpStream, early: Bytes, hub: Hub, admission: Ad
         Ok(identity) => start(&socket, &mut reader, &hub, identity, gate).await,
         Err(ending) => ending,
     };
+    close(&socket, &hub, ending).await;
+    drop(admission);
+}
+
+/// Ends a connection the way `ending` says: counted, the close frame (if
+/// any) sent last, then the lingering close.
+pub(crate) async fn close(socket: &ConnectionSocket, hub: &Hub, ending: Ending) {
     hub.metrics.disconnects.add(ending.metric_label(), 1);
     if let Some((code, reason)) = ending.close_frame() {
         // Nothing more from fan-out: the close frame is the last one.
@@ -117,17 +124,16 @@ pub(super) async fn run(stream: TcpStream, early: Bytes, hub: Hub, admission: Ad
         }
         socket.send(websocket::close(code, reason));
         let mut input = Lingering::default();
-        let flushed = flush_discarding_input(&socket, &mut input).await;
+        let flushed = flush_discarding_input(socket, &mut input).await;
         // Whatever did not go out is lost with the connection: counted,
         // however the connection ended.
         hub.metrics.messages_dropped.add(ending.drop_label(), socket.finish());
         if flushed {
-            linger(&socket, &mut input).await;
+            linger(socket, &mut input).await;
         }
     } else {
         hub.metrics.messages_dropped.add(ending.drop_label(), socket.finish());
     }
-    drop(admission);
 }
 
 /// The client's input once the connection is closing: read only to be
@@ -259,7 +265,7 @@ async fn authenticate(
 
 /// Answers a client's ping with a pong. Pings pass the command rate gate
 /// like any other frame: a refused one goes unanswered.
-fn answer_ping(socket: &ConnectionSocket, gate: &mut CommandGate, payload: &[u8]) -> Result<(), Ending> {
+pub(crate) fn answer_ping(socket: &ConnectionSocket, gate: &mut CommandGate, payload: &[u8]) -> Result<(), Ending> {
     match gate.check(Instant::now().into()) {
         Verdict::Serve => socket.send(websocket::encode(websocket::OP_PONG, payload)),
         Verdict::Refuse => {}
@@ -442,7 +448,7 @@ async fn serve(session: &mut Session<'_>, reader: &mut Reader) -> Ending {
 
 /// A random moment within the drain window, so that a node's clients do not
 /// all reconnect to the other nodes at once.
-fn drain_delay(window: Duration) -> Duration {
+pub(crate) fn drain_delay(window: Duration) -> Duration {
     let mut bytes = [0u8; 8];
     if getrandom::fill(&mut bytes).is_err() {
         return Duration::ZERO;

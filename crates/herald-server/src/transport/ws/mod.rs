@@ -20,4 +20,6 @@
 mod connection;
 mod upgrade;
 
+pub(crate) use connection::{Reader, answer_ping, close, drain_delay};
+pub(crate) use upgrade::refusal;
 pub use upgrade::{Upgrade, WsParams, handler};

@@ -112,30 +112,7 @@ pub async fn handler(
     }
     let admission = match hub.admit(peer.ip()) {
         Ok(admission) => admission,
-        Err(rejection) => {
-            let (status, code, label, message) = match rejection {
-                Rejection::MaxConnections => (
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "max_connections",
-                    "max_connections",
-                    "the server is at its connection limit",
-                ),
-                Rejection::MaxPerIp => (
-                    StatusCode::TOO_MANY_REQUESTS,
-                    "max_connections_per_ip",
-                    "max_per_ip",
-                    "too many connections from this address",
-                ),
-                Rejection::Draining => (
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "draining",
-                    "other",
-                    "the server is shutting down; connect to another node",
-                ),
-            };
-            hub.metrics.connections_rejected.add(label, 1);
-            return json_error(status, code, message);
-        }
+        Err(rejection) => return refusal(&hub, rejection),
     };
     let tracker_token = hub.shutdown.tracker.token();
     let Upgrade { accept, on_upgrade } = upgrade;
@@ -157,4 +134,62 @@ pub async fn handler(
         .header(header::SEC_WEBSOCKET_ACCEPT, accept)
         .body(Body::empty())
         .expect("a valid response")
+}
+
+/// The answer to an upgrade that admission refused (counted).
+pub(crate) fn refusal(hub: &Hub, rejection: Rejection) -> Response {
+    let (status, code, label, message) = match rejection {
+        Rejection::MaxConnections => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "max_connections",
+            "max_connections",
+            "the server is at its connection limit",
+        ),
+        Rejection::MaxPerIp => (
+            StatusCode::TOO_MANY_REQUESTS,
+            "max_connections_per_ip",
+            "max_per_ip",
+            "too many connections from this address",
+        ),
+        Rejection::Draining => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "draining",
+            "other",
+            "the server is shutting down; connect to another node",
+        ),
+    };
+    hub.metrics.connections_rejected.add(label, 1);
+    json_error(status, code, message)
+}
+
+impl Upgrade {
+    /// Answers the upgrade (no extensions) and serves the socket with
+    /// `serve` in a task the shutdown tracker waits for: how another
+    /// dialect over WebSocket (the guest chat) takes the connection.
+    pub(crate) fn accept_with<F, Fut>(self, hub: &Hub, serve: F) -> Response
+    where
+        F: FnOnce(TcpStream, bytes::Bytes) -> Fut + Send + 'static,
+        Fut: std::future::Future<Output = ()> + Send,
+    {
+        let tracker_token = hub.shutdown.tracker.token();
+        let Upgrade { accept, on_upgrade } = self;
+        tokio::spawn(async move {
+            match on_upgrade
+                .await
+                .map(|upgraded| upgraded.downcast::<TokioIo<TcpStream>>())
+            {
+                Ok(Ok(parts)) => serve(parts.io.into_inner(), parts.read_buf).await,
+                Ok(Err(_)) => tracing::error!("an upgraded connection is not a TCP stream"),
+                Err(error) => tracing::debug!(%error, "the WebSocket upgrade failed"),
+            }
+            drop(tracker_token);
+        });
+        Response::builder()
+            .status(StatusCode::SWITCHING_PROTOCOLS)
+            .header(header::CONNECTION, "upgrade")
+            .header(header::UPGRADE, "websocket")
+            .header(header::SEC_WEBSOCKET_ACCEPT, accept)
+            .body(Body::empty())
+            .expect("a valid response")
+    }
 }
