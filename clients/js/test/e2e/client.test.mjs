@@ -84,6 +84,32 @@ test("connects with a token; receives HTTP and client publishes; answers history
   assert.deepEqual(seen.disconnected.at(-1), { code: 1000, reason: "client disconnect", reconnect: false });
 });
 
+test("three connections of one user all get a notification; two users chat in a group", async () => {
+  const herald = await startHerald();
+  const tabs = [1, 2, 3].map(() => newClient(herald, { token: herald.token("alice", { channels: ["group:42"] }) }));
+  const bob = newClient(herald, { token: herald.token("bob", { channels: ["group:42"] }) });
+  const inbox = tabs.map(({ client }) => {
+    const got = [];
+    client.on("message", (m) => got.push(m));
+    return got;
+  });
+  const aliceGroup = record(tabs[0].client.subscribe("group:42"));
+  const bobGroup = record(bob.client.subscribe("group:42"));
+  await waitFor(
+    () => tabs.every(({ seen }) => seen.connected.length === 1) &&
+      tabs[0].client.getSubscription("group:42").subscribed && bob.client.getSubscription("group:42").subscribed,
+    "four connections and two group subscriptions",
+  );
+  await herald.publish("user:alice", { text: "ping" }, { type: "notification" });
+  await waitFor(() => inbox.every((got) => got.some((m) => m.type === "notification")), "the notification in every tab");
+  await bob.client.publish("group:42", { text: "hi alice" });
+  await tabs[0].client.publish("group:42", { text: "hi bob" });
+  await waitFor(() => aliceGroup.messages.length === 2 && bobGroup.messages.length === 2, "both chat lines on both sides");
+  for (const log of [aliceGroup, bobGroup]) {
+    assert.deepEqual(log.messages.map((m) => [m.from, m.data.text]), [["bob", "hi alice"], ["alice", "hi bob"]]);
+  }
+});
+
 test("getToken; a dropped connection recovers what was published meanwhile, once and in order", async () => {
   const herald = await startHerald();
   let tokens = 0;
@@ -157,9 +183,9 @@ test("a server killed and restarted in Redis mode: the client recovers every mes
 test("token refresh keeps the connection past the first token's exp", async () => {
   const herald = await startHerald({ leeway: "1s" });
   let tokens = 0;
-  const { client, seen } = newClient(herald, { getToken: () => (tokens++, herald.token("dave", { ttl: 2 })) });
+  const { client, seen } = newClient(herald, { getToken: () => (tokens++, herald.token("dave", { ttl: 3 })) });
   await waitFor(() => seen.connected.length === 1, "the connection");
-  // Without a refresh the server closes at exp + 1 s, at most 3 s from now.
+  // Without a refresh the server closes at exp + 1 s, at most 4 s from now.
   const firstExpiry = seen.connected[0].expiresAt * 1000 + 1000;
   await waitFor(() => Date.now() > firstExpiry + 1000 && tokens >= 3, "two refreshes past the first expiry", 15_000);
   assert.deepEqual(seen.disconnected, []);

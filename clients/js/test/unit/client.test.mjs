@@ -337,3 +337,26 @@ test("unsubscribe tells the server and stops the subscription's events", async (
   assert.deepEqual(got, []);
   assert.equal(client.getSubscription("feed:1"), undefined);
 });
+
+test("a getToken that fails is retried with back-off", async () => {
+  let calls = 0;
+  const { clock, sockets, events } = await setup(
+    { token: undefined, getToken: async () => { if (++calls === 1) throw new Error("auth backend down"); return "T"; } },
+    { connected: false },
+  );
+  assert.equal(sockets.length, 0);
+  assert.deepEqual(events.at(-1), ["disconnected", { code: 1006, reason: "getToken failed: auth backend down", reconnect: true }]);
+  await clock.advance(500);
+  assert.equal(calls, 2);
+  assert.equal(sockets.length, 1);
+});
+
+test("a queued command that times out leaves the queue", async () => {
+  const { client, clock, sockets } = await setup({ timeout: 1000, minReconnectDelay: 5000 }, { connected: false });
+  const late = assert.rejects(client.publish("feed:1", 1), (error) => error.code === "timeout");
+  await clock.advance(1000);
+  await late;
+  sockets[0].open();
+  sockets[0].receive({ type: "auth_success", data: AUTH });
+  assert.deepEqual(sockets[0].sent.map((frame) => frame.type), ["auth"]);
+});
