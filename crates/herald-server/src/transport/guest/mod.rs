@@ -25,8 +25,7 @@ use axum::response::Response;
 
 use crate::http_error::json_error;
 use crate::hub::Hub;
-use crate::transport::origin;
-use crate::transport::ws::{Upgrade, refusal};
+use crate::transport::ws::{Upgrade, admit};
 
 pub use rooms::Guests;
 
@@ -77,17 +76,9 @@ fn accept(
         Ok(upgrade) => upgrade,
         Err(rejection) => return rejection,
     };
-    if !origin::is_allowed(&hub.config.origins, headers) {
-        hub.metrics.connections_rejected.add("origin", 1);
-        return json_error(
-            StatusCode::FORBIDDEN,
-            "origin_not_allowed",
-            "this Origin may not connect",
-        );
-    }
-    let admission = match hub.admit(peer.ip()) {
+    let admission = match admit(&hub, peer, headers) {
         Ok(admission) => admission,
-        Err(rejection) => return refusal(&hub, rejection),
+        Err(refused) => return refused,
     };
     let served = hub.clone();
     upgrade.accept_with(&served, move |stream, early| {

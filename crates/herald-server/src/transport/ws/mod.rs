@@ -21,5 +21,5 @@ mod connection;
 mod upgrade;
 
 pub(crate) use connection::{Reader, answer_ping, close, drain_delay};
-pub(crate) use upgrade::refusal;
+pub(crate) use upgrade::admit;
 pub use upgrade::{Upgrade, WsParams, handler};

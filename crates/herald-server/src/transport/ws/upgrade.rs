@@ -15,7 +15,7 @@ use tokio::net::TcpStream;
 
 use super::connection::run;
 use crate::http_error::json_error;
-use crate::hub::{Hub, Rejection};
+use crate::hub::{Admission, Hub, Rejection};
 use crate::transport::origin;
 
 #[derive(Deserialize)]
@@ -102,42 +102,35 @@ pub async fn handler(
             "the query string is malformed",
         );
     };
-    if !origin::is_allowed(&hub.config.origins, &headers) {
+    let admission = match admit(&hub, peer, &headers) {
+        Ok(admission) => admission,
+        Err(refused) => return refused,
+    };
+    let served = hub.clone();
+    upgrade.accept_with(&served, move |stream, early| {
+        run(stream, early, hub, admission, params.token)
+    })
+}
+
+/// What every dialect over WebSocket checks before it takes a connection:
+/// the `Origin`, then admission (total and per-IP counts). A refusal is
+/// counted and answered.
+// The refusal is the response itself: built once, on a path that ends there.
+#[allow(clippy::result_large_err)]
+pub(crate) fn admit(hub: &Hub, peer: SocketAddr, headers: &HeaderMap) -> Result<Admission, Response> {
+    if !origin::is_allowed(&hub.config.origins, headers) {
         hub.metrics.connections_rejected.add("origin", 1);
-        return json_error(
+        return Err(json_error(
             StatusCode::FORBIDDEN,
             "origin_not_allowed",
             "this Origin may not connect",
-        );
+        ));
     }
-    let admission = match hub.admit(peer.ip()) {
-        Ok(admission) => admission,
-        Err(rejection) => return refusal(&hub, rejection),
-    };
-    let tracker_token = hub.shutdown.tracker.token();
-    let Upgrade { accept, on_upgrade } = upgrade;
-    tokio::spawn(async move {
-        match on_upgrade
-            .await
-            .map(|upgraded| upgraded.downcast::<TokioIo<TcpStream>>())
-        {
-            Ok(Ok(parts)) => run(parts.io.into_inner(), parts.read_buf, hub, admission, params.token).await,
-            Ok(Err(_)) => tracing::error!("an upgraded connection is not a TCP stream"),
-            Err(error) => tracing::debug!(%error, "the WebSocket upgrade failed"),
-        }
-        drop(tracker_token);
-    });
-    Response::builder()
-        .status(StatusCode::SWITCHING_PROTOCOLS)
-        .header(header::CONNECTION, "upgrade")
-        .header(header::UPGRADE, "websocket")
-        .header(header::SEC_WEBSOCKET_ACCEPT, accept)
-        .body(Body::empty())
-        .expect("a valid response")
+    hub.admit(peer.ip()).map_err(|rejection| refusal(hub, rejection))
 }
 
 /// The answer to an upgrade that admission refused (counted).
-pub(crate) fn refusal(hub: &Hub, rejection: Rejection) -> Response {
+fn refusal(hub: &Hub, rejection: Rejection) -> Response {
     let (status, code, label, message) = match rejection {
         Rejection::MaxConnections => (
             StatusCode::SERVICE_UNAVAILABLE,
@@ -164,8 +157,9 @@ pub(crate) fn refusal(hub: &Hub, rejection: Rejection) -> Response {
 
 impl Upgrade {
     /// Answers the upgrade (no extensions) and serves the socket with
-    /// `serve` in a task the shutdown tracker waits for: how another
-    /// dialect over WebSocket (the guest chat) takes the connection.
+    /// `serve` in a task the shutdown tracker waits for: how every dialect
+    /// over WebSocket (the native protocol, the guest chat) takes the
+    /// connection.
     pub(crate) fn accept_with<F, Fut>(self, hub: &Hub, serve: F) -> Response
     where
         F: FnOnce(TcpStream, bytes::Bytes) -> Fut + Send + 'static,
